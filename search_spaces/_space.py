@@ -1,0 +1,88 @@
+"""Knob spaces derived from a model's layers, and their translation to Optuna.
+
+The space is a validated value object with a JSON round trip (pydantic); the one
+converter to Optuna's sampling is :func:`to_optuna`, and the one converter back
+from sampled parameters to a :class:`Policy` is :func:`policy_from_params`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from search_spaces._policy import LayerPolicy, Policy
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
+
+
+class LayerInfo(BaseModel):
+    """What the search needs to know about one compressible layer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kind: str  # "linear" | "conv2d"
+    numel: int = Field(ge=1)
+
+
+class KnobSpace(BaseModel):
+    """The joint space: per-layer weight bits and sparsity, plus the noise rate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layers: list[LayerInfo]
+    weight_bits: list[int]
+    sparsity_low: float = Field(ge=0.0, lt=1.0)
+    sparsity_high: float = Field(ge=0.0, lt=1.0)
+    noise_rate_low: float = Field(ge=0.0, le=1.0)
+    noise_rate_high: float = Field(ge=0.0, le=1.0)
+    noise_block: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> KnobSpace:
+        if not self.layers:
+            raise ValueError("the model has no compressible layer (Linear or Conv2d)")
+        if not self.weight_bits:
+            raise ValueError("weight_bits must name at least one bit width")
+        if self.sparsity_low > self.sparsity_high:
+            raise ValueError(
+                "`sparsity_low <= sparsity_high` must hold, but got "
+                f"(low={self.sparsity_low}, high={self.sparsity_high})"
+            )
+        if self.noise_rate_low > self.noise_rate_high:
+            raise ValueError(
+                "`noise_rate_low <= noise_rate_high` must hold, but got "
+                f"(low={self.noise_rate_low}, high={self.noise_rate_high})"
+            )
+        return self
+
+
+def to_optuna(space: KnobSpace) -> dict[str, BaseDistribution]:
+    """Optuna distributions for every knob; a fixed knob becomes a one-value choice."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    def _float(lo: float, hi: float) -> BaseDistribution:
+        return CategoricalDistribution([lo]) if lo == hi else FloatDistribution(lo, hi)
+
+    dists: dict[str, BaseDistribution] = {}
+    for layer in space.layers:
+        dists[f"{layer.name}.bits"] = CategoricalDistribution(sorted(space.weight_bits))
+        dists[f"{layer.name}.sparsity"] = _float(space.sparsity_low, space.sparsity_high)
+    dists["noise_rate"] = _float(space.noise_rate_low, space.noise_rate_high)
+    return dists
+
+
+def policy_from_params(space: KnobSpace, params: dict[str, Any]) -> Policy:
+    """Build the policy a set of sampled parameters stands for."""
+    layers = {
+        layer.name: LayerPolicy(
+            bits=int(params[f"{layer.name}.bits"]),
+            sparsity=float(params[f"{layer.name}.sparsity"]),
+        )
+        for layer in space.layers
+    }
+    return Policy(
+        layers=layers, noise_rate=float(params["noise_rate"]), noise_block=space.noise_block
+    )

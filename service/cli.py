@@ -1,0 +1,352 @@
+"""The ``sparq`` command line: run the stack, submit and watch jobs, fetch and
+evaluate checkpoints. torch and ray are imported only by the commands that need
+them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from service.client import Client, ClientError
+from service.settings import Settings, get_settings, is_loopback
+
+app = typer.Typer(
+    help="sparq: search for the best way to compress a PyTorch model.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="SPARQ_URL", help="sparq service URL")]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SPARQ_TOKEN", help="bearer token")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+DEMO_SPEC: dict[str, Any] = {
+    "name": "demo",
+    "model": {"builtin": "digits-mlp"},
+    "dataset": {"builtin": "digits"},
+    "search": {"trials": 24, "concurrency": 2, "seed": 0},
+}
+
+
+def _fail(msg: str, code: int = 1) -> typer.Exit:
+    console.print(f"[red]error:[/red] {msg}")
+    return typer.Exit(code)
+
+
+def _client(url: str, token: str | None) -> Client:
+    return Client(url, token)
+
+
+def _settings_for(host: str, port: int, mlflow_port: int) -> Settings:
+    os.environ["SPARQ_MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
+    os.environ["SPARQ_PUBLIC_URL"] = f"http://{host}:{port}"
+    get_settings.cache_clear()
+    return get_settings().prepare()
+
+
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="address the REST service listens on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="REST service port")] = 8000,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow server port (127.0.0.1)")] = 5000,
+) -> None:
+    """Run the stack in the foreground: MLflow server, REST service, job launcher."""
+    import uvicorn
+
+    from service.api import create_app
+    from service.stack import StackError, start_mlflow
+
+    settings = _settings_for(host, port, mlflow_port)
+    if not is_loopback(host) and not settings.api_tokens:
+        raise _fail(
+            f"--host {host} is not a loopback address and no API tokens are set; set "
+            "SPARQ_API_TOKENS (comma-separated, 16+ characters each) or listen on 127.0.0.1",
+            2,
+        )
+    try:
+        mlflow = start_mlflow(settings.home, "127.0.0.1", mlflow_port)
+    except StackError as e:
+        raise _fail(str(e)) from e
+    console.print(
+        f"MLflow UI   {mlflow.url}\nAPI docs    http://{host}:{port}/docs\n"
+        f"SPARQ_HOME  {settings.home}"
+    )
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        mlflow.stop()
+
+
+def _front_table(pareto: dict[str, Any]) -> Table:
+    base = pareto.get("baseline") or {}
+    table = Table(title=f"Pareto front ({len(pareto['points'])} points)")
+    for col in ("trial", "accuracy", "Δ vs float", "size (bytes)", "compression", "bits"):
+        table.add_column(col, justify="right")
+    for p in pareto["points"]:
+        bits = sorted({lp["bits"] for lp in p["policy"].get("layers", {}).values()})
+        mark = " *" if p["trial_id"] == pareto.get("chosen_trial_id") else ""
+        table.add_row(
+            p["trial_id"] + mark,
+            f"{p['accuracy']:.4f}",
+            f"{p['accuracy'] - base.get('accuracy', 0):+.4f}",
+            f"{p['size_bytes']:,}",
+            f"{p['compression']:.1f}x",
+            ",".join(map(str, bits)),
+        )
+    return table
+
+
+def watch(
+    client: Client, job_id: str, *, show_front: bool = True, poll_s: float = 1.0
+) -> dict[str, Any]:
+    """Progress bar plus the front as it grows, until the job ends."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    job = client.job(job_id)
+    task = progress.add_task(f"job {job_id}", total=job["trials_total"])
+    last_front: tuple[str, ...] = ()
+    with Live(progress, console=console, refresh_per_second=4) as live:
+        while True:
+            job = client.job(job_id)
+            done = job["trials_completed"] + job["trials_failed"]
+            desc = f"job {job_id} [{job['status']}] front {job['front_size']}"
+            if job["hypervolume"] is not None:
+                desc += f" hv {job['hypervolume']:.4f}"
+            progress.update(task, completed=done, description=desc)
+            if show_front and job["trials_completed"]:
+                pareto = client.pareto(job_id)
+                ids = tuple(p["trial_id"] for p in pareto["points"])
+                if ids != last_front:
+                    last_front = ids
+                    live.console.print(_front_table(pareto))
+            if job["status"] in TERMINAL:
+                return job
+            time.sleep(poll_s)
+
+
+def _summary(job: dict[str, Any]) -> None:
+    console.print(
+        f"job {job['id']}: [bold]{job['status']}[/bold]  trials {job['trials_completed']}"
+        f" done, {job['trials_failed']} failed of {job['trials_total']}"
+    )
+    if job.get("baseline"):
+        b = job["baseline"]
+        console.print(f"  float baseline: accuracy {b['accuracy']:.4f}, {b['size_bytes']:,} bytes")
+    if job.get("best"):
+        b = job["best"]
+        console.print(
+            f"  exported: trial {b['trial_id']}, accuracy {b['accuracy']:.4f}, "
+            f"{b['size_bytes']:,} bytes ({b['compression']:.1f}x smaller)"
+        )
+    for key in ("message", "error"):
+        if job.get(key):
+            console.print(f"  {key}: {job[key]}")
+    if job["mlflow"].get("ui_url"):
+        console.print(f"  MLflow: {job['mlflow']['ui_url']}")
+
+
+def _load_spec(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise _fail(f"cannot read job spec {path}: {e}", 2) from e
+    if not isinstance(data, dict):
+        raise _fail(f"{path} must hold a mapping (the job spec), not {type(data).__name__}", 2)
+    return data
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="job spec, YAML or JSON")],
+    wait: Annotated[bool, typer.Option("--wait", help="watch until the job ends")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+) -> None:
+    """Submit a compression job."""
+    client = _client(url, token)
+    try:
+        job = client.submit(_load_spec(spec))
+        console.print(f"submitted job [bold]{job['id']}[/bold]")
+        if wait:
+            job = watch(client, job["id"])
+            _summary(job)
+            if job["status"] != "succeeded":
+                raise typer.Exit(1)
+    except ClientError as e:
+        raise _fail(str(e), 2 if e.status == 422 else 1) from e
+
+
+@app.command()
+def status(
+    job_id: str,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show a job's status."""
+    try:
+        job = _client(url, token).job(job_id)
+    except ClientError as e:
+        raise _fail(str(e)) from e
+    if as_json:
+        print(json.dumps(job, indent=2))
+    else:
+        _summary(job)
+
+
+@app.command()
+def pareto(
+    job_id: str,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show a job's Pareto front (accuracy vs size)."""
+    try:
+        data = _client(url, token).pareto(job_id)
+    except ClientError as e:
+        raise _fail(str(e)) from e
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        console.print(_front_table(data))
+
+
+@app.command()
+def download(
+    job_id: str,
+    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+    trial: Annotated[
+        str | None, typer.Option(help="a front point other than the exported one")
+    ] = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+) -> None:
+    """Download a job's compressed checkpoint."""
+    out = output or Path(f"{job_id}{'-' + trial if trial else ''}.sparq")
+    try:
+        path = _client(url, token).download(job_id, out, trial)
+    except ClientError as e:
+        raise _fail(str(e)) from e
+    console.print(f"saved {path} ({path.stat().st_size:,} bytes)")
+
+
+@app.command()
+def cancel(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
+    """Cancel a job; finished trials are kept."""
+    try:
+        job = _client(url, token).cancel(job_id)
+    except ClientError as e:
+        raise _fail(str(e)) from e
+    console.print(f"job {job_id}: {job['status']} (cancel requested)")
+
+
+def evaluate_checkpoint(path: Path) -> dict[str, Any]:
+    """Reload a checkpoint with one call and re-measure it on its own dataset."""
+    import torch
+
+    from workers.checkpoint import load_checkpoint
+    from workers.data import build_datasets
+    from workers.train import evaluate, make_loader
+
+    ck = load_checkpoint(path)
+    if ck.dataset_spec is None:
+        raise ValueError(f"{path} names no dataset to evaluate on")
+    _, val = build_datasets(ck.dataset_spec)
+    result = evaluate(ck.model, make_loader(val, 512, shuffle=False), torch.device("cpu"))
+    return {
+        "accuracy": result.accuracy,
+        "loss": result.loss,
+        "size_bytes": path.stat().st_size,
+        "parameters": sum(p.numel() for p in ck.model.parameters()),
+    }
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Reload a .sparq checkpoint and measure its accuracy and size."""
+    from workers.errors import SparqError
+
+    try:
+        out = evaluate_checkpoint(checkpoint)
+    except (SparqError, ValueError) as e:
+        raise _fail(str(e)) from e
+    if as_json:
+        print(json.dumps(out))
+    else:
+        console.print(f"{checkpoint}: accuracy {out['accuracy']:.4f}, {out['size_bytes']:,} bytes")
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="REST service port (a free one if taken)")] = 8000,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow port (a free one if taken)")] = 5000,
+    trials: Annotated[int, typer.Option(help="trials of the demo search")] = 24,
+    keep_running: Annotated[bool, typer.Option(help="keep serving after the job ends")] = False,
+) -> None:
+    """Start the stack, run a joint search on digits, download the best checkpoint."""
+    from service.api import create_app
+    from service.stack import free_port, port_in_use, serve_in_thread, start_mlflow
+
+    host = "127.0.0.1"
+    port = free_port() if port_in_use(host, port) else port
+    mlflow_port = free_port() if port_in_use(host, mlflow_port) else mlflow_port
+    settings = _settings_for(host, port, mlflow_port)
+    console.print(f"SPARQ_HOME {settings.home}; starting MLflow on :{mlflow_port}")
+    mlflow = start_mlflow(settings.home, host, mlflow_port)
+    try:
+        with serve_in_thread(create_app(settings), host, port) as url:
+            client = Client(url)
+            spec = {**DEMO_SPEC, "search": {**DEMO_SPEC["search"], "trials": trials}}
+            job = client.submit(spec)
+            console.print(
+                f"submitted job [bold]{job['id']}[/bold]: joint bits + sparsity "
+                f"search on digits, {trials} trials"
+            )
+            job = watch(client, job["id"])
+            _summary(job)
+            if job["status"] != "succeeded" or not job.get("best"):
+                raise _fail(
+                    f"the demo job ended {job['status']}: {job.get('error') or job.get('message')}"
+                )
+            out = client.download(job["id"], settings.home / f"demo-{job['id']}.sparq")
+            again = evaluate_checkpoint(out)
+            console.print(
+                f"reloaded {out}: accuracy {again['accuracy']:.4f}, {again['size_bytes']:,} bytes"
+            )
+            console.print(
+                f"\nMLflow UI   {job['mlflow']['ui_url']}\nAPI docs    {url}/docs\n"
+                f"checkpoint  {out}\n"
+                f"(run `sparq up --port {port} --mlflow-port {mlflow_port}` to browse "
+                "them again)"
+            )
+            if keep_running:
+                console.print("serving; Ctrl-C to stop")
+                while True:
+                    time.sleep(3600)
+    finally:
+        mlflow.stop()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,146 @@
+"""What the REST API returns (views); what clients send is ``service.spec.JobSpec``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from service import store as st
+
+
+class Measured(BaseModel):
+    accuracy: float
+    size_bytes: int
+
+
+class Best(Measured):
+    trial_id: str
+    compression: float | None = None
+
+
+class MlflowLinks(BaseModel):
+    tracking_uri: str
+    experiment_id: str | None
+    run_id: str | None
+    ui_url: str | None
+
+
+class JobView(BaseModel):
+    id: str
+    name: str
+    status: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    trials_total: int
+    trials_completed: int
+    trials_failed: int
+    front_size: int
+    hypervolume: float | None
+    baseline: Measured | None
+    best: Best | None
+    mlflow: MlflowLinks
+    error: str | None
+    message: str | None
+    cancel_requested: bool
+    spec: dict[str, Any]
+
+    @classmethod
+    def of(cls, job: st.Job, tracking_uri: str) -> JobView:
+        baseline = best = None
+        if job.baseline_accuracy is not None and job.baseline_size_bytes:
+            baseline = Measured(accuracy=job.baseline_accuracy, size_bytes=job.baseline_size_bytes)
+        if job.best_trial_id and job.best_accuracy is not None and job.best_size_bytes:
+            best = Best(
+                trial_id=job.best_trial_id,
+                accuracy=job.best_accuracy,
+                size_bytes=job.best_size_bytes,
+                compression=(job.baseline_size_bytes or 0) / job.best_size_bytes or None,
+            )
+        ui = None
+        if job.mlflow_experiment_id and job.mlflow_run_id:
+            ui = f"{tracking_uri}/#/experiments/{job.mlflow_experiment_id}/runs/{job.mlflow_run_id}"
+        return cls(
+            id=job.id,
+            name=job.name,
+            status=job.status,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            trials_total=job.trials_total,
+            trials_completed=job.trials_completed,
+            trials_failed=job.trials_failed,
+            front_size=job.front_size,
+            hypervolume=job.hypervolume,
+            baseline=baseline,
+            best=best,
+            mlflow=MlflowLinks(
+                tracking_uri=tracking_uri,
+                experiment_id=job.mlflow_experiment_id,
+                run_id=job.mlflow_run_id,
+                ui_url=ui,
+            ),
+            error=job.error,
+            message=job.message,
+            cancel_requested=job.cancel_requested,
+            spec=job.spec,
+        )
+
+
+class TrialView(BaseModel):
+    trial_id: str
+    number: int
+    status: str
+    accuracy: float | None
+    loss: float | None
+    size_bytes: int | None
+    duration_s: float | None
+    policy: dict[str, Any] | None
+    error: str | None
+    mlflow_run_id: str | None
+    has_checkpoint: bool
+
+    @classmethod
+    def of(cls, t: st.Trial) -> TrialView:
+        return cls(
+            trial_id=t.trial_id,
+            number=t.number,
+            status=t.status,
+            accuracy=t.accuracy,
+            loss=t.loss,
+            size_bytes=t.size_bytes,
+            duration_s=t.duration_s,
+            policy=t.policy,
+            error=t.error,
+            mlflow_run_id=t.mlflow_run_id,
+            has_checkpoint=bool(t.checkpoint),
+        )
+
+
+class ParetoPoint(BaseModel):
+    trial_id: str
+    accuracy: float
+    size_bytes: int
+    compression: float
+    policy: dict[str, Any]
+
+
+class ParetoView(BaseModel):
+    job_id: str
+    status: str
+    baseline: Measured | None
+    hypervolume: float | None
+    hypervolume_reference: str = (
+        "objectives (size_bytes / baseline size_bytes, 1 - accuracy), both minimized; "
+        "reference point (1, 1)"
+    )
+    chosen_trial_id: str | None
+    points: list[ParetoPoint]
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    tracking_uri: str

@@ -1,0 +1,75 @@
+"""Settings from the environment (``SPARQ_*``), behind a cached ``get_settings()``.
+
+Nothing happens at import time: directories are created by :meth:`Settings.prepare`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPARQ_", extra="ignore")
+
+    home: Path = Field(default=Path.home() / ".sparq", description="data directory")
+    database_url: str | None = Field(default=None, description="job store; SQLite in home")
+    mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to join; unset: each driver starts a local Ray"
+    )
+    ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray")
+    api_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="bearer tokens (comma separated); empty: no auth"
+    )
+    max_running_jobs: int = Field(default=1, ge=1, description="search drivers at once")
+    public_url: str = Field(default="http://127.0.0.1:8000", description="how clients reach us")
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [t.strip() for t in v.split(",") if t.strip()]
+        return v
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _no_placeholders(cls, v: list[str]) -> list[str]:
+        weak = [t for t in v if len(t) < 16 or t.lower() in {"changeme", "change-me", "secret"}]
+        if weak:
+            raise ValueError("every API token must be at least 16 characters and not a placeholder")
+        return v
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'sparq.db'}"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def prepare(self) -> Settings:
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

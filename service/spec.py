@@ -1,0 +1,206 @@
+"""Job spec v1: what a client sends to start a compression search.
+
+Pure pydantic (no torch, no ray): the service validates with it, the driver and
+the trials read it. Every field but ``model`` and ``dataset`` has a default, so the
+smallest valid spec is ``{"model": {"builtin": "digits-mlp"}, "dataset": {"builtin":
+"digits"}}``. Unknown fields are refused so a typo never silently falls back to a
+default.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BUILTIN_MODELS = ("digits-mlp", "digits-cnn")
+BUILTIN_DATASETS = ("digits",)
+_ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Source(_Strict):
+    builtin: str | None = None
+    entrypoint: str | None = Field(
+        default=None, description="'module:function' importable on the workers"
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    builtins: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("builtin")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        if v is not None and v not in cls.builtins:
+            raise ValueError(f"builtin {v!r} is not known; choose one of {list(cls.builtins)}")
+        return v
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _shape(cls, v: str | None) -> str | None:
+        if v is not None and not _ENTRYPOINT.match(v):
+            raise ValueError(f"entrypoint must look like 'package.module:function', but got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _Source:
+        if (self.builtin is None) == (self.entrypoint is None):
+            raise ValueError(
+                "exactly one of `builtin` or `entrypoint` must be given, but got "
+                f"(builtin={self.builtin!r}, entrypoint={self.entrypoint!r})"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.builtin or str(self.entrypoint)
+
+
+class ModelSpec(_Source):
+    """The model to compress: a builtin name or an entrypoint returning an nn.Module."""
+
+    builtins = BUILTIN_MODELS
+
+
+class DatasetSpec(_Source):
+    """The data: a builtin name or an entrypoint returning ``(train, val)`` datasets."""
+
+    builtins = BUILTIN_DATASETS
+
+
+class BaselineSpec(_Strict):
+    """The float model every trial starts from, trained once per job."""
+
+    epochs: int = Field(default=40, ge=1, le=10_000)
+    lr: float = Field(default=2e-3, gt=0, le=10)
+    batch_size: int = Field(default=64, ge=1, le=1 << 20)
+
+
+class Range(_Strict):
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"`low <= high` must hold, but got (low={self.low}, high={self.high})")
+        return self
+
+
+class SearchSpaceSpec(_Strict):
+    """Knobs of the joint search; each layer gets its own bits and sparsity."""
+
+    weight_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
+    sparsity: Range = Field(default_factory=lambda: Range(low=0.0, high=0.9))
+    noise_rate: Range = Field(default_factory=lambda: Range(low=0.1, high=1.0))
+    noise_block: int = Field(default=4, ge=1, le=4096)
+    method: Literal["quant_noise"] = "quant_noise"
+    finetune_epochs: int = Field(default=6, ge=0, le=10_000)
+    finetune_lr: float = Field(default=1e-3, gt=0, le=10)
+
+    @field_validator("weight_bits")
+    @classmethod
+    def _bits(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("weight_bits must name at least one bit width")
+        bad = [b for b in v if not 2 <= b <= 8]
+        if bad:
+            raise ValueError(f"every weight bit width must be in 2..8, but got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"weight_bits must not repeat a value, but got {v}")
+        return sorted(v)
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v: Range) -> Range:
+        if not (0.0 <= v.low and v.high < 1.0):
+            raise ValueError(f"sparsity must lie in [0, 1), but got ({v.low}, {v.high})")
+        return v
+
+    @field_validator("noise_rate")
+    @classmethod
+    def _rate(cls, v: Range) -> Range:
+        if not (0.0 <= v.low and v.high <= 1.0):
+            raise ValueError(f"noise_rate must lie in [0, 1], but got ({v.low}, {v.high})")
+        return v
+
+
+Objective = Literal["accuracy", "size_bytes"]
+OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {"accuracy": "max", "size_bytes": "min"}
+
+
+class ConstraintsSpec(_Strict):
+    """Limits on which front points may be exported."""
+
+    max_accuracy_drop: float | None = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="below the float baseline, in accuracy's unit (a fraction: 0.01 = 1 point)",
+    )
+    max_size_bytes: int | None = Field(default=None, ge=1)
+
+
+class SearchSpec(_Strict):
+    trials: int = Field(default=24, ge=1, le=100_000)
+    concurrency: int = Field(default=2, ge=1, le=1024)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    time_budget_s: float | None = Field(default=None, gt=0)
+
+
+class ResourcesSpec(_Strict):
+    """Resources each trial asks Ray for; fractions of a GPU are allowed."""
+
+    cpus: float = Field(default=1.0, gt=0, le=1024)
+    gpus: float = Field(default=0.0, ge=0, le=64)
+
+
+class ExportSpec(_Strict):
+    """Which front point is exported as the job's checkpoint."""
+
+    choose: Literal["knee", "max_accuracy", "min_size"] = "knee"
+    formats: list[Literal["sparq"]] = Field(default_factory=lambda: ["sparq"])
+
+
+class JobSpec(_Strict):
+    """A compression job, version 1."""
+
+    version: Literal[1] = 1
+    name: str = Field(
+        default="default", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][\w.-]*$"
+    )
+    model: ModelSpec
+    dataset: DatasetSpec
+    task: Literal["classification"] = "classification"
+    baseline: BaselineSpec = Field(default_factory=BaselineSpec)
+    search_space: SearchSpaceSpec = Field(default_factory=SearchSpaceSpec)
+    objectives: list[Objective] = Field(default_factory=lambda: ["accuracy", "size_bytes"])
+    constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str]) -> list[str]:
+        if sorted(v) != ["accuracy", "size_bytes"]:
+            raise ValueError(
+                f"objectives must be exactly ['accuracy', 'size_bytes'] in job spec v1, but got {v}"
+            )
+        return v
+
+    @classmethod
+    def from_yaml(cls, text: str) -> JobSpec:
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"a job spec must be a mapping, but the YAML holds {type(data)}")
+        return cls.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,108 @@
+"""Starting the embedded stack: an MLflow server (SQLite backend, local artifact
+store under SPARQ_HOME) and the REST service, both on loopback by default."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"process for {url} exited with code {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise StackError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@dataclass
+class Mlflow:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def start_mlflow(home: Path, host: str = "127.0.0.1", port: int = 5000) -> Mlflow:
+    """``mlflow server`` on SQLite with proxied artifacts under ``home/mlflow``."""
+    if port_in_use(host, port):
+        raise StackError(f"--mlflow-port {port} is already in use on {host}; choose another port")
+    root = home / "mlflow"
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "server.log"
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--host", host, "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    url = f"http://{host}:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=120, proc=proc)
+    except StackError as e:
+        Mlflow(proc, url, log).stop()
+        raise StackError(f"MLflow server failed to start ({e}); see {log}") from e
+    return Mlflow(proc, url, log)
+
+
+@contextmanager
+def serve_in_thread(app: object, host: str, port: int) -> Iterator[str]:
+    """Run the API with uvicorn in a background thread (for `sparq demo` and tests)."""
+    import uvicorn
+
+    if port_in_use(host, port):
+        raise StackError(f"--port {port} is already in use on {host}; choose another port")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://{host}:{port}"
+    try:
+        wait_http(f"{url}/v1/health", timeout=30)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)

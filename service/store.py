@@ -1,0 +1,213 @@
+"""The job store: jobs and their trials in SQLAlchemy (SQLite in WAL mode by
+default, any URL SQLAlchemy accepts otherwise).
+
+It is the one source of truth for job state. The service creates jobs and asks for
+cancellation; the search driver (a separate process) writes progress, trials and
+the outcome; the launcher marks jobs whose driver died.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+TRIAL_COMPLETED, TRIAL_FAILED = "completed", "failed"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    driver_pid: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str | None] = mapped_column(Text)
+    trials_total: Mapped[int] = mapped_column(Integer, default=0)
+    trials_completed: Mapped[int] = mapped_column(Integer, default=0)
+    trials_failed: Mapped[int] = mapped_column(Integer, default=0)
+    baseline_accuracy: Mapped[float | None] = mapped_column(Float)
+    baseline_loss: Mapped[float | None] = mapped_column(Float)
+    baseline_size_bytes: Mapped[int | None] = mapped_column(Integer)
+    front_size: Mapped[int] = mapped_column(Integer, default=0)
+    hypervolume: Mapped[float | None] = mapped_column(Float)
+    best_trial_id: Mapped[str | None] = mapped_column(String(64))
+    best_accuracy: Mapped[float | None] = mapped_column(Float)
+    best_size_bytes: Mapped[int | None] = mapped_column(Integer)
+    best_checkpoint: Mapped[str | None] = mapped_column(Text)
+    mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class Trial(Base):
+    __tablename__ = "trials"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    trial_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    policy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    accuracy: Mapped[float | None] = mapped_column(Float)
+    loss: Mapped[float | None] = mapped_column(Float)
+    size_bytes: Mapped[int | None] = mapped_column(Integer)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    checkpoint: Mapped[str | None] = mapped_column(Text)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # service and drivers write concurrently
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id!r} does not exist")
+        self.job_id = job_id
+
+
+class JobStore:
+    """Thin, explicit data access. Every method is one short transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._session.begin() as s:
+            yield s
+
+    def create(self, spec: dict[str, Any]) -> Job:
+        job = Job(
+            id=uuid.uuid4().hex[:12],
+            name=str(spec.get("name", "default")),
+            spec=spec,
+            status=QUEUED,
+            created_at=utcnow(),
+            trials_total=int(spec["search"]["trials"]),
+        )
+        with self.session() as s:
+            s.add(job)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            return job
+
+    def list(self, status: str | None = None, limit: int = 100) -> list[Job]:
+        q = select(Job).order_by(Job.created_at.desc()).limit(limit)
+        if status:
+            q = q.where(Job.status == status)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def update(self, job_id: str, **fields: Any) -> Job:
+        with self.session() as s:
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise JobNotFound(job_id)
+            for k, v in fields.items():
+                setattr(job, k, v)
+            return job
+
+    def transition(
+        self, job_id: str, allowed_from: frozenset[str] | set[str], **fields: Any
+    ) -> bool:
+        """Set fields only if the job's status is in ``allowed_from`` (compare-and-set)."""
+        with self.session() as s:
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise JobNotFound(job_id)
+            if job.status not in allowed_from:
+                return False
+            for k, v in fields.items():
+                setattr(job, k, v)
+            return True
+
+    def upsert_trial(self, job_id: str, trial_id: str, **fields: Any) -> Trial:
+        with self.session() as s:
+            trial = s.get(Trial, (job_id, trial_id))
+            if trial is None:
+                trial = Trial(job_id=job_id, trial_id=trial_id, **fields)
+                s.add(trial)
+            else:
+                for k, v in fields.items():
+                    setattr(trial, k, v)
+            return trial
+
+    def trials(self, job_id: str) -> list[Trial]:
+        with self.session() as s:
+            q = select(Trial).where(Trial.job_id == job_id).order_by(Trial.number)
+            return list(s.scalars(q))
+
+    def trial(self, job_id: str, trial_id: str) -> Trial:
+        with self.session() as s:
+            trial = s.get(Trial, (job_id, trial_id))
+            if trial is None:
+                raise LookupError(f"job {job_id!r} has no trial {trial_id!r}")
+            return trial
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,244 @@
+"""The compressed checkpoint: really small bytes on disk, loaded without pickle.
+
+Layout (little-endian)::
+
+    b"SPARQ\\x00" | u8 version | u32 header length | zlib(JSON header) | payload
+
+The header names the model (builtin or entrypoint + kwargs, so loading rebuilds
+the module), the dataset and task (so ``sparq evaluate`` can re-measure), the
+policy, and one row per tensor: ``[name, shape, encoding, bits, nbytes]``. The
+payload holds the tensors back to back:
+
+- ``raw:<dtype>``: the tensor's bytes as they are (biases, norms, float layers).
+- ``q``: int-N weight, dense: fp16 per-channel scales, then codes bit-packed.
+- ``qs``: int-N weight, sparse: fp16 scales, a 1-bit-per-weight nonzero mask,
+  then the nonzero codes bit-packed. Chosen per layer when it is smaller.
+- ``fs``: float weight, sparse: the mask then the nonzero fp32 values.
+
+``size_bytes`` everywhere in sparq is ``len(encode(...))``: the exact file size.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from search_spaces import Policy
+from service.spec import DatasetSpec, ModelSpec
+from workers.engine import CompressedLayer, compressed_layers, dequantize, qmax
+from workers.errors import CheckpointError
+from workers.models import build_model
+
+MAGIC = b"SPARQ\x00"
+VERSION = 1
+_PREFIX = struct.Struct("<6sBI")
+_RAW_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> bytes:
+    """Pack unsigned integer codes (< 2**bits) into ``ceil(n * bits / 8)`` bytes."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, but got {bits}")
+    c = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    if c.size and int(c.max()) >= 1 << bits:
+        raise ValueError(f"a code {int(c.max())} does not fit in {bits} bits")
+    planes = (c[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_bits(buf: bytes, bits: int, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits` for ``n`` codes."""
+    flat = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=n * bits, bitorder="little")
+    weights = (1 << np.arange(bits)).astype(np.uint8)
+    return (flat.reshape(n, bits) * weights).sum(axis=1).astype(np.uint8)
+
+
+def _packed_len(n: int, bits: int) -> int:
+    return (n * bits + 7) // 8
+
+
+def _encode_quantized(layer: CompressedLayer) -> tuple[str, bytes]:
+    if layer.codes is None or layer.scale is None:
+        raise CheckpointError(f"layer {layer.name!r} has no integer codes to encode")
+    codes = (layer.codes.cpu().numpy().astype(np.int16) + qmax(layer.bits)).astype(np.uint8)
+    codes = codes.reshape(-1)
+    scales = layer.scale.cpu().numpy().astype("<f2").tobytes()
+    nonzero = layer.codes.cpu().numpy().reshape(-1) != 0
+    dense_len = _packed_len(codes.size, layer.bits)
+    sparse_len = _packed_len(codes.size, 1) + _packed_len(int(nonzero.sum()), layer.bits)
+    if sparse_len < dense_len:
+        mask = np.packbits(nonzero, bitorder="little").tobytes()
+        return "qs", scales + mask + pack_bits(codes[nonzero], layer.bits)
+    return "q", scales + pack_bits(codes, layer.bits)
+
+
+def _encode_float(layer: CompressedLayer) -> tuple[str, bytes]:
+    w = layer.weight.cpu().numpy().astype("<f4").reshape(-1)
+    nonzero = w != 0
+    if _packed_len(w.size, 1) + 4 * int(nonzero.sum()) < 4 * w.size:
+        return "fs", np.packbits(nonzero, bitorder="little").tobytes() + w[nonzero].tobytes()
+    return "raw:float32", w.tobytes()
+
+
+def encode(
+    model: nn.Module,
+    *,
+    model_spec: ModelSpec,
+    dataset_spec: DatasetSpec | None = None,
+    task: str = "classification",
+    policy: Policy | None = None,
+    meta: dict[str, Any] | None = None,
+) -> bytes:
+    """Serialize a (possibly compressed) model to checkpoint bytes."""
+    layers = compressed_layers(model)
+    rows: list[list[Any]] = []
+    blobs: list[bytes] = []
+    for key, value in model.state_dict().items():
+        if key.endswith(".parametrizations.weight.original"):
+            layer = layers[key.removesuffix(".parametrizations.weight.original")]
+            enc, blob = (
+                _encode_quantized(layer) if layer.codes is not None else _encode_float(layer)
+            )
+            rows.append(
+                [f"{layer.name}.weight", list(layer.weight.shape), enc, layer.bits, len(blob)]
+            )
+        elif ".parametrizations." in key:
+            continue  # the pruning mask: recoverable from the stored values
+        else:
+            t = value.detach().cpu().contiguous()
+            dtype = str(t.dtype).removeprefix("torch.")
+            if dtype not in _RAW_DTYPES:
+                raise CheckpointError(f"tensor {key!r} has unsupported dtype {t.dtype}")
+            arr = t.numpy() if dtype != "bool" else t.numpy().astype(np.uint8)
+            blob = arr.tobytes()
+            rows.append([key, list(t.shape), f"raw:{dtype}", 0, len(blob)])
+        blobs.append(blob)
+    header = {
+        "format": "sparq-checkpoint",
+        "model": model_spec.model_dump(mode="json"),
+        "dataset": dataset_spec.model_dump(mode="json") if dataset_spec else None,
+        "task": task,
+        "policy": policy.model_dump(mode="json") if policy else None,
+        "meta": meta or {},
+        "tensors": rows,
+    }
+    packed = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    return _PREFIX.pack(MAGIC, VERSION, len(packed)) + packed + b"".join(blobs)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A decoded checkpoint: the rebuilt float module plus what the header says."""
+
+    model: nn.Module
+    model_spec: ModelSpec
+    dataset_spec: DatasetSpec | None
+    task: str
+    policy: Policy | None
+    meta: dict[str, Any]
+    size_bytes: int
+
+
+def read_header(data: bytes) -> tuple[dict[str, Any], int]:
+    """Parse and check the prefix and header; returns it and the payload offset."""
+    if len(data) < _PREFIX.size:
+        raise CheckpointError(f"not a sparq checkpoint: {len(data)} bytes is too short")
+    magic, version, hlen = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise CheckpointError("not a sparq checkpoint (bad magic bytes)")
+    if version != VERSION:
+        raise CheckpointError(f"checkpoint version {version} is not supported (want {VERSION})")
+    start = _PREFIX.size + hlen
+    try:
+        header = json.loads(zlib.decompress(data[_PREFIX.size : start]))
+    except (zlib.error, ValueError) as e:
+        raise CheckpointError(f"checkpoint header is corrupt: {e}") from e
+    expected = start + sum(int(row[4]) for row in header["tensors"])
+    if expected != len(data):
+        raise CheckpointError(f"checkpoint is {len(data)} bytes but its header says {expected}")
+    return header, start
+
+
+def _decode_tensor(row: list[Any], blob: bytes) -> torch.Tensor:
+    key, shape, enc, bits, _ = row
+    n = int(np.prod(shape)) if shape else 1
+    if enc.startswith("raw:"):
+        dtype = _RAW_DTYPES[enc[4:]]
+        np_dtype = np.uint8 if dtype == torch.bool else torch.empty(0, dtype=dtype).numpy().dtype
+        arr = np.frombuffer(blob, dtype=np_dtype).copy()
+        return torch.from_numpy(arr).to(dtype).reshape(shape)
+    if enc == "fs":
+        mask_len = _packed_len(n, 1)
+        mask = np.unpackbits(np.frombuffer(blob[:mask_len], np.uint8), count=n, bitorder="little")
+        w = np.zeros(n, dtype=np.float32)
+        w[mask.astype(bool)] = np.frombuffer(blob[mask_len:], dtype="<f4")
+        return torch.from_numpy(w).reshape(shape)
+    if enc not in ("q", "qs"):
+        raise CheckpointError(f"tensor {key!r} has unknown encoding {enc!r}")
+    out_ch = shape[0]
+    scale = torch.from_numpy(np.frombuffer(blob[: 2 * out_ch], dtype="<f2").astype(np.float32))
+    rest = blob[2 * out_ch :]
+    if enc == "q":
+        codes = unpack_bits(rest, bits, n)
+    else:
+        mask_len = _packed_len(n, 1)
+        nz = np.unpackbits(np.frombuffer(rest[:mask_len], np.uint8), count=n, bitorder="little")
+        nz = nz.astype(bool)
+        codes = np.full(n, qmax(bits), dtype=np.uint8)
+        codes[nz] = unpack_bits(rest[mask_len:], bits, int(nz.sum()))
+    q = torch.from_numpy(codes.astype(np.int16) - qmax(bits)).reshape(shape)
+    return dequantize(q, scale)
+
+
+def decode(data: bytes) -> Checkpoint:
+    """Rebuild the module from checkpoint bytes. Never unpickles anything."""
+    header, offset = read_header(data)
+    state: dict[str, torch.Tensor] = {}
+    for row in header["tensors"]:
+        nbytes = int(row[4])
+        state[row[0]] = _decode_tensor(row, data[offset : offset + nbytes])
+        offset += nbytes
+    model_spec = ModelSpec.model_validate(header["model"])
+    model = build_model(model_spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint does not fit model {model_spec.label!r}: {e}") from e
+    model.eval()
+    return Checkpoint(
+        model=model,
+        model_spec=model_spec,
+        dataset_spec=DatasetSpec.model_validate(header["dataset"]) if header["dataset"] else None,
+        task=header["task"],
+        policy=Policy.model_validate(header["policy"]) if header["policy"] else None,
+        meta=header["meta"],
+        size_bytes=len(data),
+    )
+
+
+def save(path: str | Path, data: bytes) -> Path:
+    """Write checkpoint bytes atomically (no half-written file is ever visible)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a ``.sparq`` checkpoint with one call: ``load_checkpoint(p).model``."""
+    return decode(Path(path).read_bytes())

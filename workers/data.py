@@ -1,0 +1,50 @@
+"""Builtin datasets (shipped with dependencies; nothing is downloaded) and the
+resolution of a dataset spec to ``(train, val)`` torch datasets."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from service.spec import DatasetSpec
+from workers.errors import SpecError
+from workers.models import import_entrypoint
+
+SPLIT_SEED = 0  # fixed: every job and every trial sees the same split
+
+
+def digits(val_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's bundled 8x8 digits (1797 images), scaled to [0, 1], as 1x8x8.
+
+    The split is stratified and seeded, so it is the same on every machine.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    x_tr, x_va, y_tr, y_va = train_test_split(
+        x, y, test_size=val_fraction, random_state=SPLIT_SEED, stratify=y
+    )
+    return (
+        TensorDataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr).long()),
+        TensorDataset(torch.from_numpy(x_va), torch.from_numpy(y_va).long()),
+    )
+
+
+BUILTINS = {"digits": digits}
+
+
+def build_datasets(spec: DatasetSpec) -> tuple[Dataset, Dataset]:
+    fn = (
+        BUILTINS[spec.builtin]
+        if spec.builtin
+        else import_entrypoint(str(spec.entrypoint), "dataset.entrypoint")
+    )
+    out = fn(**spec.kwargs)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise SpecError(
+            f"dataset {spec.label!r} must return (train, val), got {type(out).__name__}"
+        )
+    return out[0], out[1]

@@ -1,0 +1,95 @@
+"""Builtin models and the resolution of a model spec to an ``nn.Module``."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.spec import BUILTIN_MODELS, ModelSpec
+from workers.errors import SpecError
+
+
+def digits_mlp(hidden: int = 256, depth: int = 2, num_classes: int = 10) -> nn.Module:
+    """A 64-hidden-...-10 MLP over the 8x8 digits images."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = 64
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(y)))
+
+
+def digits_cnn(width: int = 16, num_classes: int = 10) -> nn.Module:
+    """A small CNN with batch norm and one residual block, for 1x8x8 images."""
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        _Residual(width),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
+    )
+
+
+BUILTINS: dict[str, Callable[..., nn.Module]] = {
+    "digits-mlp": digits_mlp,
+    "digits-cnn": digits_cnn,
+}
+if tuple(BUILTINS) != BUILTIN_MODELS:  # the spec's list must name exactly these
+    raise RuntimeError(f"builtin models {tuple(BUILTINS)} differ from the spec's {BUILTIN_MODELS}")
+
+
+def import_entrypoint(entrypoint: str, field: str) -> Callable[..., Any]:
+    """Import ``module:function``; errors name the spec field and the value."""
+    module_name, _, attr = entrypoint.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise SpecError(
+            f"{field}={entrypoint!r}: module {module_name!r} cannot be imported on this worker "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SpecError(f"{field}={entrypoint!r}: {module_name} has no callable {attr!r}")
+    return fn  # type: ignore[no-any-return]
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Instantiate the model a spec names (float, untrained weights)."""
+    fn = (
+        BUILTINS[spec.builtin]
+        if spec.builtin
+        else import_entrypoint(str(spec.entrypoint), "model.entrypoint")
+    )
+    try:
+        model = fn(**spec.kwargs)
+    except TypeError as e:
+        raise SpecError(f"model.kwargs={spec.kwargs!r} rejected by {spec.label}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise SpecError(
+            f"model {spec.label!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model

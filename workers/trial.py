@@ -1,0 +1,144 @@
+"""One trial: apply a policy to the shared float baseline (sparsity first, then
+quantization), fine-tune under quantization noise, export the checkpoint, and
+measure the checkpoint itself: accuracy of the decoded, fully quantized model and
+its exact size in bytes."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from search_spaces import KnobSpace, policy_from_params
+from service.spec import JobSpec
+from workers import checkpoint as ckpt
+from workers import tracking
+from workers.data import build_datasets
+from workers.engine import apply_policy
+from workers.models import build_model
+from workers.train import EvalResult, evaluate, make_loader, train_epochs
+
+CHECKPOINT_FILE = "model.sparq"
+EVAL_BATCH = 512
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a job shares; put in Ray's object store once."""
+
+    job_id: str
+    spec: dict[str, Any]
+    space: dict[str, Any]
+    baseline_state: dict[str, np.ndarray]
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def pick_device(gpus: float) -> torch.device:
+    """A trial given a GPU by Ray trains on it (Ray sets CUDA_VISIBLE_DEVICES)."""
+    if gpus > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"resources.gpus={gpus} but CUDA is not available on this worker")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def set_threads(cpus: float) -> None:
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def load_baseline(spec: JobSpec, state: dict[str, np.ndarray]) -> torch.nn.Module:
+    model = build_model(spec.model)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return model
+
+
+def evaluate_bytes(data: bytes, spec: JobSpec, device: torch.device) -> EvalResult:
+    """Decode checkpoint bytes and evaluate the model they hold."""
+    _, val = build_datasets(spec.dataset)
+    return evaluate(ckpt.decode(data).model, make_loader(val, EVAL_BATCH, shuffle=False), device)
+
+
+def trial_name(trial: Any) -> str:
+    """Ray Tune ``trial_name_creator``: ``trial-<index>`` from the trial's 1-based tag."""
+    head = str(trial.experiment_tag).split("_", 1)[0]
+    return f"trial-{int(head) if head.isdigit() else 0:03d}"
+
+
+def trial_number(name: str) -> int:
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """Ray Tune function trainable: reports once, with the checkpoint."""
+    from ray import tune
+
+    spec = JobSpec.model_validate(ctx.spec)
+    set_threads(spec.resources.cpus)
+    device = pick_device(spec.resources.gpus)
+    trial_id = tune.get_context().get_trial_id()
+    name = tune.get_context().get_trial_name()
+    number = trial_number(name)
+    torch.manual_seed(spec.search.seed * 100_003 + number)
+    policy = policy_from_params(KnobSpace.model_validate(ctx.space), config)
+
+    c = tracking.client(ctx.tracking_uri)
+    run = c.create_run(
+        ctx.experiment_id,
+        run_name=name,
+        tags={
+            tracking.PARENT_TAG: ctx.parent_run_id,
+            "sparq.job_id": ctx.job_id,
+            "sparq.trial_id": trial_id,
+        },
+    )
+    run_id = run.info.run_id
+    started = time.perf_counter()
+    try:
+        tracking.log_params(c, run_id, policy.summary())
+        model = apply_policy(load_baseline(spec, ctx.baseline_state), policy)
+        train, _ = build_datasets(spec.dataset)
+        ss = spec.search_space
+        train_epochs(
+            model,
+            make_loader(train, spec.baseline.batch_size, shuffle=True, seed=number),
+            epochs=ss.finetune_epochs,
+            lr=ss.finetune_lr,
+            device=device,
+            on_epoch=lambda e, loss: tracking.log_metrics(c, run_id, {"train_loss": loss}, e),
+        )
+        data = ckpt.encode(
+            model.cpu(),
+            model_spec=spec.model,
+            dataset_spec=spec.dataset,
+            task=spec.task,
+            policy=policy,
+            meta={"job_id": ctx.job_id, "trial_id": trial_id},
+        )
+        result = evaluate_bytes(data, spec, device)
+        metrics = {
+            "accuracy": result.accuracy,
+            "loss": result.loss,
+            "size_bytes": len(data),
+            "duration_s": time.perf_counter() - started,
+        }
+        tracking.log_metrics(c, run_id, metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt.save(Path(tmp) / CHECKPOINT_FILE, data)
+            c.log_artifact(run_id, str(Path(tmp) / CHECKPOINT_FILE))
+            c.set_terminated(run_id, "FINISHED")
+            tune.report(
+                {**metrics, "mlflow_run_id": run_id},
+                checkpoint=tune.Checkpoint.from_directory(tmp),
+            )
+    except BaseException as e:
+        tracking.set_tags(c, run_id, {"sparq.error": f"{type(e).__name__}: {e}"[:5000]})
+        c.set_terminated(run_id, "FAILED")
+        raise
