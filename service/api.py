@@ -8,6 +8,7 @@ Nothing a client can send yields a 500.
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -65,6 +66,16 @@ def _status_for(exc: Exception) -> int:
     return 500
 
 
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
 def validation_details(errors: list[Any]) -> list[dict[str, Any]]:
     """Pydantic errors as ``{field, value, rule}``: what was wrong, where, and why."""
     out = []
@@ -73,7 +84,7 @@ def validation_details(errors: list[Any]) -> list[dict[str, Any]]:
         out.append(
             {
                 "field": ".".join(loc) or "body",
-                "value": err.get("input"),
+                "value": _json_safe(err.get("input")),
                 "rule": str(err.get("msg", "invalid")).removeprefix("Value error, "),
             }
         )
@@ -158,7 +169,7 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
             raise ApiError(f"status={status!r} is not one of {sorted(allowed)}")
         if not 1 <= limit <= 1000:
             raise ApiError(f"limit={limit} must be in 1..1000")
-        return [JobView.of(j, uri) for j in store.list(status=status, limit=limit)]
+        return [JobView.of(j, uri) for j in store.list_jobs(status=status, limit=limit)]
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, dependencies=[auth])
     def get_job(job_id: str) -> JobView:

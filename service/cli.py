@@ -25,7 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+console = Console(soft_wrap=True)
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="SPARQ_URL", help="sparq service URL")]
@@ -36,7 +36,7 @@ DEMO_SPEC: dict[str, Any] = {
     "name": "demo",
     "model": {"builtin": "digits-mlp"},
     "dataset": {"builtin": "digits"},
-    "search": {"trials": 24, "concurrency": 2, "seed": 0},
+    "search": {"trials": 40, "concurrency": 2, "seed": 0},
 }
 
 
@@ -301,7 +301,7 @@ def evaluate_cmd(
 def demo(
     port: Annotated[int, typer.Option(help="REST service port (a free one if taken)")] = 8000,
     mlflow_port: Annotated[int, typer.Option(help="MLflow port (a free one if taken)")] = 5000,
-    trials: Annotated[int, typer.Option(help="trials of the demo search")] = 24,
+    trials: Annotated[int, typer.Option(help="trials of the demo search")] = 40,
     keep_running: Annotated[bool, typer.Option(help="keep serving after the job ends")] = False,
 ) -> None:
     """Start the stack, run a joint search on digits, download the best checkpoint."""

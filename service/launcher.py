@@ -120,7 +120,7 @@ class Launcher:
                     log.warning("job %s did not stop after cancel; terminating its driver", job_id)
                     _terminate(proc)
             running = len(self.procs)
-            for job in reversed(self.store.list(status=st.QUEUED, limit=1000)):
+            for job in reversed(self.store.list_jobs(status=st.QUEUED, limit=1000)):
                 if running >= self.settings.max_running_jobs:
                     break
                 if job.cancel_requested:
@@ -182,7 +182,7 @@ class Launcher:
 
     def _adopt_orphans(self) -> None:
         """Jobs left running by a previous service whose driver is gone are failed."""
-        for job in self.store.list(status=st.RUNNING, limit=1000):
+        for job in self.store.list_jobs(status=st.RUNNING, limit=1000):
             if not pid_alive(job.driver_pid):
                 self.store.transition(
                     job.id,

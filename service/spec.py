@@ -134,6 +134,14 @@ Objective = Literal["accuracy", "size_bytes"]
 OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {"accuracy": "max", "size_bytes": "min"}
 
 
+def _default_objectives() -> list[Objective]:
+    return ["accuracy", "size_bytes"]
+
+
+def _default_formats() -> list[Literal["sparq"]]:
+    return ["sparq"]
+
+
 class ConstraintsSpec(_Strict):
     """Limits on which front points may be exported."""
 
@@ -165,7 +173,7 @@ class ExportSpec(_Strict):
     """Which front point is exported as the job's checkpoint."""
 
     choose: Literal["knee", "max_accuracy", "min_size"] = "knee"
-    formats: list[Literal["sparq"]] = Field(default_factory=lambda: ["sparq"])
+    formats: list[Literal["sparq"]] = Field(default_factory=_default_formats)
 
 
 class JobSpec(_Strict):
@@ -180,7 +188,7 @@ class JobSpec(_Strict):
     task: Literal["classification"] = "classification"
     baseline: BaselineSpec = Field(default_factory=BaselineSpec)
     search_space: SearchSpaceSpec = Field(default_factory=SearchSpaceSpec)
-    objectives: list[Objective] = Field(default_factory=lambda: ["accuracy", "size_bytes"])
+    objectives: list[Objective] = Field(default_factory=_default_objectives)
     constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -90,7 +91,7 @@ def start_mlflow(home: Path, host: str = "127.0.0.1", port: int = 5000) -> Mlflo
 
 
 @contextmanager
-def serve_in_thread(app: object, host: str, port: int) -> Iterator[str]:
+def serve_in_thread(app: Any, host: str, port: int) -> Iterator[str]:
     """Run the API with uvicorn in a background thread (for `sparq demo` and tests)."""
     import uvicorn
 

@@ -152,7 +152,7 @@ class JobStore:
                 raise JobNotFound(job_id)
             return job
 
-    def list(self, status: str | None = None, limit: int = 100) -> list[Job]:
+    def list_jobs(self, status: str | None = None, limit: int = 100) -> list[Job]:
         q = select(Job).order_by(Job.created_at.desc()).limit(limit)
         if status:
             q = q.where(Job.status == status)

@@ -361,7 +361,7 @@ def run_search(store: st.JobStore, settings: Settings, job_id: str) -> None:
             parent_run_id=parent_id,
         )
         searcher = OptunaSearch(
-            space=to_optuna(space),  # type: ignore[arg-type]
+            space=to_optuna(space),
             metric=list(spec.objectives),
             mode=[OBJECTIVE_MODES[o] for o in spec.objectives],
             sampler=make_sampler(spec),
@@ -424,6 +424,9 @@ def _finish(
         max_size_bytes=spec.constraints.max_size_bytes,
     )
     final = st.CANCELLED if cancelled else st.SUCCEEDED
+    failed = [t for t in store.trials(job_id) if t.status == st.TRIAL_FAILED]
+    if not done and failed and not cancelled:
+        raise RuntimeError(f"all {len(failed)} trials failed; the first: {failed[0].error}")
     if best is None:
         msg = (
             f"no completed trial met the constraints {spec.constraints.model_dump()}"

@@ -157,7 +157,10 @@ def apply_policy(model: nn.Module, policy: Policy) -> nn.Module:
         raise ValueError(f"policy names layers the model does not have: {unknown}")
     for name, lp in policy.layers.items():
         module = model.get_submodule(name)
-        mask = magnitude_mask(module.weight, lp.sparsity)
+        weight = module.weight
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"layer {name!r} has no weight tensor")
+        mask = magnitude_mask(weight, lp.sparsity)
         parametrize.register_parametrization(
             module, "weight", QuantNoise(mask, lp.bits, policy.noise_rate, policy.noise_block, name)
         )

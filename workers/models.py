@@ -74,7 +74,7 @@ def import_entrypoint(entrypoint: str, field: str) -> Callable[..., Any]:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise SpecError(f"{field}={entrypoint!r}: {module_name} has no callable {attr!r}")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

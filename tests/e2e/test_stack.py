@@ -1,0 +1,185 @@
+"""End to end on the real stack: `sparq up` (REST on loopback, launcher, a real MLflow
+server over HTTP), search drivers on a real local Ray, real training on digits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.stack import free_port, wait_http
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+SMALL = {
+    "model": {"builtin": "digits-mlp", "kwargs": {"hidden": 64}},
+    "dataset": {"builtin": "digits"},
+    "baseline": {"epochs": 15},
+    "search_space": {"finetune_epochs": 3},
+    "search": {"trials": 6, "concurrency": 2, "seed": 1},
+}
+
+
+@dataclass
+class Stack:
+    api: str
+    mlflow: str
+    home: Path
+    proc: subprocess.Popen[bytes]
+
+    def post(self, spec: dict[str, Any]) -> dict[str, Any]:
+        r = httpx.post(f"{self.api}/v1/jobs", json=spec, timeout=30)
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.api}/v1/jobs/{job_id}", timeout=30).json())
+
+    def wait(self, job_id: str, timeout: float = 400) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(1)
+        log = (self.home / "jobs" / job_id / "driver.log").read_text()[-3000:]
+        raise AssertionError(f"job {job_id} did not finish in {timeout}s; driver log:\n{log}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("sparq-home")
+    port, mlflow_port = free_port(), free_port()
+    env = {**os.environ, "SPARQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("SPARQ_DATABASE_URL", None)
+    log = (home / "up.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "up", "--port", str(port),
+         "--mlflow-port", str(mlflow_port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    api = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{api}/v1/health", timeout=180, proc=proc)
+        yield Stack(api=api, mlflow=f"http://127.0.0.1:{mlflow_port}", home=home, proc=proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_job_runs_end_to_end(stack: Stack, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from workers.checkpoint import load_checkpoint
+    from workers.data import digits
+    from workers.train import evaluate, make_loader
+
+    job = stack.wait(stack.post(SMALL)["id"])
+    assert job["status"] == "succeeded", job
+    assert job["trials_completed"] + job["trials_failed"] == 6
+    assert job["trials_completed"] >= 5
+    base, best = job["baseline"], job["best"]
+    assert base["accuracy"] > 0.9
+    assert best["size_bytes"] < base["size_bytes"] / 3  # every policy quantizes to <= 8 bits
+    assert best["accuracy"] >= base["accuracy"] - 0.01 - 1e-9  # the default constraint
+
+    pareto = httpx.get(f"{stack.api}/v1/jobs/{job['id']}/pareto").json()
+    assert pareto["chosen_trial_id"] == best["trial_id"]
+    assert best["trial_id"] in [p["trial_id"] for p in pareto["points"]]
+    sizes = [p["size_bytes"] for p in pareto["points"]]
+    accs = [p["accuracy"] for p in pareto["points"]]
+    assert sizes == sorted(sizes)
+    assert accs == sorted(accs)  # a front: bigger only if more accurate
+    for p in pareto["points"]:
+        assert set(p["policy"]["layers"]) == {"1", "3", "5"}
+
+    # download the exported checkpoint and reload it with one call
+    r = httpx.get(f"{stack.api}/v1/jobs/{job['id']}/checkpoint")
+    assert r.status_code == 200
+    path = tmp_path / "best.sparq"
+    path.write_bytes(r.content)
+    assert path.stat().st_size == best["size_bytes"]
+    ck = load_checkpoint(path)
+    _, val = digits()
+    import torch
+
+    assert evaluate(
+        ck.model, make_loader(val, 512, shuffle=False), torch.device("cpu")
+    ).accuracy == (pytest.approx(best["accuracy"], abs=1e-12))
+
+    # `sparq evaluate --json` prints the same numbers
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "evaluate", str(path), "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    import json
+
+    printed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert printed["size_bytes"] == best["size_bytes"]
+    assert printed["accuracy"] == pytest.approx(best["accuracy"], abs=1e-12)
+
+    # MLflow holds one child run per trial under the job's parent run, over HTTP
+    client = MlflowClient(tracking_uri=stack.mlflow)
+    parent = job["mlflow"]["run_id"]
+    children = client.search_runs(
+        [job["mlflow"]["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+    )
+    assert len(children) == 6
+    on_front = {
+        c.data.tags.get("sparq.trial_id") for c in children if c.data.tags.get("pareto") == "true"
+    }
+    assert on_front == {p["trial_id"] for p in pareto["points"]}
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert all("accuracy" in c.data.metrics and "size_bytes" in c.data.metrics for c in finished)
+    assert all("1.bits" in c.data.params for c in finished)
+    artifacts = {a.path for a in client.list_artifacts(parent, "pareto")}
+    assert "pareto/front.json" in artifacts
+    assert client.get_run(parent).data.metrics["best_size_bytes"] == best["size_bytes"]
+
+
+def test_failing_trials_are_recorded_with_their_reason(stack: Stack) -> None:
+    spec = {**SMALL, "search_space": {"finetune_epochs": 1, "noise_block": 3},
+            "search": {"trials": 2, "concurrency": 2}}  # fmt: skip
+    job = stack.wait(stack.post(spec)["id"])
+    assert job["status"] == "failed"
+    assert "all 2 trials failed" in job["error"]
+    assert "block size 3 must divide" in job["error"]
+    trials = httpx.get(f"{stack.api}/v1/jobs/{job['id']}/trials").json()
+    assert [t["status"] for t in trials] == ["failed", "failed"]
+    assert all("block size 3 must divide" in t["error"] for t in trials)
+
+
+def test_a_job_whose_driver_dies_is_failed_with_the_reason(stack: Stack) -> None:
+    job_id = stack.post({**SMALL, "baseline": {"epochs": 200}})["id"]
+    deadline = time.monotonic() + 120
+    pid = None
+    while time.monotonic() < deadline and pid is None:
+        from service.store import JobStore
+
+        row = JobStore(f"sqlite:///{stack.home / 'sparq.db'}").get(job_id)
+        pid = row.driver_pid if row.status == "running" else None
+        time.sleep(0.5)
+    assert pid, "the driver never started"
+    ps = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
+    assert job_id in ps.stdout  # an operator can find a job's driver with ps
+    os.kill(pid, signal.SIGKILL)
+    job = stack.wait(job_id, timeout=60)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # the Ray processes the driver started
+    except ProcessLookupError:
+        pass
+    assert job["status"] == "failed"
+    assert "exited with code -9" in job["error"]
