@@ -160,7 +160,7 @@ class JobProgress(_Lazy, tune.Callback):
         self.db_url, self.job_id, self.space = db_url, job_id, space
         self.baseline_size_bytes, self.baseline_accuracy = baseline_size_bytes, baseline_accuracy
         self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
-        self.on_front: set[str] = set()
+        self.tagged: dict[str, tuple[bool, int]] = {}  # run id -> (on front, rank) as tagged
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
@@ -249,6 +249,9 @@ class JobProgress(_Lazy, tune.Callback):
             for p in front
         ]
         baseline = {"accuracy": self.baseline_accuracy, "size_bytes": self.baseline_size_bytes}
+        by_id = {t.trial_id: t for t in done}
+        table = [{**row, **_policy_columns(by_id[str(row["trial_id"])].policy)} for row in rows]
+        c.log_table(self.parent_run_id, data=_frame(table), artifact_file="pareto/front_table.json")
         c.log_dict(
             self.parent_run_id,
             {"baseline": baseline, "hypervolume": hv, "front": rows},
@@ -257,11 +260,28 @@ class JobProgress(_Lazy, tune.Callback):
         ranks = non_dominated_ranks([(t.size_bytes or 0, -(t.accuracy or 0.0)) for t in done])
         members = {p.trial_id for p in front}
         for t, rank in zip(done, ranks, strict=True):
-            if t.mlflow_run_id:
-                tracking.set_tags(
-                    c, t.mlflow_run_id, {"pareto": str(t.trial_id in members).lower(), "rank": rank}
-                )
-        self.on_front = members
+            state = (t.trial_id in members, rank)
+            if t.mlflow_run_id and self.tagged.get(t.mlflow_run_id) != state:
+                tags = {"pareto": str(state[0]).lower(), "rank": rank}
+                tracking.set_tags(c, t.mlflow_run_id, tags)  # only what changed: O(changes)
+                self.tagged[t.mlflow_run_id] = state
+
+
+def _policy_columns(policy: dict[str, Any] | None) -> dict[str, Any]:
+    """A policy as flat table columns: one bits and one sparsity column per layer."""
+    if not policy:
+        return {}
+    cols: dict[str, Any] = {"noise_rate": policy.get("noise_rate")}
+    for name, lp in policy.get("layers", {}).items():
+        cols[f"{name}.bits"] = lp["bits"]
+        cols[f"{name}.sparsity"] = round(lp["sparsity"], 4)
+    return cols
+
+
+def _frame(rows: list[dict[str, Any]]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(rows)
 
 
 def _trial_error(trial: Any) -> str:

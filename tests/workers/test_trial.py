@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.trial import pick_device, trial_number
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_a_gpu_request_without_cuda_fails_clearly() -> None:
+    with pytest.raises(RuntimeError, match=r"resources.gpus=0.5 but CUDA is not available"):
+        pick_device(0.5)
+
+
+def test_cpu_trials_use_the_cpu() -> None:
+    assert pick_device(0).type == "cpu"
+
+
+def test_trial_numbers_come_from_the_name() -> None:
+    assert trial_number("trial-007") == 7
+    assert trial_number("weird") == 0
