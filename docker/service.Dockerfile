@@ -53,7 +53,8 @@ RUN [ -n "$PIP_INDEX_URL" ] || unset PIP_INDEX_URL; \
     [ -n "$PIP_EXTRA_INDEX_URL" ] || unset PIP_EXTRA_INDEX_URL; \
     pip install . "ray[default,tune]==${RAY_VERSION}" "psycopg[binary]>=3.2" "boto3>=1.34" \
  && python -c "import sys, torch; v = torch.__version__; ok = v.split('+')[0] == '2.13.0' and torch.version.cuda is None; sys.exit(0 if ok else f'installing the project replaced torch: {v}')" \
- && cd / && rm -rf /opt/sparq
+ && rm -rf /opt/sparq
+WORKDIR /
 
 COPY docker/entrypoint.sh /usr/local/bin/sparq-entrypoint
 RUN chmod 0755 /usr/local/bin/sparq-entrypoint \

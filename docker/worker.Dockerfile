@@ -59,7 +59,8 @@ RUN [ -n "$PIP_INDEX_URL" ] || unset PIP_INDEX_URL; \
     [ -n "$PIP_EXTRA_INDEX_URL" ] || unset PIP_EXTRA_INDEX_URL; \
     pip install . "ray[default,tune]==${RAY_VERSION}" \
  && python -c "import sys, torch; v = torch.__version__; ok = v.split('+')[0] == '2.13.0' and torch.version.cuda is not None; sys.exit(0 if ok else f'installing the project replaced torch: {v}')" \
- && cd / && rm -rf /opt/sparq
+ && rm -rf /opt/sparq
+WORKDIR /
 
 RUN groupadd --system --gid 10001 sparq \
  && useradd --system --uid 10001 --gid sparq --home-dir /home/sparq --create-home \

@@ -25,22 +25,32 @@ RAY_NODES = ("sparq", "ray-head", "ray-worker")
 # Values for the variables compose must refuse to start without.
 SECRETS = {
     "SPARQ_API_TOKENS": "tok-0123456789abcdef,tok-fedcba9876543210",
+    "RAY_AUTH_TOKEN": "ray-0123456789abcdef0123456789abcdef",
     "POSTGRES_PASSWORD": "pg-0123456789abcdef",
     "MINIO_ROOT_USER": "sparq-minio",
     "MINIO_ROOT_PASSWORD": "minio-0123456789abcdef",
 }
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|ROOT_USER|CREDENTIAL")
 REQUIRED_REF = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*):\?(?P<msg>[^}]+)\}")
-URL_PASSWORD = re.compile(r"://[^/\s:@]+:(?P<password>[^@\s]+)@")
-VAR_REF = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
+URL_PASSWORD = re.compile(r"://[^/\s:@]+:(?P<password>\$\{[^}]*\}|[^@\s]+)@")
+VAR_REF = re.compile(
+    r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+)
 
 
 class MissingVariable(Exception):
     pass
 
 
-def interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose's `${VAR}`, `${VAR:-default}`, `${VAR:?message}` and `$$` on raw text."""
+def interpolate(node: Any, env: dict[str, str]) -> Any:
+    """Compose's `${VAR}`, `${VAR:-default}`, `${VAR:?message}` and `$$`, applied to
+    every string value of the parsed file (as compose does; comments are not values)."""
+    if isinstance(node, dict):
+        return {k: interpolate(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate(v, env) for v in node]
+    if not isinstance(node, str):
+        return node
 
     def one(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
@@ -54,7 +64,15 @@ def interpolate(text: str, env: dict[str, str]) -> str:
             return arg
         return value or ""
 
-    return VAR_REF.sub(one, text)
+    return VAR_REF.sub(one, node)
+
+
+def strings(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in strings(v)]
+    return [node] if isinstance(node, str) else []
 
 
 @pytest.fixture(scope="module")
@@ -123,15 +141,15 @@ def test_secret_like_env_is_required_from_the_environment(
     assert seen >= set(SECRETS)
 
 
-def test_passwords_inside_urls_are_required_from_the_environment() -> None:
-    passwords = [m.group("password") for m in URL_PASSWORD.finditer(COMPOSE.read_text())]
+def test_passwords_inside_urls_are_required_from_the_environment(compose: dict[str, Any]) -> None:
+    passwords = [m.group("password") for s in strings(compose) for m in URL_PASSWORD.finditer(s)]
     assert len(passwords) >= 2  # the job store's URL and MLflow's backend store
     for password in passwords:
         assert REQUIRED_REF.fullmatch(password), f"password {password!r} in a URL"
 
 
-def test_no_secret_has_a_default() -> None:
-    for m in VAR_REF.finditer(COMPOSE.read_text()):
+def test_no_secret_has_a_default(compose: dict[str, Any]) -> None:
+    for m in (m for s in strings(compose) for m in VAR_REF.finditer(s)):
         name, op = m.group("name"), m.group("op")
         if name and SECRET_NAME.search(name):
             assert op == ":?", f"${{{name}}} must be ${{{name}:?message}}, not {m.group(0)}"
@@ -179,6 +197,16 @@ def test_ray_nodes_share_sparq_home(
             assert env_of(services[name])["SPARQ_HOME"] == "/data"
     assert len(sources) == 1
     assert sources <= set(compose["volumes"])
+
+
+def test_ray_processes_authenticate_with_a_shared_token(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name in RAY_NODES:
+        env = env_of(services[name])
+        assert env["RAY_AUTH_MODE"] == "token", name
+        assert env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name
+    assert "RAY_AUTH_TOKEN" not in env_of(services["mlflow"])
 
 
 def test_ray_worker_reserves_all_gpus(services: dict[str, dict[str, Any]]) -> None:
@@ -235,8 +263,8 @@ def test_files_compose_refers_to_exist(services: dict[str, dict[str, Any]]) -> N
     assert list((DOCKER / "postgres-init").glob("*.sql"))
 
 
-def test_interpolates_with_the_secrets_set() -> None:
-    data = yaml.safe_load(interpolate(COMPOSE.read_text(), dict(SECRETS)))
+def test_interpolates_with_the_secrets_set(compose: dict[str, Any]) -> None:
+    data = interpolate(compose, dict(SECRETS))
     env = env_of(data["services"]["sparq"])
     assert env["SPARQ_API_TOKENS"] == SECRETS["SPARQ_API_TOKENS"]
     assert f":{SECRETS['POSTGRES_PASSWORD']}@postgres" in env["SPARQ_DATABASE_URL"]
@@ -244,12 +272,12 @@ def test_interpolates_with_the_secrets_set() -> None:
 
 
 @pytest.mark.parametrize("missing", sorted(SECRETS))
-def test_refuses_to_interpolate_without_a_secret(missing: str) -> None:
+def test_refuses_to_interpolate_without_a_secret(compose: dict[str, Any], missing: str) -> None:
     env = {k: v for k, v in SECRETS.items() if k != missing}
     with pytest.raises(MissingVariable, match=missing):
-        interpolate(COMPOSE.read_text(), env)
+        interpolate(compose, env)
     with pytest.raises(MissingVariable, match=missing):
-        interpolate(COMPOSE.read_text(), {**env, missing: ""})
+        interpolate(compose, {**env, missing: ""})
 
 
 # -- the Dockerfiles ------------------------------------------------------------------
@@ -426,9 +454,7 @@ def run_compose_config(
     )
 
 
-def test_docker_compose_config_accepts_the_file(
-    compose_client: list[str], tmp_path: Path
-) -> None:
+def test_docker_compose_config_accepts_the_file(compose_client: list[str], tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in SECRETS}
     proc = run_compose_config(compose_client, {**env, **SECRETS}, tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -442,4 +468,3 @@ def test_docker_compose_config_needs_the_api_tokens(
     proc = run_compose_config(compose_client, env, tmp_path)
     assert proc.returncode != 0
     assert "SPARQ_API_TOKENS" in proc.stderr
-
