@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import platform
 import re
@@ -44,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -210,7 +212,24 @@ def suggest(trial: optuna.Trial, dists: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_bare(spec: JobSpec) -> BareRun:
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(spec_json: dict[str, Any], layers: list[dict[str, Any]], state: Any) -> None:
+    torch.set_num_threads(1)
+    spec = JobSpec.model_validate(spec_json)
+    _WORKER.update(spec=spec, space=knob_space(spec, layers), state=state)
+
+
+def _work_in_worker(params: dict[str, Any], number: int) -> tuple[float, int]:
+    return trial_work(_WORKER["spec"], _WORKER["space"], _WORKER["state"], params, number)
+
+
+def run_bare(spec: JobSpec, *, processes: bool = False) -> BareRun:
+    """The bare loop. ``processes=False`` (the headline): the trials run in Optuna's
+    ``n_jobs`` threads, in this process. ``processes=True``: each of those threads
+    hands its trial's work to a pool of ``concurrency`` worker processes (started
+    inside the timed region), so the trials do not share one GIL, as Ray's do."""
     spec_json = spec.model_dump(mode="json")
     t0 = time.perf_counter()
     base = train_baseline(spec_json)
@@ -219,12 +238,23 @@ def run_bare(spec: JobSpec) -> BareRun:
     dists = to_optuna(space)
     durations: list[float] = []
     lock = threading.Lock()
+    pool = None
+    if processes:
+        pool = ProcessPoolExecutor(
+            max_workers=spec.search.concurrency,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(spec_json, base["layers"], base["state"]),
+        )
 
     def objective(trial: optuna.Trial) -> tuple[float, int]:
         started = time.perf_counter()
         params = suggest(trial, dists)
         # Ray names trials trial-001, trial-002, ...: the same seeds here.
-        out = trial_work(spec, space, base["state"], params, trial.number + 1)
+        if pool is None:
+            out = trial_work(spec, space, base["state"], params, trial.number + 1)
+        else:
+            out = pool.submit(_work_in_worker, params, trial.number + 1).result()
         with lock:
             durations.append(time.perf_counter() - started)
         return out
@@ -236,7 +266,11 @@ def run_bare(spec: JobSpec) -> BareRun:
         sampler=make_sampler(spec),
     )
     t1 = time.perf_counter()
-    study.optimize(objective, n_trials=spec.search.trials, n_jobs=spec.search.concurrency)
+    try:
+        study.optimize(objective, n_trials=spec.search.trials, n_jobs=spec.search.concurrency)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     end = time.perf_counter()
     failed = [t for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE]
     if failed:
@@ -359,7 +393,7 @@ class Stack:
         self.home = home
         self.mlflow: stack.Mlflow | None = None
         self._serve: Any = None
-        self.url = ""
+        self.url = self.mlflow_url = ""
         self.start_s = 0.0
 
     def __enter__(self) -> Stack:
@@ -369,6 +403,7 @@ class Stack:
         t0 = time.perf_counter()
         host = "127.0.0.1"
         self.mlflow = stack.start_mlflow(self.home, host, stack.free_port(host))
+        self.mlflow_url = self.mlflow.url
         os.environ["SPARQ_HOME"] = str(self.home)
         os.environ["SPARQ_MLFLOW_TRACKING_URI"] = self.mlflow.url
         os.environ.pop("SPARQ_DATABASE_URL", None)
@@ -414,78 +449,139 @@ def machine() -> str:
     )
 
 
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields)  # (idle + iowait, total)
+
+
+def wait_quiet(busy_max: float = 0.15, timeout_s: float = 120.0) -> float:
+    """Wait (up to ``timeout_s``) until the machine's CPUs have been at most ``busy_max``
+    busy for three seconds running, so that no run inherits the previous one's
+    stragglers (Ray shutting down, MLflow's job consumers starting) or someone else's
+    load. Returns the busy fraction of the last second (0 where /proc/stat is absent)."""
+    deadline = time.monotonic() + timeout_s
+    quiet, busy = 0, 0.0
+    prev = _cpu_times()
+    while prev is not None and time.monotonic() < deadline and quiet < 3:
+        time.sleep(1.0)
+        cur = _cpu_times()
+        if cur is None:
+            break
+        idle, total = cur[0] - prev[0], cur[1] - prev[1]
+        busy = 1.0 - idle / total if total else 0.0
+        quiet = quiet + 1 if busy <= busy_max else 0
+        prev = cur
+    return busy
+
+
+@dataclass
+class Runs:
+    bare: list[BareRun] = field(default_factory=list)
+    procs: list[BareRun] = field(default_factory=list)
+    svc: list[ServiceRun] = field(default_factory=list)
+    load: list[float] = field(default_factory=list)  # 1-min load average before each run
+    busy: list[float] = field(default_factory=list)  # CPU busy fraction before each run
+
+
 def render(
-    args: argparse.Namespace,
-    cal: Calibration,
-    bare: list[BareRun],
-    svc: list[ServiceRun],
-    stack_start_s: float,
+    args: argparse.Namespace, cal: Calibration, runs: Runs, stack_start_s: float
 ) -> tuple[str, dict[str, Any]]:
     n, c = args.trials, args.concurrency
-    b_wall = statistics.median(r.wall_s for r in bare)
-    s_wall = statistics.median(r.wall_s for r in svc)
+    b_wall = statistics.median(r.wall_s for r in runs.bare)
+    s_wall = statistics.median(r.wall_s for r in runs.svc)
     ratio = s_wall / b_wall
-    ideal = bare[0].baseline_s + math.ceil(n / c) * cal.trial_work_s
+    p_wall = statistics.median(r.wall_s for r in runs.procs) if runs.procs else None
+    ideal = runs.bare[0].baseline_s + math.ceil(n / c) * cal.trial_work_s
+    order = "bare (threads), bare (processes), service" if runs.procs else "bare, service"
     lines = [
         f"trial work (one trial alone, 1 thread, {cal.finetune_epochs} fine-tune epochs): "
         f"{cal.trial_work_s:.2f} s  [{cal.epoch_s:.3f} s/epoch + {cal.fixed_s:.2f} s fixed]",
         f"{n} trials, concurrency {c}, 1 CPU per trial, model {args.model}, "
-        f"baseline {args.baseline_epochs} epochs, seed {args.seed}, repeats {args.repeats} "
-        f"(bare first, then service; medians)",
-        f"stack start-up (MLflow server + API; not counted): {stack_start_s:.1f} s",
+        f"baseline {args.baseline_epochs} epochs, seed {args.seed}; {args.repeats} round(s) "
+        f"of {order}, in that order; medians",
+        f"stack start-up (MLflow server + API; not counted): {stack_start_s:.1f} s; "
+        "before each run (after waiting for a quiet machine): CPU busy "
+        f"{', '.join(f'{x:.0%}' for x in runs.busy)}; 1-min load average "
+        f"{', '.join(f'{x:.2f}' for x in runs.load)}",
         "",
         "| path | wall s | baseline s | trials phase s | mean trial s |",
         "|---|---:|---:|---:|---:|",
     ]
-    for i, r in enumerate(bare):
-        lines.append(
-            f"| bare #{i + 1} (in-process Optuna, n_jobs={c}) | {r.wall_s:.2f} | "
-            f"{r.baseline_s:.2f} | {r.study_s:.2f} | {_mean(r.trial_s):.2f} |"
-        )
-    for i, r in enumerate(svc):
+    for label, rs in (
+        (f"bare, in-process Optuna n_jobs={c} (threads)", runs.bare),
+        (f"bare, Optuna n_jobs={c} + {c} worker processes", runs.procs),
+    ):
+        for i, r in enumerate(rs):
+            lines.append(
+                f"| {label} #{i + 1} | {r.wall_s:.2f} | {r.baseline_s:.2f} | "
+                f"{r.study_s:.2f} | {_mean(r.trial_s):.2f} |"
+            )
+    for i, r in enumerate(runs.svc):
         base = r.phases.get("float baseline (Ray task)", float("nan"))
         phase = r.phases.get("trials (first start to last end)", float("nan"))
         lines.append(
-            f"| service #{i + 1} (REST, driver, Ray, MLflow) | {r.wall_s:.2f} | {base:.2f} | "
+            f"| service: REST, driver, Ray, MLflow #{i + 1} | {r.wall_s:.2f} | {base:.2f} | "
             f"{phase:.2f} | {_mean(r.trial_s):.2f} |"
         )
     lines += [
-        f"| ideal (baseline + ceil(N/C) x trial work) | {ideal:.2f} | | | |",
+        f"| ideal: bare baseline + ceil(N/C) x trial work | {ideal:.2f} | | | |",
         "",
-        f"overhead_ratio = service / bare = {s_wall:.2f} / {b_wall:.2f} = {ratio:.3f} "
-        f"(target <= {TARGET_RATIO}: {'met' if ratio <= TARGET_RATIO else 'NOT met'})",
+        f"overhead_ratio = service / bare (threads) = {s_wall:.2f} / {b_wall:.2f} = "
+        f"{ratio:.3f} (target <= {TARGET_RATIO}: {'met' if ratio <= TARGET_RATIO else 'NOT met'})",
+    ]
+    if p_wall is not None:
+        lines.append(
+            f"service / bare (processes) = {s_wall:.2f} / {p_wall:.2f} = {s_wall / p_wall:.3f}"
+        )
+    last = runs.svc[-1]
+    lines += [
+        f"service / ideal = {s_wall:.2f} / {ideal:.2f} = {s_wall / ideal:.3f}",
         "",
-        f"Service wall time by phase (run #{len(svc)}):",
+        f"Service wall time by phase (service run #{len(runs.svc)}):",
         "",
         "| phase | s |",
         "|---|---:|",
     ]
-    last = svc[-1]
     lines += [f"| {k} | {v:.2f} |" for k, v in last.phases.items()]
     lines += [
         f"| **total (POST to terminal)** | **{last.wall_s:.2f}** |",
         "",
-        f"Service trial: {_mean(last.trial_s):.2f} s inside the worker (duration_s), "
-        f"{_mean(last.trial_run_s):.2f} s as an MLflow run; bare trial: "
-        f"{_mean(bare[-1].trial_s):.2f} s.",
+        f"Mean trial: service {_mean(last.trial_s):.2f} s inside the Ray worker (duration_s), "
+        f"{_mean(last.trial_run_s):.2f} s as an MLflow run; bare (threads) "
+        f"{_mean(runs.bare[-1].trial_s):.2f} s"
+        + (f"; bare (processes) {_mean(runs.procs[-1].trial_s):.2f} s" if runs.procs else "")
+        + f"; alone {cal.trial_work_s:.2f} s.",
     ]
-    figures = {
+    figures: dict[str, Any] = {
         "overhead_ratio": round(ratio, 3),
         "service_wall_s": round(s_wall, 2),
         "bare_wall_s": round(b_wall, 2),
         "trials": n,
         "concurrency": c,
         "trial_work_s": round(cal.trial_work_s, 2),
-        "finetune_epochs": cal.finetune_epochs,
-        "baseline_epochs": args.baseline_epochs,
-        "model": args.model,
-        "repeats": args.repeats,
-        "ideal_wall_s": round(ideal, 2),
-        "bare_baseline_s": round(bare[-1].baseline_s, 2),
-        "service_phases_s": {k: round(v, 2) for k, v in last.phases.items()},
-        "service_trial_mean_s": round(_mean(last.trial_s), 2),
-        "bare_trial_mean_s": round(_mean(bare[-1].trial_s), 2),
     }
+    if p_wall is not None:
+        figures["bare_processes_wall_s"] = round(p_wall, 2)
+        figures["overhead_ratio_vs_processes"] = round(s_wall / p_wall, 3)
+    figures.update(
+        {
+            "ideal_wall_s": round(ideal, 2),
+            "finetune_epochs": cal.finetune_epochs,
+            "baseline_epochs": args.baseline_epochs,
+            "model": args.model,
+            "repeats": args.repeats,
+            "service_trial_mean_s": round(_mean(last.trial_s), 2),
+            "bare_trial_mean_s": round(_mean(runs.bare[-1].trial_s), 2),
+            "max_busy_before_run": round(max(runs.busy), 2),
+        }
+    )
     return "\n".join(lines), figures
 
 
@@ -548,6 +644,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="4 trials of ~2 s, baseline 2 epochs")
     p.add_argument("--record", action="store_true", help=f"rewrite its section of {DOC}")
     p.add_argument("--keep", action="store_true", help="keep the temporary SPARQ_HOME")
+    p.add_argument("--no-processes", action="store_true", help="skip the process-pool bare variant")
     args = p.parse_args(argv)
     args.trials = args.trials or (4 if args.quick else 8)
     args.trial_seconds = args.trial_seconds or (2.0 if args.quick else 5.0)
@@ -573,33 +670,40 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     spec = make_spec(args, cal.finetune_epochs)
-    bare: list[BareRun] = []
-    svc: list[ServiceRun] = []
+    runs = Runs()
     with tempfile.TemporaryDirectory(prefix="sparq-bench-") as tmp:
         home = Path(tmp)
         with Stack(home) as s:
-            print(f"stack up in {s.start_s:.1f} s (MLflow {s.mlflow.url}, API {s.url})", flush=True)
+            print(f"stack up in {s.start_s:.1f} s (MLflow {s.mlflow_url}, API {s.url})", flush=True)
             for i in range(args.repeats):
-                print(f"[{i + 1}/{args.repeats}] bare loop ...", flush=True)
-                bare.append(run_bare(spec))
-                print(f"  bare: {bare[-1].wall_s:.2f} s", flush=True)
-                print(f"[{i + 1}/{args.repeats}] service ...", flush=True)
-                svc.append(run_service(spec, s.url, home, s.mlflow.url))
-                print(f"  service: {svc[-1].wall_s:.2f} s", flush=True)
+                tag = f"[{i + 1}/{args.repeats}]"
+                runs.busy.append(wait_quiet())
+                runs.load.append(_load())
+                runs.bare.append(run_bare(spec))
+                print(f"{tag} bare (threads): {runs.bare[-1].wall_s:.2f} s", flush=True)
+                if not args.no_processes:
+                    runs.busy.append(wait_quiet())
+                    runs.load.append(_load())
+                    runs.procs.append(run_bare(spec, processes=True))
+                    print(f"{tag} bare (processes): {runs.procs[-1].wall_s:.2f} s", flush=True)
+                runs.busy.append(wait_quiet())
+                runs.load.append(_load())
+                runs.svc.append(run_service(spec, s.url, home, s.mlflow_url))
+                print(f"{tag} service: {runs.svc[-1].wall_s:.2f} s", flush=True)
             start_s = s.start_s
         if args.keep:
             kept = Path(tempfile.mkdtemp(prefix="sparq-bench-kept-"))
             os.rename(home, kept / "home")
             home.mkdir()
             print(f"kept SPARQ_HOME at {kept / 'home'}", flush=True)
-    text, figures = render(args, cal, bare, svc, start_s)
+    text, figures = render(args, cal, runs, start_s)
     print()
     print(text)
     if args.record:
         argv_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         record(text, figures, f".venv/bin/python bench/overhead.py {argv_text}".strip())
         print(f"\nrecorded in {DOC}")
-    print(json.dumps({k: v for k, v in figures.items() if k != "service_phases_s"}))
+    print(json.dumps(figures))
     return 0
 
 
