@@ -387,11 +387,13 @@ def run_service(spec: JobSpec, url: str, home: Path, mlflow_url: str) -> Service
 
 
 class Stack:
-    """MLflow server + REST API (with its launcher) under a temporary SPARQ_HOME."""
+    """MLflow server, Ray head and REST API (with its launcher) under a temporary
+    SPARQ_HOME: what `sparq up` runs."""
 
     def __init__(self, home: Path) -> None:
         self.home = home
         self.mlflow: stack.Mlflow | None = None
+        self.ray: stack.RayHead | None = None
         self._serve: Any = None
         self.url = self.mlflow_url = ""
         self.start_s = 0.0
@@ -407,13 +409,18 @@ class Stack:
         os.environ["SPARQ_HOME"] = str(self.home)
         os.environ["SPARQ_MLFLOW_TRACKING_URI"] = self.mlflow.url
         os.environ.pop("SPARQ_DATABASE_URL", None)
-        get_settings.cache_clear()
         try:
+            # As `sparq up` does: one Ray head for the stack, joined by each driver.
+            self.ray = stack.start_ray(self.home)
+            os.environ["SPARQ_RAY_ADDRESS"] = self.ray.address
+            get_settings.cache_clear()
             self._serve = stack.serve_in_thread(
                 create_app(get_settings()), host, stack.free_port(host)
             )
             self.url = self._serve.__enter__()
         except BaseException:
+            if self.ray is not None:
+                self.ray.stop()
             self.mlflow.stop()
             raise
         self.start_s = time.perf_counter() - t0
@@ -424,6 +431,8 @@ class Stack:
             if self._serve is not None:
                 self._serve.__exit__(None, None, None)
         finally:
+            if self.ray is not None:
+                self.ray.stop()
             if self.mlflow is not None:
                 self.mlflow.stop()
 
@@ -506,7 +515,7 @@ def render(
         f"{n} trials, concurrency {c}, 1 CPU per trial, model {args.model}, "
         f"baseline {args.baseline_epochs} epochs, seed {args.seed}; {args.repeats} round(s) "
         f"of {order}, in that order; medians",
-        f"stack start-up (MLflow server + API; not counted): {stack_start_s:.1f} s; "
+        f"stack start-up (MLflow server, Ray head, API; not counted): {stack_start_s:.1f} s; "
         "before each run (after waiting for a quiet machine): CPU busy "
         f"{', '.join(f'{x:.0%}' for x in runs.busy)}; 1-min load average "
         f"{', '.join(f'{x:.2f}' for x in runs.load)}",

@@ -4,6 +4,7 @@ store under SPARQ_HOME) and the REST service, both on loopback by default."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -107,3 +108,67 @@ def serve_in_thread(app: Any, host: str, port: int) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@dataclass
+class RayHead:
+    """A local Ray head started by the stack; search drivers join it by address."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            # `ray start --block` tears its node down (raylet, GCS, workers) on SIGTERM.
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def ray_auth_env(home: Path) -> None:
+    """Token authentication for the stack's Ray: a random token in ``home`` (0600),
+    named in this process's environment so the head and every driver use it."""
+    path = home / "ray_auth_token"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    os.environ.update(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(path), RAY_USAGE_STATS_ENABLED="0"
+    )
+
+
+def start_ray(home: Path, num_cpus: int | None = None, host: str = "127.0.0.1") -> RayHead:
+    """``ray start --head --block`` on loopback, every port chosen free.
+
+    One long-lived Ray for the whole service: each job's driver joins it in about a
+    second instead of starting (and tearing down) a Ray of its own.
+    """
+    log = home / "ray.log"
+    home.mkdir(parents=True, exist_ok=True)
+    ray_auth_env(home)  # this process's drivers (the launcher's children) inherit it
+    gcs = free_port(host)
+    cmd = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+        "--node-ip-address", host, "--port", str(gcs),
+        "--dashboard-agent-listen-port", str(free_port(host)),
+        "--include-dashboard", "false", "--disable-usage-stats",
+        "--num-cpus", str(num_cpus or os.cpu_count() or 1),
+    ]  # fmt: skip
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    head = RayHead(proc, f"{host}:{gcs}", log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"ray start exited with code {proc.returncode}; see {log}")
+        if port_in_use(host, gcs) and b"Ray runtime started" in log.read_bytes():
+            return head
+        time.sleep(0.3)
+    head.stop()
+    raise StackError(f"Ray head did not start within 120 s; see {log}")

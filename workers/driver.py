@@ -27,60 +27,13 @@ from service import store as st
 from service.settings import Settings, get_settings
 from service.spec import OBJECTIVE_MODES, JobSpec
 from workers import tracking
+from workers.baseline import reevaluate, train_baseline
 from workers.trial import CHECKPOINT_FILE, TrialContext, run_trial, trial_name, trial_number
+
+__all__ = ["main", "make_sampler", "reevaluate", "run_search", "train_baseline"]
 
 log = logging.getLogger("sparq.driver")
 BEST_FILE = "best.sparq"
-
-
-def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
-    """Ray task: train the float model once; return its weights and measurements."""
-    import torch
-
-    from workers import checkpoint as ckpt
-    from workers.data import build_datasets
-    from workers.engine import compressible_layers
-    from workers.models import build_model
-    from workers.train import evaluate, make_loader, train_epochs
-    from workers.trial import pick_device, set_threads
-
-    spec = JobSpec.model_validate(spec_json)
-    set_threads(spec.resources.cpus)
-    device = pick_device(spec.resources.gpus)
-    torch.manual_seed(spec.search.seed)
-    model = build_model(spec.model)
-    train, val = build_datasets(spec.dataset)
-    losses = train_epochs(
-        model,
-        make_loader(train, spec.baseline.batch_size, shuffle=True, seed=spec.search.seed),
-        epochs=spec.baseline.epochs,
-        lr=spec.baseline.lr,
-        device=device,
-    )
-    model.cpu()
-    data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
-    result = evaluate(ckpt.decode(data).model, make_loader(val, 512, shuffle=False), device)
-    return {
-        "state": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
-        "accuracy": result.accuracy,
-        "loss": result.loss,
-        "train_loss": losses[-1],
-        "size_bytes": len(data),
-        "layers": [info.model_dump() for info in compressible_layers(model)],
-    }
-
-
-def reevaluate(path: str, spec_json: dict[str, Any]) -> dict[str, float]:
-    """Ray task: reload an exported checkpoint from disk and measure it again."""
-    from workers import checkpoint as ckpt
-    from workers.trial import evaluate_bytes, pick_device, set_threads
-
-    spec = JobSpec.model_validate(spec_json)
-    set_threads(spec.resources.cpus)
-    data = Path(path).read_bytes()
-    ckpt.decode(data)  # validates the header before anything else
-    result = evaluate_bytes(data, spec, pick_device(spec.resources.gpus))
-    return {"accuracy": result.accuracy, "loss": result.loss, "size_bytes": len(data)}
 
 
 def make_sampler(spec: JobSpec) -> Any:
@@ -329,16 +282,18 @@ def run_search(store: st.JobStore, settings: Settings, job_id: str) -> None:
     parent = c.create_run(experiment_id, run_name=f"job-{job_id}", tags={"sparq.job_id": job_id})
     parent_id = parent.info.run_id
     store.update(job_id, mlflow_experiment_id=experiment_id, mlflow_run_id=parent_id)
-    tracking.log_params(c, parent_id, tracking.flatten(spec.model_dump(mode="json")))
 
     try:
         _init_ray(settings, spec)
         log.info("training the float baseline")
-        baseline = ray.get(
+        baseline_ref = (
             ray.remote(train_baseline)
             .options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
             .remote(spec.model_dump(mode="json"))
         )
+        # While the baseline trains in a Ray worker:
+        tracking.log_params(c, parent_id, tracking.flatten(spec.model_dump(mode="json")))
+        baseline = ray.get(baseline_ref)
         store.update(
             job_id,
             baseline_accuracy=baseline["accuracy"],
@@ -462,11 +417,14 @@ def _finish(
     tmp = out.with_suffix(".tmp")
     shutil.copyfile(trial.checkpoint, tmp)
     tmp.replace(out)
-    again = ray.get(
-        ray.remote(reevaluate)
-        .options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
-        .remote(str(out), spec.model_dump(mode="json"))
-    )
+    if spec.resources.gpus:  # measured again where the trial measured it: on a GPU
+        again = ray.get(
+            ray.remote(reevaluate)
+            .options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
+            .remote(str(out), spec.model_dump(mode="json"))
+        )
+    else:  # a CPU job: here, without starting a Ray worker for a second's work
+        again = reevaluate(str(out), spec.model_dump(mode="json"))
     if again["size_bytes"] != best.size_bytes or abs(again["accuracy"] - best.accuracy) > 1e-9:
         raise RuntimeError(
             f"exported checkpoint does not reproduce trial {best.trial_id}: reported "
