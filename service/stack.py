@@ -24,6 +24,17 @@ class StackError(RuntimeError):
     pass
 
 
+def _die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when the stack process dies, even by
+    SIGKILL, so an MLflow server or a Ray head is never left behind (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not glibc: stop() still cleans up on a normal exit
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -77,10 +88,11 @@ def start_mlflow(home: Path, host: str = "127.0.0.1", port: int = 5000) -> Mlflo
         "--artifacts-destination", str(root / "artifacts"),
         "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true", **os.environ}  # no phoning home
     with log.open("ab") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, env=env, preexec_fn=_die_with_parent,
         )  # fmt: skip
     url = f"http://{host}:{port}"
     try:
@@ -160,7 +172,7 @@ def start_ray(home: Path, num_cpus: int | None = None, host: str = "127.0.0.1") 
     with log.open("ab") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )  # fmt: skip
     head = RayHead(proc, f"{host}:{gcs}", log)
     deadline = time.monotonic() + 120

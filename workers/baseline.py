@@ -5,6 +5,7 @@ MLflow."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,32 @@ def reevaluate(path: str, spec_json: dict[str, Any]) -> dict[str, float]:
     ckpt.decode(data)  # validates the header before anything else
     result = evaluate_bytes(data, spec, pick_device(spec.resources.gpus))
     return {"accuracy": result.accuracy, "loss": result.loss, "size_bytes": len(data)}
+
+
+_STATE, _META = "baseline.npz", "baseline.json"
+
+
+def save_baseline(job_dir: Path, baseline: dict[str, Any]) -> None:
+    """Keep the trained baseline in the job's directory (arrays in ``.npz``, the rest in
+    JSON; no pickle), written atomically, so a resumed driver never trains it again."""
+    import numpy as np
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    tmp = job_dir / f".{_STATE}.tmp"
+    with tmp.open("wb") as f:
+        np.savez(f, **baseline["state"])
+    meta = {k: v for k, v in baseline.items() if k != "state"}
+    (job_dir / f".{_META}.tmp").write_text(json.dumps(meta))
+    tmp.replace(job_dir / _STATE)
+    (job_dir / f".{_META}.tmp").replace(job_dir / _META)
+
+
+def load_saved_baseline(job_dir: Path) -> dict[str, Any] | None:
+    """The baseline :func:`save_baseline` kept, or None if there is none (complete)."""
+    import numpy as np
+
+    if not (job_dir / _STATE).exists() or not (job_dir / _META).exists():
+        return None
+    with np.load(job_dir / _STATE, allow_pickle=False) as z:
+        state = {k: z[k] for k in z.files}
+    return {**json.loads((job_dir / _META).read_text()), "state": state}
