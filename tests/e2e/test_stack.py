@@ -245,3 +245,27 @@ def test_a_driver_that_keeps_dying_fails_the_job_with_the_reason(stack: Stack) -
     assert job["status"] == "failed"
     assert job["restarts"] == 2
     assert "exited with code -9" in job["error"]
+
+
+def test_cancel_stops_a_running_search_within_seconds_and_keeps_what_finished(
+    stack: Stack,
+) -> None:
+    spec = {**SMALL, "constraints": {"max_accuracy_drop": None},
+            "search": {"trials": 40, "concurrency": 2, "seed": 5}}  # fmt: skip
+    job_id = stack.post(spec)["id"]
+    deadline = time.monotonic() + 300
+    while stack.job(job_id)["trials_completed"] < 2:
+        assert time.monotonic() < deadline, "no trial finished"
+        time.sleep(0.3)
+    asked = time.monotonic()
+    r = httpx.post(f"{stack.api}/v1/jobs/{job_id}/cancel", timeout=30)
+    assert r.status_code == 200, r.text
+    job = stack.wait(job_id, timeout=120)
+    took = time.monotonic() - asked
+    assert job["status"] == "cancelled", job
+    assert took < 30, f"cancel took {took:.1f} s"
+    assert 2 <= job["trials_completed"] < 40
+    assert job["best"] is not None  # the best of what finished was exported
+    r = httpx.get(f"{stack.api}/v1/jobs/{job_id}/checkpoint", timeout=30)
+    assert r.status_code == 200
+    assert len(r.content) == job["best"]["size_bytes"]
