@@ -21,6 +21,7 @@ from workers import tracking
 from workers.data import build_datasets
 from workers.engine import apply_policy
 from workers.models import build_model
+from workers.scheduler import milestones
 from workers.train import EvalResult, evaluate, make_loader, train_epochs
 
 CHECKPOINT_FILE = "model.sparq"
@@ -101,7 +102,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             metrics = {k: run.data.metrics[k] for k in REPORTED}
             metrics["size_bytes"] = int(metrics["size_bytes"])
             tune.report(
-                {**metrics, "mlflow_run_id": run_id, "replayed": True},
+                {**metrics, "mlflow_run_id": run_id, "replayed": True, "final": True},
                 checkpoint=tune.Checkpoint.from_directory(tmp),
             )
         return
@@ -111,24 +112,53 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     try:
         tracking.log_params(c, run_id, policy.summary())
         model = apply_policy(load_baseline(spec, ctx.baseline_state), policy)
-        train, _ = build_datasets(spec.dataset)
+        train, val = build_datasets(spec.dataset)
         ss = spec.search_space
+
+        def encode_now() -> bytes:
+            return ckpt.encode(
+                model.cpu(),
+                model_spec=spec.model,
+                dataset_spec=spec.dataset,
+                task=spec.task,
+                policy=policy,
+                meta={"job_id": ctx.job_id, "trial_id": trial_id},
+            )
+
+        es = spec.search.early_stopping
+        rungs = set(milestones(ss.finetune_epochs, es.grace_epochs, es.reduction_factor))
+        rungs = rungs if es.enabled else set()
+        # The policy fixes the checkpoint's size; fine-tuning changes values, not bytes.
+        size_now = len(encode_now()) if rungs else 0
+        val_loader = make_loader(val, EVAL_BATCH, shuffle=False)
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            tracking.log_metrics(c, run_id, {"train_loss": loss}, epoch)
+            if epoch + 1 in rungs:  # a rung of the early-stopping scheduler
+                r = evaluate(model, val_loader, device)  # eval: every block quantized
+                model.train()
+                tracking.log_metrics(c, run_id, {"rung_accuracy": r.accuracy}, epoch + 1)
+                tune.report(
+                    {
+                        "accuracy": r.accuracy,
+                        "loss": r.loss,
+                        "size_bytes": size_now,
+                        "epoch": epoch + 1,
+                        "final": False,
+                        "mlflow_run_id": run_id,
+                        "duration_s": time.perf_counter() - started,
+                    }
+                )
+
         train_epochs(
             model,
             make_loader(train, spec.baseline.batch_size, shuffle=True, seed=number),
             epochs=ss.finetune_epochs,
             lr=ss.finetune_lr,
             device=device,
-            on_epoch=lambda e, loss: tracking.log_metrics(c, run_id, {"train_loss": loss}, e),
+            on_epoch=on_epoch,
         )
-        data = ckpt.encode(
-            model.cpu(),
-            model_spec=spec.model,
-            dataset_spec=spec.dataset,
-            task=spec.task,
-            policy=policy,
-            meta={"job_id": ctx.job_id, "trial_id": trial_id},
-        )
+        data = encode_now()
         result = evaluate_bytes(data, spec, device)
         metrics = {
             "accuracy": result.accuracy,
@@ -142,10 +172,15 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             c.log_artifact(run_id, str(Path(tmp) / CHECKPOINT_FILE))
             c.set_terminated(run_id, "FINISHED")
             tune.report(
-                {**metrics, "mlflow_run_id": run_id},
+                {**metrics, "mlflow_run_id": run_id, "final": True},
                 checkpoint=tune.Checkpoint.from_directory(tmp),
             )
     except BaseException as e:
-        tracking.set_tags(c, run_id, {"sparq.error": f"{type(e).__name__}: {e}"[:5000]})
-        c.set_terminated(run_id, "FAILED")
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            # Tune ends a trial it stopped (early stopping, cancel) with sys.exit(0)
+            # in the trial's next report: not a failure.
+            c.set_terminated(run_id, "KILLED")
+        else:
+            tracking.set_tags(c, run_id, {"sparq.error": f"{type(e).__name__}: {e}"[:5000]})
+            c.set_terminated(run_id, "FAILED")
         raise
