@@ -111,6 +111,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     started = time.perf_counter()
     try:
         tracking.log_params(c, run_id, policy.summary())
+        c.log_dict(run_id, policy.model_dump(mode="json"), "policy.json")  # the full policy
         model = apply_policy(load_baseline(spec, ctx.baseline_state), policy)
         train, val = build_datasets(spec.dataset)
         ss = spec.search_space
