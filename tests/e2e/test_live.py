@@ -234,6 +234,25 @@ def test_optuna_study_is_stored_for_optuna_dashboard(live_job: LiveJob) -> None:
         (t["accuracy"], float(t["size_bytes"])) for t in trials if t["status"] == "completed"
     )
 
+    # and optuna-dashboard (a dev dependency) serves it straight from the journal file
+    exe = Path(sys.executable).parent / "optuna-dashboard"
+    if not exe.exists():
+        pytest.skip("optuna-dashboard is not installed in this environment")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(exe), str(path), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/studies", timeout=90, proc=proc)
+        studies = httpx.get(f"http://127.0.0.1:{port}/api/studies", timeout=30).json()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    (summary,) = studies["study_summaries"]
+    assert summary["study_name"] == f"sparq-{job['id']}"
+    assert summary["directions"] == ["maximize", "minimize"]
+
 
 def test_cli_status_watch_and_pareto(live_job: LiveJob) -> None:
     job, url = live_job.job, live_job.stack.api
