@@ -117,6 +117,7 @@ class LiveViews:
         self._pending: Snapshot | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
+        self.submitted = 0  # snapshots handed over
         self.published = 0  # renders uploaded
         self.busy_s = 0.0  # seconds spent rendering and uploading (on the thread)
 
@@ -126,6 +127,7 @@ class LiveViews:
             if self._closed:
                 raise RuntimeError("LiveViews.submit after close()")
             self._pending = snap
+            self.submitted += 1
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="sparq-live-views", daemon=True
@@ -140,6 +142,13 @@ class LiveViews:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        log.info(
+            "live views: %d snapshots, %d published, %.1f s rendering and uploading off the "
+            "Tune loop",
+            self.submitted,
+            self.published,
+            self.busy_s,
+        )
 
     def _run(self) -> None:
         last = -float("inf")
