@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -332,7 +333,9 @@ def _label_study(storage: Any, study_name: str, spec: JobSpec, job_id: str) -> N
     import optuna
 
     study = optuna.load_study(study_name=study_name, storage=storage)
-    study.set_metric_names(list(spec.objectives))
+    with warnings.catch_warnings():  # set_metric_names is "experimental" since Optuna 3.2
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(spec.objectives))
     study.set_user_attr("sparq_job_id", job_id)
     study.set_user_attr("sparq_job_name", spec.name)
 
