@@ -14,6 +14,7 @@ from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
@@ -101,7 +102,7 @@ def job_view(job: dict[str, Any], pareto: dict[str, Any] | None) -> RenderableTy
     if job["trials_failed"]:
         desc += f" ({job['trials_failed']} failed)"
     progress.add_task(
-        desc,
+        escape(desc),  # "[running]" is not a style
         total=job["trials_total"],
         completed=job["trials_completed"] + job["trials_failed"],
         elapsed=_elapsed(job),

@@ -73,6 +73,7 @@ def test_the_rule_pick_is_marked_while_running_and_the_export_after() -> None:
 def test_job_view_shows_progress_front_and_errors() -> None:
     text = _text(job_view(_job(), _pareto()))
     assert "4/10" in text  # completed + failed of total
+    assert "[running]" in text
     assert "(1 failed)" in text
     assert "hv 0.8123" in text
     assert "0:01:05" in text
