@@ -313,7 +313,6 @@ def render_hypervolume_png(data: HypervolumePlot, path: str | Path, dpi: int = 1
         ax.plot(data.steps, data.values, "o", color=FRONT_COLOR, markersize=3)
         ax.set_xlabel("finished trials")
         ax.set_ylabel("hypervolume")
-        ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.set_title(data.title or "hypervolume vs trials", fontsize=11)
         fig.tight_layout()
