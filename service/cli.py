@@ -28,7 +28,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(soft_wrap=True)
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="SPARQ_URL", help="sparq service URL")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SPARQ_TOKEN", help="bearer token")]
