@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -70,10 +69,6 @@ def _start_ray(settings: Settings) -> tuple[Settings, RayHead | None]:
     return get_settings().prepare(), head
 
 
-def _exit_on_signal(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 @app.command()
 def up(
     host: Annotated[str, typer.Option(help="address the REST service listens on")] = "127.0.0.1",
@@ -104,9 +99,6 @@ def up(
             f"MLflow UI   {mlflow.url}\nAPI docs    http://{host}:{port}/docs\n"
             f"Ray         {settings.ray_address}\nSPARQ_HOME  {settings.home}"
         )
-        # uvicorn re-raises a captured SIGTERM once it has shut down; without a Python
-        # handler that kills the process before `finally` stops MLflow and the Ray head
-        signal.signal(signal.SIGTERM, _exit_on_signal)
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     except StackError as e:
         raise _fail(str(e)) from e
