@@ -292,16 +292,26 @@ def test_mlflow_ui_shows_the_front_in_headless_chromium(live_job: LiveJob, tmp_p
             pytest.fail("SPARQ_REQUIRE_BROWSER is set but no chromium is installed")
         pytest.skip("no chromium on PATH (apt-get install chromium); .ci/run installs it")
     job = live_job.job
-    url = (
+    run_page = (
         f"{live_job.stack.mlflow}/#/experiments/{job['mlflow']['experiment_id']}"
-        f"/runs/{live_job.run_id}/artifacts/pareto/front.png"
+        f"/runs/{live_job.run_id}/artifacts"
     )
     common = [
         browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
         "--hide-scrollbars", "--window-size=1400,1000", "--virtual-time-budget=20000",
         f"--user-data-dir={tmp_path / 'profile'}",
     ]  # fmt: skip
+
+    def front_pixels(shot: Path) -> int:
+        with Image.open(shot) as im:
+            return sum(
+                1
+                for px in im.convert("RGB").getdata()  # type: ignore[attr-defined]
+                if all(abs(a - b) <= 12 for a, b in zip(px, FRONT_RGB, strict=True))
+            )
+
     shot = tmp_path / "mlflow-front.png"
+    url = f"{run_page}/pareto/front.png"
     subprocess.run(
         [*common, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True
     )
@@ -309,14 +319,15 @@ def test_mlflow_ui_shows_the_front_in_headless_chromium(live_job: LiveJob, tmp_p
         [*common, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
     ).stdout
     assert 'alt="pareto/front.png"' in dom  # the artifact viewer shows the front image
-    with Image.open(shot) as im:
-        rgb = im.convert("RGB")
-        orange = sum(
-            1
-            for px in rgb.getdata()  # type: ignore[attr-defined]
-            if all(abs(a - b) <= 12 for a, b in zip(px, FRONT_RGB, strict=True))
-        )
-    assert orange > 300, f"only {orange} front-coloured pixels in the screenshot {shot}"
+    # the same page on another artifact: the front's orange comes from the plot only
+    other = tmp_path / "mlflow-other.png"
+    subprocess.run(
+        [*common, f"--screenshot={other}", f"{run_page}/search_space.json"],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    shown, control = front_pixels(shot), front_pixels(other)
+    assert control < 20, f"{control} front-coloured pixels without the plot ({other})"
+    assert shown > 100, f"only {shown} front-coloured pixels in the screenshot {shot}"
     keep = os.environ.get("SPARQ_SCREENSHOT_DIR")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
