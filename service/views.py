@@ -101,10 +101,12 @@ def job_view(job: dict[str, Any], pareto: dict[str, Any] | None) -> RenderableTy
         desc += f" hv {job['hypervolume']:.4f}"
     if job["trials_failed"]:
         desc += f" ({job['trials_failed']} failed)"
+    if job.get("trials_stopped"):
+        desc += f" ({job['trials_stopped']} stopped early)"
     progress.add_task(
         escape(desc),  # "[running]" is not a style
         total=job["trials_total"],
-        completed=job["trials_completed"] + job["trials_failed"],
+        completed=job["trials_completed"] + job["trials_failed"] + job.get("trials_stopped", 0),
         elapsed=_elapsed(job),
     )
     parts: list[RenderableType] = [progress]

@@ -33,7 +33,7 @@ MIN_INTERVAL_S = 10.0
 class Snapshot(NamedTuple):
     """What one render of the views needs; plain values only."""
 
-    finished: list[PlotPoint | None]  # finishing order; None is a failed trial
+    finished: list[PlotPoint | None]  # finishing order; None: a failed or stopped trial
     baseline_accuracy: float
     baseline_size_bytes: int
     chosen_trial_id: str | None
@@ -51,7 +51,10 @@ def snapshot(
 ) -> Snapshot:
     """The views' input from the job store. While the search runs, the chosen point is
     the one the export rule would pick now (the job's rule and constraints)."""
-    ended = [t for t in trials if t.status in (st.TRIAL_COMPLETED, st.TRIAL_FAILED)]
+    # failed and early-stopped trials count as steps; only completed ones are points
+    ended = [
+        t for t in trials if t.status in (st.TRIAL_COMPLETED, st.TRIAL_FAILED, st.TRIAL_STOPPED)
+    ]
     ended.sort(key=lambda t: (t.finished_at is None, t.finished_at, t.number))
     finished: list[PlotPoint | None] = [
         PlotPoint(t.trial_id, t.accuracy or 0.0, t.size_bytes or 0, t.policy or {})

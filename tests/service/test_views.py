@@ -16,6 +16,7 @@ def _job(**kw: Any) -> dict[str, Any]:
         "trials_total": 10,
         "trials_completed": 3,
         "trials_failed": 1,
+        "trials_stopped": 2,
         "front_size": 2,
         "hypervolume": 0.8123,
         "started_at": "2026-01-01T00:00:00",
@@ -72,13 +73,14 @@ def test_the_rule_pick_is_marked_while_running_and_the_export_after() -> None:
 
 def test_job_view_shows_progress_front_and_errors() -> None:
     text = _text(job_view(_job(), _pareto()))
-    assert "4/10" in text  # completed + failed of total
+    assert "6/10" in text  # completed + failed + stopped of total
     assert "[running]" in text
     assert "(1 failed)" in text
+    assert "(2 stopped early)" in text
     assert "hv 0.8123" in text
     assert "0:01:05" in text
     assert "Pareto front (2 points, hypervolume 0.8123)" in text
-    waiting = _text(job_view(_job(trials_completed=0, trials_failed=0), None))
+    waiting = _text(job_view(_job(trials_completed=0, trials_failed=0, trials_stopped=0), None))
     assert "waiting for the first trial" in waiting
     failed = _text(job_view(_job(status="failed", error="boom"), None))
     assert "error: boom" in failed
