@@ -3,6 +3,8 @@ resolution of a dataset spec to ``(train, val)`` torch datasets."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -33,7 +35,13 @@ def digits(val_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
     )
 
 
-BUILTINS = {"digits": digits}
+def _python_text(**kwargs: Any) -> tuple[Dataset, Dataset]:
+    from workers.lm import python_text_dataset
+
+    return python_text_dataset(**kwargs)
+
+
+BUILTINS = {"digits": digits, "python-text": _python_text}
 
 
 def build_datasets(spec: DatasetSpec) -> tuple[Dataset, Dataset]:
