@@ -93,6 +93,13 @@ class Range(_Strict):
         return self
 
 
+SparsityKind = Literal["unstructured", "2:4", "1:4", "channel"]
+
+
+def _default_kinds() -> list[SparsityKind]:
+    return ["unstructured"]
+
+
 class SearchSpaceSpec(_Strict):
     """Knobs of the joint search; each layer gets its own bits and sparsity."""
 
@@ -103,8 +110,8 @@ class SearchSpaceSpec(_Strict):
     method: Literal["quant_noise"] = "quant_noise"
     finetune_epochs: int = Field(default=6, ge=0, le=10_000)
     finetune_lr: float = Field(default=1e-3, gt=0, le=10)
-    sparsity_kinds: list[Literal["unstructured", "2:4", "1:4", "channel"]] = Field(
-        default_factory=lambda: ["unstructured"],
+    sparsity_kinds: list[SparsityKind] = Field(
+        default_factory=_default_kinds,
         description="sparsity kinds the search may pick per layer (in-layer: unstructured, "
         "2:4, 1:4) and per group of coupled layers (channel: structured pruning)",
     )

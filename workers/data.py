@@ -3,6 +3,7 @@ resolution of a dataset spec to ``(train, val)`` torch datasets."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,10 @@ def _python_text(**kwargs: Any) -> tuple[Dataset, Dataset]:
     return python_text_dataset(**kwargs)
 
 
-BUILTINS = {"digits": digits, "python-text": _python_text}
+BUILTINS: dict[str, Callable[..., tuple[Dataset, Dataset]]] = {
+    "digits": digits,
+    "python-text": _python_text,
+}
 
 
 def build_datasets(spec: DatasetSpec) -> tuple[Dataset, Dataset]:
@@ -56,3 +60,11 @@ def build_datasets(spec: DatasetSpec) -> tuple[Dataset, Dataset]:
             f"dataset {spec.label!r} must return (train, val), got {type(out).__name__}"
         )
     return out[0], out[1]
+
+
+def example_input(ds: Dataset) -> torch.Tensor:
+    """A batch of one from a dataset: what the dependency graph is traced with."""
+    x = ds[0][0]
+    if not isinstance(x, torch.Tensor):
+        raise SpecError(f"dataset items must be (tensor, target), got {type(x).__name__}")
+    return x.unsqueeze(0)

@@ -31,6 +31,7 @@ from workers.trial import CHECKPOINT_FILE, TrialContext, run_trial, trial_name, 
 
 log = logging.getLogger("sparq.driver")
 BEST_FILE = "best.sparq"
+BEST_ONNX_FILE = "best.onnx"
 
 
 def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
@@ -38,9 +39,10 @@ def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from workers import checkpoint as ckpt
-    from workers.data import build_datasets
+    from workers.data import build_datasets, example_input
     from workers.engine import compressible_layers
     from workers.models import build_model
+    from workers.pruning import analyze
     from workers.train import evaluate, make_loader, train_epochs
     from workers.trial import pick_device, set_threads
 
@@ -60,14 +62,27 @@ def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
     model.cpu()
     data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
     result = evaluate(ckpt.decode(data).model, make_loader(val, 512, shuffle=False), device)
+    report = analyze(model, example_input(train))  # prunable groups; layers left dense, why
     return {
         "state": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
         "accuracy": result.accuracy,
+        "quality": _quality(spec.task, result.accuracy, result.loss),
+        "pruning_report": report.as_dict(),
         "loss": result.loss,
         "train_loss": losses[-1],
         "size_bytes": len(data),
         "layers": [info.model_dump() for info in compressible_layers(model)],
     }
+
+
+def _quality(task: str, accuracy: float | None, loss: float | None) -> float:
+    """The front's quality axis (maximized): accuracy, or 1/perplexity for language
+    modelling (so the front and the export follow the perplexity objective)."""
+    if task == "language_modeling":
+        import math
+
+        return math.exp(-min(float(loss or 0.0), 700.0)) if loss is not None else 0.0
+    return float(accuracy or 0.0)
 
 
 def reevaluate(path: str, spec_json: dict[str, Any]) -> dict[str, float]:
@@ -80,7 +95,30 @@ def reevaluate(path: str, spec_json: dict[str, Any]) -> dict[str, float]:
     data = Path(path).read_bytes()
     ckpt.decode(data)  # validates the header before anything else
     result = evaluate_bytes(data, spec, pick_device(spec.resources.gpus))
-    return {"accuracy": result.accuracy, "loss": result.loss, "size_bytes": len(data)}
+    out = {"accuracy": result.accuracy, "loss": result.loss, "size_bytes": len(data)}
+    out.update({f"info_{k}": float(v) for k, v in ckpt.size_report(data).items()})
+    return out
+
+
+def export_onnx(path: str, out: str, spec_json: dict[str, Any]) -> dict[str, float]:
+    """Ray task: the exported checkpoint as an int8 QDQ ONNX model, checked against torch
+    in onnxruntime on validation inputs."""
+    from workers import checkpoint as ckpt
+    from workers.data import build_datasets
+    from workers.onnx_export import export_qdq
+
+    spec = JobSpec.model_validate(spec_json)
+    _, val = build_datasets(spec.dataset)
+    xs = [val[i][0] for i in range(min(64, len(val)))]  # type: ignore[arg-type]
+    import torch
+
+    report = export_qdq(ckpt.load_checkpoint(path), out, torch.stack(xs))
+    return {
+        "rel_diff": report.rel_diff,
+        "rel_diff_optimized": report.rel_diff_optimized,
+        "top1_agreement": report.top1_agreement,
+        "bytes": float(report.size_bytes),
+    }
 
 
 def make_sampler(spec: JobSpec) -> Any:
@@ -156,7 +194,9 @@ class JobProgress(_Lazy, tune.Callback):
         baseline_accuracy: float,
         tracking_uri: str,
         parent_run_id: str,
+        task: str = "classification",
     ) -> None:
+        self.task = task
         self.db_url, self.job_id, self.space = db_url, job_id, space
         self.baseline_size_bytes, self.baseline_accuracy = baseline_size_bytes, baseline_accuracy
         self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
@@ -224,7 +264,10 @@ class JobProgress(_Lazy, tune.Callback):
     def _refresh(self) -> None:
         trials = self.store.trials(self.job_id)
         done = [t for t in trials if t.status == st.TRIAL_COMPLETED]
-        points = [FrontPoint(t.trial_id, t.accuracy or 0.0, t.size_bytes or 0) for t in done]
+        points = [
+            FrontPoint(t.trial_id, _quality(self.task, t.accuracy, t.loss), t.size_bytes or 0)
+            for t in done
+        ]
         front = sparq_front(points, self.baseline_size_bytes)
         self.store.update(
             self.job_id,
@@ -257,7 +300,9 @@ class JobProgress(_Lazy, tune.Callback):
             {"baseline": baseline, "hypervolume": hv, "front": rows},
             "pareto/front.json",
         )
-        ranks = non_dominated_ranks([(t.size_bytes or 0, -(t.accuracy or 0.0)) for t in done])
+        ranks = non_dominated_ranks(
+            [(t.size_bytes or 0, -_quality(self.task, t.accuracy, t.loss)) for t in done]
+        )
         members = {p.trial_id for p in front}
         for t, rank in zip(done, ranks, strict=True):
             state = (t.trial_id in members, rank)
@@ -349,8 +394,13 @@ def run_search(store: st.JobStore, settings: Settings, job_id: str) -> None:
             c, parent_id, {f"baseline_{k}": baseline[k] for k in ("accuracy", "loss", "size_bytes")}
         )
         ss = spec.search_space
+        c.log_dict(parent_id, baseline["pruning_report"], "pruning_report.json")
         space = KnobSpace.model_validate(
             {
+                "sparsity_kinds": ss.sparsity_kinds,
+                "groups": baseline["pruning_report"]["groups"],
+                "channel_low": ss.channel_sparsity.low,
+                "channel_high": ss.channel_sparsity.high,
                 "layers": baseline["layers"],
                 "weight_bits": ss.weight_bits,
                 "sparsity_low": ss.sparsity.low,
@@ -379,6 +429,7 @@ def run_search(store: st.JobStore, settings: Settings, job_id: str) -> None:
             baseline_accuracy=baseline["accuracy"],
             tracking_uri=settings.mlflow_tracking_uri,
             parent_run_id=parent_id,
+            task=spec.task,
         )
         searcher = OptunaSearch(
             space=to_optuna(space),
@@ -434,10 +485,13 @@ def _finish(
 
     cancelled = store.get(job_id).cancel_requested
     done = [t for t in store.trials(job_id) if t.status == st.TRIAL_COMPLETED]
-    points = [FrontPoint(t.trial_id, t.accuracy or 0.0, t.size_bytes or 0) for t in done]
+    points = [
+        FrontPoint(t.trial_id, _quality(spec.task, t.accuracy, t.loss), t.size_bytes or 0)
+        for t in done
+    ]
     best = choose(
         points,
-        baseline_accuracy=baseline["accuracy"],
+        baseline_accuracy=baseline["quality"],
         baseline_size_bytes=baseline["size_bytes"],
         rule=spec.export.choose,
         max_accuracy_drop=spec.constraints.max_accuracy_drop,
@@ -467,7 +521,8 @@ def _finish(
         .options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
         .remote(str(out), spec.model_dump(mode="json"))
     )
-    if again["size_bytes"] != best.size_bytes or abs(again["accuracy"] - best.accuracy) > 1e-9:
+    again_quality = _quality(spec.task, again["accuracy"], again["loss"])
+    if again["size_bytes"] != best.size_bytes or abs(again_quality - best.accuracy) > 1e-9:
         raise RuntimeError(
             f"exported checkpoint does not reproduce trial {best.trial_id}: reported "
             f"(accuracy={best.accuracy}, size_bytes={best.size_bytes}), reloaded {again}"
@@ -479,8 +534,18 @@ def _finish(
             "best_accuracy": again["accuracy"],
             "best_size_bytes": again["size_bytes"],
             "best_compression": baseline["size_bytes"] / again["size_bytes"],
+            "best_info_bound_bytes": again["info_bound_bytes"],
+            "best_bytes_over_bound": again["info_ratio"],
         },
     )
+    if "onnx" in spec.export.formats:
+        onnx_out = ray.get(
+            ray.remote(export_onnx)
+            .options(num_cpus=spec.resources.cpus)
+            .remote(str(out), str(job_dir / BEST_ONNX_FILE), spec.model_dump(mode="json"))
+        )
+        tracking.log_metrics(c, parent_id, {f"onnx_{k}": v for k, v in onnx_out.items()})
+        c.log_artifact(parent_id, str(job_dir / BEST_ONNX_FILE))
     tracking.set_tags(c, parent_id, {"sparq.best_trial_id": best.trial_id})
     c.log_artifact(parent_id, str(out))
     store.update(

@@ -34,6 +34,7 @@ surviving channel stays in its head.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,9 +166,9 @@ def analyze(model: nn.Module, example: torch.Tensor) -> PruningReport:
         n_out = _channels(module)
         group = dg.get_pruning_group(module, pruner, idxs=list(range(n_out)))
         members = _covered(group, model)
-        reason = _trial_prune(model, example, name, n_out, _heads(group, n_out), want)
-        if reason:
-            dense[name] = reason
+        why = _trial_prune(model, example, name, n_out, _heads(group, n_out), want)
+        if why:
+            dense[name] = why
             continue
         covered.update(members)
         heads = _heads(group, n_out)
@@ -213,14 +214,24 @@ def _trial_prune(
     return None
 
 
+def _step(channels: int, heads: int) -> int:
+    """Channels are removed in multiples of this: the head count (heads keep equal
+    widths) and 4 when the width is a multiple of 4, so layers fed by the group keep a
+    reduction dimension N:M groups (M = 4) still tile."""
+    both = math.lcm(heads, 4)
+    return both if channels % both == 0 else heads
+
+
 def _select(scores: torch.Tensor, fraction: float, heads: int) -> list[int]:
-    """Exactly ``round(fraction * channels)`` lowest-importance channels (a multiple of
-    ``heads``, the same count in each head); at least one channel per head survives."""
+    """The ``round(fraction * channels)`` lowest-importance channels, rounded down to a
+    multiple of :func:`_step` (the same count in each head); at least one step of
+    channels survives."""
     n = scores.numel()
-    width = n // heads
-    k_head = min(width - 1, round(fraction * n) // heads)
-    if k_head <= 0:
+    step = _step(n, heads)
+    k = min(n - step, (round(fraction * n) // step) * step)
+    if k <= 0:
         return []
+    width, k_head = n // heads, k // heads
     idxs: list[int] = []
     for h in range(heads):
         part = scores[h * width : (h + 1) * width]

@@ -18,7 +18,7 @@ from search_spaces import KnobSpace, policy_from_params
 from service.spec import JobSpec
 from workers import checkpoint as ckpt
 from workers import tracking
-from workers.data import build_datasets
+from workers.data import build_datasets, example_input
 from workers.engine import apply_policy
 from workers.models import build_model
 from workers.train import EvalResult, evaluate, make_loader, train_epochs
@@ -103,8 +103,15 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     started = time.perf_counter()
     try:
         tracking.log_params(c, run_id, policy.summary())
-        model = apply_policy(load_baseline(spec, ctx.baseline_state), policy)
         train, _ = build_datasets(spec.dataset)
+        example = example_input(train)
+        model = load_baseline(spec, ctx.baseline_state)
+        pruning = []
+        if policy.channels:  # structured first: quantizers are attached to the survivors
+            from workers.pruning import prune_channels
+
+            pruning = prune_channels(model, policy.channels, example)
+        model = apply_policy(model, policy)
         ss = spec.search_space
         train_epochs(
             model,
@@ -121,12 +128,19 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             task=spec.task,
             policy=policy,
             meta={"job_id": ctx.job_id, "trial_id": trial_id},
+            pruning=pruning,
+            example=example,
         )
         result = evaluate_bytes(data, spec, device)
+        bound = ckpt.size_report(data)
         metrics = {
             "accuracy": result.accuracy,
             "loss": result.loss,
+            "perplexity": result.perplexity,
             "size_bytes": len(data),
+            "info_bound_bytes": bound["bound_bytes"],
+            "bytes_over_bound": bound["ratio"],
+            "params": sum(p.numel() for p in model.parameters()),
             "duration_s": time.perf_counter() - started,
         }
         tracking.log_metrics(c, run_id, metrics)
