@@ -80,7 +80,8 @@ def _graph(model: nn.Module, example: torch.Tensor) -> Any:
     was_training = model.training
     model.eval()
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        with torch.enable_grad():  # the graph is traced through autograd
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example)
     finally:
         model.train(was_training)
 
@@ -214,20 +215,21 @@ def _trial_prune(
     return None
 
 
-def _step(channels: int, heads: int) -> int:
+def _step(channels: int, heads: int, multiple_of: int) -> int:
     """Channels are removed in multiples of this: the head count (heads keep equal
-    widths) and 4 when the width is a multiple of 4, so layers fed by the group keep a
-    reduction dimension N:M groups (M = 4) still tile."""
-    both = math.lcm(heads, 4)
+    widths) and ``multiple_of`` (4 by default) when the width is a multiple of it, so
+    layers fed by the group keep a reduction dimension that N:M groups (M = 4) and
+    Quant-Noise blocks still tile."""
+    both = math.lcm(heads, multiple_of)
     return both if channels % both == 0 else heads
 
 
-def _select(scores: torch.Tensor, fraction: float, heads: int) -> list[int]:
+def _select(scores: torch.Tensor, fraction: float, heads: int, multiple_of: int = 4) -> list[int]:
     """The ``round(fraction * channels)`` lowest-importance channels, rounded down to a
     multiple of :func:`_step` (the same count in each head); at least one step of
     channels survives."""
     n = scores.numel()
-    step = _step(n, heads)
+    step = _step(n, heads, multiple_of)
     k = min(n - step, (round(fraction * n) // step) * step)
     if k <= 0:
         return []
@@ -241,20 +243,25 @@ def _select(scores: torch.Tensor, fraction: float, heads: int) -> list[int]:
 
 
 def prune_channels(
-    model: nn.Module, fractions: dict[str, float], example: torch.Tensor
+    model: nn.Module,
+    fractions: dict[str, float],
+    example: torch.Tensor,
+    *,
+    multiple_of: int = 4,
+    report: PruningReport | None = None,
 ) -> list[dict[str, Any]]:
     """Remove ``fractions[group]`` of each named group's channels, in place.
 
     Returns the pruning record (replayable with :func:`replay`). Groups are looked up
-    by name in :func:`analyze`'s report; a name that is not a prunable group is an
-    error naming the groups that are.
+    by name in :func:`analyze`'s report (pass ``report`` to reuse one); a name that is
+    not a prunable group is an error naming the groups that are.
     """
     import torch_pruning as tp
 
     wanted = {g: f for g, f in fractions.items() if f > 0}
     if not wanted:
         return []
-    report = analyze(model, example)
+    report = report or analyze(model, example)
     by_name = {g.name: g for g in report.groups}
     unknown = sorted(set(wanted) - set(by_name))
     if unknown:
@@ -272,7 +279,7 @@ def prune_channels(
         n_out = _channels(module)
         group = dg.get_pruning_group(module, _out_pruner(dg, module), idxs=list(range(n_out)))
         scores = importance(group)
-        idxs = _select(scores.detach().float().cpu(), wanted[name], info.heads)
+        idxs = _select(scores.detach().float().cpu(), wanted[name], info.heads, multiple_of)
         if not idxs:
             continue
         group = dg.get_pruning_group(module, _out_pruner(dg, module), idxs=idxs)

@@ -5,6 +5,7 @@ its exact size in bytes."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -110,7 +111,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         if policy.channels:  # structured first: quantizers are attached to the survivors
             from workers.pruning import prune_channels
 
-            pruning = prune_channels(model, policy.channels, example)
+            multiple = math.lcm(4, policy.noise_block)  # N:M groups and noise blocks tile
+            pruning = prune_channels(model, policy.channels, example, multiple_of=multiple)
         model = apply_policy(model, policy)
         ss = spec.search_space
         train_epochs(
