@@ -9,6 +9,7 @@ default.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, ClassVar, Literal
 
@@ -170,6 +171,15 @@ OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {
     "size_bytes": "min",
 }
 TASK_QUALITY = {"classification": "accuracy", "language_modeling": "perplexity"}
+
+
+def front_quality(task: str, accuracy: float | None, loss: float | None) -> float:
+    """The Pareto front's quality axis (maximized): accuracy for classification,
+    ``1 / perplexity = exp(-loss)`` for language modelling, so the front and the export
+    follow the task's objective."""
+    if task == "language_modeling":
+        return math.exp(-min(float(loss), 700.0)) if loss is not None else 0.0
+    return float(accuracy or 0.0)
 
 
 def _default_objectives() -> list[Objective]:

@@ -25,7 +25,7 @@ from dashboards import FrontPoint, choose, non_dominated_ranks, sparq_front
 from search_spaces import KnobSpace, policy_from_params, to_optuna
 from service import store as st
 from service.settings import Settings, get_settings
-from service.spec import OBJECTIVE_MODES, JobSpec
+from service.spec import OBJECTIVE_MODES, JobSpec, front_quality
 from workers import tracking
 from workers.trial import CHECKPOINT_FILE, TrialContext, run_trial, trial_name, trial_number
 
@@ -76,13 +76,7 @@ def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
 
 
 def _quality(task: str, accuracy: float | None, loss: float | None) -> float:
-    """The front's quality axis (maximized): accuracy, or 1/perplexity for language
-    modelling (so the front and the export follow the perplexity objective)."""
-    if task == "language_modeling":
-        import math
-
-        return math.exp(-min(float(loss or 0.0), 700.0)) if loss is not None else 0.0
-    return float(accuracy or 0.0)
+    return front_quality(task, accuracy, loss)
 
 
 def reevaluate(path: str, spec_json: dict[str, Any]) -> dict[str, float]:
@@ -348,7 +342,9 @@ def _init_ray(settings: Settings, spec: JobSpec) -> None:
     if settings.ray_address:
         ray.init(address=settings.ray_address, **kwargs)
     else:
-        ray.init(num_cpus=settings.ray_num_cpus or os.cpu_count() or 1, **kwargs)
+        # "local": always a fresh instance; with no address Ray would join whatever
+        # cluster a `ray start` on this machine last recorded in /tmp/ray
+        ray.init(address="local", num_cpus=settings.ray_num_cpus or os.cpu_count() or 1, **kwargs)
     res = ray.cluster_resources()
     need = {"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}
     for key, field in (("CPU", "resources.cpus"), ("GPU", "resources.gpus")):
