@@ -40,6 +40,7 @@ class GroupInfo(BaseModel):
     name: str  # the group's first layer in module order
     channels: int = Field(ge=1)
     layers: list[str]
+    heads: int = Field(default=1, ge=1, description="> 1: an attention embedding dimension")
 
 
 class KnobSpace(BaseModel):

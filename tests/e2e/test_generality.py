@@ -30,7 +30,7 @@ def _job(model: dict[str, Any], **over: Any) -> dict[str, Any]:
         "name": "generality",
         "model": model,
         "dataset": {"builtin": "digits"},
-        "baseline": {"epochs": 4},
+        "baseline": {"epochs": 4, "lr": 0.005},
         "search_space": {
             "weight_bits": [4, 8],
             "sparsity": {"low": 0.2, "high": 0.6},

@@ -117,3 +117,48 @@ def test_untraceable_network_is_reported_dense_not_a_crash() -> None:
     report = analyze(Odd(), torch.rand(1, 1, 8, 8))
     assert report.groups == []
     assert "a" in report.dense
+
+
+def test_the_report_feeds_the_knob_space() -> None:
+    """The driver passes the report's groups to the search space as they are."""
+    from search_spaces import KnobSpace, to_optuna
+    from workers.engine import compressible_layers
+
+    model, x = _build("tests.nets:tiny_transformer")
+    report = analyze(model, x).as_dict()
+    space = KnobSpace.model_validate(
+        {
+            "layers": [i.model_dump() for i in compressible_layers(model)],
+            "weight_bits": [4, 8],
+            "sparsity_low": 0.0,
+            "sparsity_high": 0.5,
+            "noise_rate_low": 0.5,
+            "noise_rate_high": 1.0,
+            "noise_block": 4,
+            "sparsity_kinds": ["unstructured", "channel"],
+            "groups": report["groups"],
+            "channel_low": 0.1,
+            "channel_high": 0.5,
+        }
+    )
+    assert {g.heads for g in space.groups} == {1, 4}
+    assert "group:ff2.channels" in to_optuna(space)
+
+
+def test_quantizers_follow_the_surviving_channels() -> None:
+    """Pruning first, quantizers after: masks and per-channel scales have the pruned
+    shapes (no sliced or stale quantizer state)."""
+    from search_spaces import LayerPolicy, Policy
+    from workers.engine import apply_policy, compressed_layers, compressible_layers
+
+    model, x = _build("tests.nets:se_cnn")
+    prune_channels(model, {"conv1": 0.5, "conv2": 0.5}, x)
+    layers = {i.name: LayerPolicy(bits=4, sparsity=0.3) for i in compressible_layers(model)}
+    apply_policy(model, Policy(layers=layers)).eval()
+    for name, layer in compressed_layers(model).items():
+        module = model.get_submodule(name)
+        original = module.parametrizations.weight.original
+        assert module.parametrizations.weight[0].mask.shape == original.shape
+        assert layer.scale is not None
+        assert layer.scale.shape == (original.shape[0],)
+    assert model.conv1.parametrizations.weight.original.shape[0] == 8
