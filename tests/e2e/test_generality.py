@@ -49,7 +49,7 @@ def _job(model: dict[str, Any], **over: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def gstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`sparq up` with PYTHONPATH set so `tests.nets` is importable on the workers, as a
-    user's package would be. Jobs run one at a time, each driver on its own local Ray."""
+    user's package would be. Jobs run one at a time on the stack's Ray head."""
     home = tmp_path_factory.mktemp("sparq-gen")
     port, mlflow_port = free_port(), free_port()
     env = {**os.environ, "SPARQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}
@@ -69,7 +69,7 @@ def gstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(60)
+            proc.wait(120)  # stops drivers, the Ray head and MLflow in turn
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
