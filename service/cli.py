@@ -252,11 +252,12 @@ def evaluate_checkpoint(path: Path) -> dict[str, Any]:
     """Reload a checkpoint with one call and re-measure it on its own dataset."""
     import torch
 
-    from workers.checkpoint import load_checkpoint
+    from workers.checkpoint import load_checkpoint, size_report
     from workers.data import build_datasets
     from workers.train import evaluate, make_loader
 
     ck = load_checkpoint(path)
+    bound = size_report(path.read_bytes())
     if ck.dataset_spec is None:
         raise ValueError(f"{path} names no dataset to evaluate on")
     _, val = build_datasets(ck.dataset_spec)
@@ -264,7 +265,10 @@ def evaluate_checkpoint(path: Path) -> dict[str, Any]:
     return {
         "accuracy": result.accuracy,
         "loss": result.loss,
+        "perplexity": result.perplexity,
         "size_bytes": path.stat().st_size,
+        "info_bound_bytes": bound["bound_bytes"],
+        "bytes_over_bound": bound["ratio"],
         "parameters": sum(p.numel() for p in ck.model.parameters()),
     }
 

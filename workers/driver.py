@@ -26,7 +26,7 @@ from dashboards import FrontPoint, choose, non_dominated_ranks, sparq_front
 from search_spaces import KnobSpace, policy_from_params, to_optuna
 from service import store as st
 from service.settings import Settings, get_settings
-from service.spec import OBJECTIVE_MODES, JobSpec
+from service.spec import OBJECTIVE_MODES, JobSpec, front_quality
 from workers import live, tracking
 from workers.baseline import load_saved_baseline, reevaluate, save_baseline, train_baseline
 from workers.sampling import ConstrainedOptunaSearch, make_sampler, resolve_sampler
@@ -38,6 +38,32 @@ __all__ = ["main", "make_sampler", "reevaluate", "run_search", "train_baseline"]
 log = logging.getLogger("sparq.driver")
 BEST_FILE = "best.sparq"
 OPTUNA_JOURNAL = "optuna.journal"  # optuna-dashboard opens it (see the README)
+BEST_ONNX_FILE = "best.onnx"
+
+
+def _quality(task: str, accuracy: float | None, loss: float | None) -> float:
+    return front_quality(task, accuracy, loss)
+
+
+def export_onnx(path: str, out: str, spec_json: dict[str, Any]) -> dict[str, float]:
+    """Ray task: the exported checkpoint as an int8 QDQ ONNX model, checked against torch
+    in onnxruntime on validation inputs."""
+    from workers import checkpoint as ckpt
+    from workers.data import build_datasets
+    from workers.onnx_export import export_qdq
+
+    spec = JobSpec.model_validate(spec_json)
+    _, val = build_datasets(spec.dataset)
+    xs = [val[i][0] for i in range(min(64, len(val)))]  # type: ignore[arg-type]
+    import torch
+
+    report = export_qdq(ckpt.load_checkpoint(path), out, torch.stack(xs))
+    return {
+        "rel_diff": report.rel_diff,
+        "rel_diff_optimized": report.rel_diff_optimized,
+        "top1_agreement": report.top1_agreement,
+        "bytes": float(report.size_bytes),
+    }
 
 
 class _Lazy:
@@ -97,7 +123,9 @@ class JobProgress(_Lazy, tune.Callback):
         baseline_accuracy: float,
         tracking_uri: str,
         parent_run_id: str,
+        task: str = "classification",
     ) -> None:
+        self.task = task
         self.db_url, self.job_id, self.space = db_url, job_id, space
         self.baseline_size_bytes, self.baseline_accuracy = baseline_size_bytes, baseline_accuracy
         self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
@@ -206,7 +234,10 @@ class JobProgress(_Lazy, tune.Callback):
     def _refresh(self) -> None:
         trials = self.store.trials(self.job_id)
         done = [t for t in trials if t.status == st.TRIAL_COMPLETED]
-        points = [FrontPoint(t.trial_id, t.accuracy or 0.0, t.size_bytes or 0) for t in done]
+        points = [
+            FrontPoint(t.trial_id, _quality(self.task, t.accuracy, t.loss), t.size_bytes or 0)
+            for t in done
+        ]
         front = sparq_front(points, self.baseline_size_bytes)
         self.store.update(
             self.job_id,
@@ -255,7 +286,9 @@ class JobProgress(_Lazy, tune.Callback):
             },
             "pareto/front.json",
         )
-        ranks = non_dominated_ranks([(t.size_bytes or 0, -(t.accuracy or 0.0)) for t in done])
+        ranks = non_dominated_ranks(
+            [(t.size_bytes or 0, -_quality(self.task, t.accuracy, t.loss)) for t in done]
+        )
         members = {p.trial_id for p in front}
         for t, rank in zip(done, ranks, strict=True):
             state = (t.trial_id in members, rank)
@@ -392,8 +425,13 @@ def run_search(
                 {f"baseline_{k}": baseline[k] for k in ("accuracy", "loss", "size_bytes")},
             )
         ss = spec.search_space
+        c.log_dict(parent_id, baseline["pruning_report"], "pruning_report.json")
         space = KnobSpace.model_validate(
             {
+                "sparsity_kinds": ss.sparsity_kinds,
+                "groups": baseline["pruning_report"]["groups"],
+                "channel_low": ss.channel_sparsity.low,
+                "channel_high": ss.channel_sparsity.high,
                 "layers": baseline["layers"],
                 "weight_bits": ss.weight_bits,
                 "sparsity_low": ss.sparsity.low,
@@ -422,6 +460,7 @@ def run_search(
             baseline_accuracy=baseline["accuracy"],
             tracking_uri=settings.mlflow_tracking_uri,
             parent_run_id=parent_id,
+            task=spec.task,
         )
         storage = _optuna_storage(job_dir / OPTUNA_JOURNAL)
         dists = to_optuna(space)
@@ -513,10 +552,13 @@ def _finish(
 
     cancelled = store.get(job_id).cancel_requested
     done = [t for t in store.trials(job_id) if t.status == st.TRIAL_COMPLETED]
-    points = [FrontPoint(t.trial_id, t.accuracy or 0.0, t.size_bytes or 0) for t in done]
+    points = [
+        FrontPoint(t.trial_id, _quality(spec.task, t.accuracy, t.loss), t.size_bytes or 0)
+        for t in done
+    ]
     best = choose(
         points,
-        baseline_accuracy=baseline["accuracy"],
+        baseline_accuracy=baseline["quality"],
         baseline_size_bytes=baseline["size_bytes"],
         rule=spec.export.choose,
         max_accuracy_drop=spec.constraints.max_accuracy_drop,
@@ -559,7 +601,8 @@ def _finish(
         )
     else:  # a CPU job: here, without starting a Ray worker for a second's work
         again = reevaluate(str(out), spec.model_dump(mode="json"))
-    if again["size_bytes"] != best.size_bytes or abs(again["accuracy"] - best.accuracy) > 1e-9:
+    again_quality = _quality(spec.task, again["accuracy"], again["loss"])
+    if again["size_bytes"] != best.size_bytes or abs(again_quality - best.accuracy) > 1e-9:
         raise RuntimeError(
             f"exported checkpoint does not reproduce trial {best.trial_id}: reported "
             f"(accuracy={best.accuracy}, size_bytes={best.size_bytes}), reloaded {again}"
@@ -571,8 +614,18 @@ def _finish(
             "best_accuracy": again["accuracy"],
             "best_size_bytes": again["size_bytes"],
             "best_compression": baseline["size_bytes"] / again["size_bytes"],
+            "best_info_bound_bytes": again["info_bound_bytes"],
+            "best_bytes_over_bound": again["info_ratio"],
         },
     )
+    if "onnx" in spec.export.formats:
+        onnx_out = ray.get(
+            ray.remote(export_onnx)
+            .options(num_cpus=spec.resources.cpus)
+            .remote(str(out), str(job_dir / BEST_ONNX_FILE), spec.model_dump(mode="json"))
+        )
+        tracking.log_metrics(c, parent_id, {f"onnx_{k}": v for k, v in onnx_out.items()})
+        c.log_artifact(parent_id, str(job_dir / BEST_ONNX_FILE))
     tracking.set_tags(c, parent_id, {"sparq.best_trial_id": best.trial_id})
     c.log_artifact(parent_id, str(out), "model")
     c.log_dict(parent_id, trial.policy or {}, "model/policy.json")

@@ -5,6 +5,7 @@ its exact size in bytes."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from search_spaces import KnobSpace, policy_from_params
 from service.spec import JobSpec
 from workers import checkpoint as ckpt
 from workers import tracking
-from workers.data import build_datasets
+from workers.data import build_datasets, example_input
 from workers.engine import apply_policy
 from workers.models import build_model
 from workers.scheduler import milestones
@@ -112,8 +113,16 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     try:
         tracking.log_params(c, run_id, policy.summary())
         c.log_dict(run_id, policy.model_dump(mode="json"), "policy.json")  # the full policy
-        model = apply_policy(load_baseline(spec, ctx.baseline_state), policy)
         train, val = build_datasets(spec.dataset)
+        example = example_input(train)
+        model = load_baseline(spec, ctx.baseline_state)
+        pruning = []
+        if policy.channels:  # structured first: quantizers are attached to the survivors
+            from workers.pruning import prune_channels
+
+            multiple = math.lcm(4, policy.noise_block)  # N:M groups and noise blocks tile
+            pruning = prune_channels(model, policy.channels, example, multiple_of=multiple)
+        model = apply_policy(model, policy)
         ss = spec.search_space
 
         def encode_now() -> bytes:
@@ -124,6 +133,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 task=spec.task,
                 policy=policy,
                 meta={"job_id": ctx.job_id, "trial_id": trial_id},
+                pruning=pruning,
+                example=example,
             )
 
         es = spec.search.early_stopping
@@ -161,10 +172,15 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         )
         data = encode_now()
         result = evaluate_bytes(data, spec, device)
+        bound = ckpt.size_report(data)
         metrics = {
             "accuracy": result.accuracy,
             "loss": result.loss,
+            "perplexity": result.perplexity,
             "size_bytes": len(data),
+            "info_bound_bytes": bound["bound_bytes"],
+            "bytes_over_bound": bound["ratio"],
+            "params": sum(p.numel() for p in model.parameters()),
             "duration_s": time.perf_counter() - started,
         }
         tracking.log_metrics(c, run_id, metrics)
