@@ -17,7 +17,9 @@ _MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
 def client(tracking_uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri)
+    # The registry is the same server: never whatever MLFLOW_REGISTRY_URI / the process's
+    # global tracking URI happen to name (MLflow resolves the registry from those).
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def experiment_for(c: MlflowClient, job_name: str) -> str:

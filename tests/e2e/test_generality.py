@@ -52,7 +52,8 @@ def gstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     user's package would be. Jobs run one at a time on the stack's Ray head."""
     home = tmp_path_factory.mktemp("sparq-gen")
     port, mlflow_port = free_port(), free_port()
-    env = {**os.environ, "SPARQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SPARQ_", "RAY_"))}
+    env.update(SPARQ_HOME=str(home), PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("SPARQ_DATABASE_URL", None)
     env.pop("SPARQ_RAY_ADDRESS", None)

@@ -80,7 +80,8 @@ def _observe(stack: Stack, run_id: str, artifact_root: str) -> Observation:
 def live_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveJob]:
     home = tmp_path_factory.mktemp("sparq-live")
     port, mlflow_port = free_port(), free_port()
-    env = {**os.environ, "SPARQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SPARQ_", "RAY_"))}
+    env.update(SPARQ_HOME=str(home), PYTHONUNBUFFERED="1")
     env.setdefault("SPARQ_RAY_NUM_CPUS", "2")
     env.pop("SPARQ_DATABASE_URL", None)
     log = (home / "up.log").open("wb")
@@ -201,11 +202,12 @@ def test_artifacts_child_runs_and_the_registered_model(live_job: LiveJob, tmp_pa
     mv = c.get_model_version_by_alias("sparq-live-views", "best")
     assert mv.run_id == live_job.run_id
     assert mv.tags["sparq.trial_id"] == job["best"]["trial_id"]
-    mlflow.set_registry_uri(stack.mlflow)
-    mlflow.set_tracking_uri(stack.mlflow)
     got = Path(
         mlflow.artifacts.download_artifacts(
-            "models:/sparq-live-views@best", dst_path=str(tmp_path / "m")
+            "models:/sparq-live-views@best",
+            dst_path=str(tmp_path / "m"),
+            tracking_uri=stack.mlflow,
+            registry_uri=stack.mlflow,
         )
     )
     r = httpx.get(f"{stack.api}/v1/jobs/{job['id']}/checkpoint")

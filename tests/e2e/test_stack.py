@@ -59,7 +59,8 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("sparq-home")
     port, mlflow_port = free_port(), free_port()
-    env = {**os.environ, "SPARQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SPARQ_", "RAY_"))}
+    env.update(SPARQ_HOME=str(home), PYTHONUNBUFFERED="1")
     env.pop("SPARQ_DATABASE_URL", None)
     log = (home / "up.log").open("wb")
     proc = subprocess.Popen(
