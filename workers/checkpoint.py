@@ -94,6 +94,21 @@ def _encode_float(layer: CompressedLayer) -> tuple[str, bytes]:
     return "raw:float32", w.tobytes()
 
 
+def _custom_weight(model: nn.Module, key: str) -> tuple[str, int, bytes] | None:
+    """``(encoding, bits, blob)`` when the key is a weight wrapped by a ``workers.quant``
+    method; ``None`` otherwise (the engine's own encodings apply)."""
+    from workers.quant import WeightQuantizer
+    from workers.quant._common import original, parametrization
+
+    if not key.endswith(".parametrizations.weight.original"):
+        return None
+    module = model.get_submodule(key.removesuffix(".parametrizations.weight.original"))
+    pm = parametrization(module)
+    if not isinstance(pm, WeightQuantizer):
+        return None
+    return pm.encode_weight(original(module))
+
+
 def encode(
     model: nn.Module,
     *,
@@ -108,7 +123,21 @@ def encode(
     rows: list[list[Any]] = []
     blobs: list[bytes] = []
     for key, value in model.state_dict().items():
-        if key.endswith(".parametrizations.weight.original"):
+        custom = _custom_weight(model, key)  # the methods of workers.quant encode themselves
+        if custom is not None:
+            enc, bits, blob = custom
+            rows.append(
+                [
+                    key.replace(".parametrizations.weight.original", ".weight"),
+                    list(value.shape),
+                    enc,
+                    bits,
+                    len(blob),
+                ]
+            )
+        elif ".act_quant." in key:
+            continue  # activation ranges travel in the header
+        elif key.endswith(".parametrizations.weight.original"):
             layer = layers[key.removesuffix(".parametrizations.weight.original")]
             enc, blob = (
                 _encode_quantized(layer) if layer.codes is not None else _encode_float(layer)
@@ -136,6 +165,10 @@ def encode(
         "meta": meta or {},
         "tensors": rows,
     }
+    from workers.quant import actquant
+
+    if act := actquant.header(model):
+        header["act_quant"] = act
     packed = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     return _PREFIX.pack(MAGIC, VERSION, len(packed)) + packed + b"".join(blobs)
 
@@ -187,6 +220,10 @@ def _decode_tensor(row: list[Any], blob: bytes) -> torch.Tensor:
         w = np.zeros(n, dtype=np.float32)
         w[mask.astype(bool)] = np.frombuffer(blob[mask_len:], dtype="<f4")
         return torch.from_numpy(w).reshape(shape)
+    from workers.quant import DECODERS
+
+    if enc in DECODERS:
+        return DECODERS[enc](shape, bits, blob)
     if enc not in ("q", "qs"):
         raise CheckpointError(f"tensor {key!r} has unknown encoding {enc!r}")
     out_ch = shape[0]
@@ -218,6 +255,10 @@ def decode(data: bytes) -> Checkpoint:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint does not fit model {model_spec.label!r}: {e}") from e
+    if header.get("act_quant"):
+        from workers.quant import actquant
+
+        actquant.restore(model, header["act_quant"])
     model.eval()
     return Checkpoint(
         model=model,

@@ -30,7 +30,8 @@ from torch.nn.utils import parametrize
 from search_spaces import LayerInfo, Policy
 from search_spaces._policy import FLOAT_BITS
 
-COMPRESSIBLE = (nn.Linear, nn.Conv2d)
+COMPRESSIBLE = (nn.Linear, nn.Conv2d, nn.Embedding)
+_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
 _MIN_SCALE = 2.0**-14  # smallest normal fp16: scales are stored in fp16
 
 
@@ -139,11 +140,11 @@ class CompressedLayer:
 
 
 def compressible_layers(model: nn.Module) -> list[LayerInfo]:
-    """The Linear and Conv2d layers a policy can address, in module order."""
+    """The Linear, Conv2d and Embedding layers a policy can address, in module order."""
     out = []
     for name, module in model.named_modules():
         if isinstance(module, COMPRESSIBLE):
-            kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+            kind = next(k for t, k in _KINDS.items() if isinstance(module, t))
             out.append(LayerInfo(name=name, kind=kind, numel=module.weight.numel()))
     return out
 

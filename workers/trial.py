@@ -17,11 +17,10 @@ import torch
 from search_spaces import KnobSpace, policy_from_params
 from service.spec import JobSpec
 from workers import checkpoint as ckpt
-from workers import tracking
+from workers import quant, tracking
 from workers.data import build_datasets
-from workers.engine import apply_policy
 from workers.models import build_model
-from workers.train import EvalResult, evaluate, make_loader, train_epochs
+from workers.train import EvalResult, evaluate, make_loader
 
 CHECKPOINT_FILE = "model.sparq"
 EVAL_BATCH = 512
@@ -103,17 +102,24 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     started = time.perf_counter()
     try:
         tracking.log_params(c, run_id, policy.summary())
-        model = apply_policy(load_baseline(spec, ctx.baseline_state), policy)
+        model = quant.apply(load_baseline(spec, ctx.baseline_state), policy)
         train, _ = build_datasets(spec.dataset)
         ss = spec.search_space
-        train_epochs(
+        learned = quant.finetune(
             model,
+            policy,
             make_loader(train, spec.baseline.batch_size, shuffle=True, seed=number),
             epochs=ss.finetune_epochs,
             lr=ss.finetune_lr,
             device=device,
             on_epoch=lambda e, loss: tracking.log_metrics(c, run_id, {"train_loss": loss}, e),
+            seed=number,
         )
+        cost = quant.count_bops(model, train[0][0].unsqueeze(0))
+        if "geta_trace" in learned:
+            tracking.log_metrics(
+                c, run_id, {"group_sparsity": learned["geta_trace"].group_sparsity}
+            )
         data = ckpt.encode(
             model.cpu(),
             model_spec=spec.model,
@@ -127,6 +133,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             "accuracy": result.accuracy,
             "loss": result.loss,
             "size_bytes": len(data),
+            "bops": cost.bops,
+            "relative_bops": cost.relative,
             "duration_s": time.perf_counter() - started,
         }
         tracking.log_metrics(c, run_id, metrics)
