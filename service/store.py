@@ -91,6 +91,8 @@ class Trial(Base):
     accuracy: Mapped[float | None] = mapped_column(Float)
     loss: Mapped[float | None] = mapped_column(Float)
     size_bytes: Mapped[int | None] = mapped_column(Integer)
+    bops: Mapped[float | None] = mapped_column(Float, default=None)  # see docs: BOPs
+    relative_bops: Mapped[float | None] = mapped_column(Float, default=None)
     duration_s: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
     checkpoint: Mapped[str | None] = mapped_column(Text)

@@ -198,6 +198,8 @@ class JobProgress(_Lazy, tune.Callback):
             accuracy=float(result["accuracy"]),
             loss=float(result["loss"]),
             size_bytes=int(result["size_bytes"]),
+            bops=result.get("bops"),
+            relative_bops=result.get("relative_bops"),
             duration_s=float(result.get("duration_s", 0.0)),
             checkpoint=str(Path(ckpt_dir) / CHECKPOINT_FILE) if ckpt_dir else None,
             mlflow_run_id=result.get("mlflow_run_id"),

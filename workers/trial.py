@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from search_spaces import KnobSpace, policy_from_params
+from search_spaces import KnobSpace, Policy, policy_from_params
 from service.spec import JobSpec
 from workers import checkpoint as ckpt
 from workers import quant, tracking
@@ -75,6 +76,54 @@ def trial_number(name: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+def compress(
+    spec: JobSpec,
+    policy: Policy,
+    baseline_state: dict[str, np.ndarray],
+    device: torch.device,
+    *,
+    seed: int,
+    on_epoch: Callable[[int, float], None] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> tuple[bytes, dict[str, float]]:
+    """A trial's work without Ray or MLflow: apply the policy's method to the float
+    baseline, fine-tune as the method says, export, and measure the decoded checkpoint.
+    Returns the checkpoint bytes and the metrics (accuracy, loss, size_bytes, BOPs)."""
+    model = quant.apply(load_baseline(spec, baseline_state), policy)
+    train, _ = build_datasets(spec.dataset)
+    ss = spec.search_space
+    learned = quant.finetune(
+        model,
+        policy,
+        make_loader(train, spec.baseline.batch_size, shuffle=True, seed=seed),
+        epochs=ss.finetune_epochs,
+        lr=ss.finetune_lr,
+        device=device,
+        on_epoch=on_epoch,
+        seed=seed,
+    )
+    cost = quant.count_bops(model, train[0][0].unsqueeze(0))
+    data = ckpt.encode(
+        model.cpu(),
+        model_spec=spec.model,
+        dataset_spec=spec.dataset,
+        task=spec.task,
+        policy=policy,
+        meta=meta or {},
+    )
+    result = evaluate_bytes(data, spec, device)
+    metrics = {
+        "accuracy": result.accuracy,
+        "loss": result.loss,
+        "size_bytes": len(data),
+        "bops": cost.bops,
+        "relative_bops": cost.relative,
+    }
+    if "geta_trace" in learned:
+        metrics["group_sparsity"] = learned["geta_trace"].group_sparsity
+    return data, metrics
+
+
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable: reports once, with the checkpoint."""
     from ray import tune
@@ -102,41 +151,16 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     started = time.perf_counter()
     try:
         tracking.log_params(c, run_id, policy.summary())
-        model = quant.apply(load_baseline(spec, ctx.baseline_state), policy)
-        train, _ = build_datasets(spec.dataset)
-        ss = spec.search_space
-        learned = quant.finetune(
-            model,
+        data, metrics = compress(
+            spec,
             policy,
-            make_loader(train, spec.baseline.batch_size, shuffle=True, seed=number),
-            epochs=ss.finetune_epochs,
-            lr=ss.finetune_lr,
-            device=device,
-            on_epoch=lambda e, loss: tracking.log_metrics(c, run_id, {"train_loss": loss}, e),
+            ctx.baseline_state,
+            device,
             seed=number,
-        )
-        cost = quant.count_bops(model, train[0][0].unsqueeze(0))
-        if "geta_trace" in learned:
-            tracking.log_metrics(
-                c, run_id, {"group_sparsity": learned["geta_trace"].group_sparsity}
-            )
-        data = ckpt.encode(
-            model.cpu(),
-            model_spec=spec.model,
-            dataset_spec=spec.dataset,
-            task=spec.task,
-            policy=policy,
+            on_epoch=lambda e, loss: tracking.log_metrics(c, run_id, {"train_loss": loss}, e),
             meta={"job_id": ctx.job_id, "trial_id": trial_id},
         )
-        result = evaluate_bytes(data, spec, device)
-        metrics = {
-            "accuracy": result.accuracy,
-            "loss": result.loss,
-            "size_bytes": len(data),
-            "bops": cost.bops,
-            "relative_bops": cost.relative,
-            "duration_s": time.perf_counter() - started,
-        }
+        metrics["duration_s"] = time.perf_counter() - started
         tracking.log_metrics(c, run_id, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt.save(Path(tmp) / CHECKPOINT_FILE, data)

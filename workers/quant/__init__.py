@@ -90,7 +90,7 @@ def apply(model: nn.Module, policy: Policy) -> nn.Module:
                     fmt=policy.method,
                     bits=lp.bits,
                     sparsity=lp.sparsity,
-                    element=policy.mx_element,
+                    element=policy.mx_element if policy.method == "mx" else "int",
                     order=policy.order,
                     layer=name,
                 )

@@ -43,7 +43,6 @@ from workers.quant._common import (
     WeightQuantizer,
     original,
     pack_codes,
-    ste_round,
     unpack_codes,
     weight,
 )
@@ -61,8 +60,39 @@ def b_of_d(qm_t: torch.Tensor | float, d: torch.Tensor | float) -> torch.Tensor:
     return torch.log2(torch.as_tensor(qm_t) / torch.as_tensor(d) + 1) + 1
 
 
+class _GetaQ(torch.autograd.Function):
+    """``Q(x) = sign(x) d round(min(|x|, q_m)^t / d)`` with the analytic gradients:
+    ``dQ/dd = sign(x) (r - u/d)``, ``dQ/dq_m = sign(x) t q_m^(t-1)`` where clipped,
+    ``dQ/dt = sign(x) u ln(min(|x|, q_m))``, and a clipped straight-through ``dQ/dx``
+    (``u = min(|x|, q_m)^t``, ``r = round(u/d)``; the round is straight-through)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, w: torch.Tensor, d: torch.Tensor, qm: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        a = w.abs()
+        inside = a < qm
+        c = torch.minimum(a, qm).clamp_min(1e-30)
+        u = c.pow(t)
+        r = torch.round(u / d)
+        s = torch.sign(w)
+        ctx.save_for_backward(s, inside, r, u, c, d, qm, t)
+        return s * d * r
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s, inside, r, u, c, d, qm, t = ctx.saved_tensors
+        gs = g * s
+        grad_w = g * inside
+        grad_d = (gs * (r - u / d)).sum()
+        grad_qm = gs.masked_fill(inside, 0).sum() * t * qm.pow(t - 1)
+        grad_t = (gs * u * torch.log(c)).sum()
+        return grad_w, grad_d, grad_qm, grad_t
+
+
 class GetaQuant(WeightQuantizer):
     group_mask: torch.Tensor
+    d_pinned: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, *, layer: str = "", prunable: bool = True) -> None:
         super().__init__()
@@ -70,9 +100,16 @@ class GetaQuant(WeightQuantizer):
         self.layer, self.prunable = layer, prunable
         self.q_m = nn.Parameter(qm.clone())
         self.t = nn.Parameter(torch.tensor(1.0, device=weight.device))
-        self.d = nn.Parameter(d_of_b(qm, START_BITS).to(weight.device))
+        # d is learned through its logarithm, so that it stays positive and Adam's steps
+        # are relative; "only d is projected" holds for log d the same way.
+        self.log_d = nn.Parameter(torch.log(d_of_b(qm, START_BITS)).to(weight.device))
         self.register_buffer("group_mask", torch.ones(weight.shape[0], device=weight.device))
+        self.register_buffer("d_pinned", torch.tensor(0.0, device=weight.device))
         self.pinned_bits: int | None = None
+
+    @property
+    def d(self) -> torch.Tensor:
+        return self.d_pinned if self.pinned_bits is not None else torch.exp(self.log_d)
 
     def qm_t(self) -> torch.Tensor:
         return self.q_m.abs().clamp_min(1e-8) ** self.t
@@ -85,26 +122,22 @@ class GetaQuant(WeightQuantizer):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         w = self._masked(weight)
-        qm = self.q_m.abs().clamp_min(1e-8)
-        u = torch.minimum(w.detach().abs(), qm) ** self.t
-        q = torch.sign(w.detach()) * self.d * ste_round(u / self.d)
-        qd = qm.detach()
-        xc = torch.maximum(torch.minimum(w, qd), -qd)
-        return q + (xc - xc.detach())  # value q exactly; clipped straight-through for w
+        return _GetaQ.apply(w, self.d, self.q_m.abs().clamp_min(1e-8), self.t)
 
     @torch.no_grad()
     def project(self, b_low: float, b_high: float) -> None:
         """Partial projection: only ``d`` is clamped into ``[d(b_high), d(b_low)]``."""
         self.t.clamp_(0.5, 2.0)
         qt = self.qm_t()
-        self.d.copy_(torch.minimum(torch.maximum(self.d, d_of_b(qt, b_high)), d_of_b(qt, b_low)))
+        lo, hi = torch.log(d_of_b(qt, b_high)), torch.log(d_of_b(qt, b_low))
+        self.log_d.copy_(torch.minimum(torch.maximum(self.log_d, lo), hi))
 
     @torch.no_grad()
     def pin(self, b_low: int, b_high: int) -> int:
         """Cool-down: round the bit width into range and pin ``d = d(b)``."""
         b = int(min(max(round(self.bits()), b_low), b_high))
-        self.d.copy_(d_of_b(self.qm_t(), b))
-        for p in (self.d, self.q_m, self.t):
+        self.d_pinned.copy_(d_of_b(self.qm_t(), b))
+        for p in (self.log_d, self.q_m, self.t):
             p.requires_grad_(False)
         self.pinned_bits = b
         return b
@@ -212,12 +245,12 @@ def train(
 ) -> GetaTrace:
     """Run GETA's four stages; returns the per-step trace."""
     model.to(device).train()
-    qparams = {id(p) for gq in quantizers.values() for p in (gq.d, gq.q_m, gq.t)}
+    qparams = {id(p) for gq in quantizers.values() for p in (gq.log_d, gq.q_m, gq.t)}
     opt = torch.optim.Adam(
         [
             {"params": [p for p in model.parameters() if id(p) not in qparams], "lr": cfg.lr},
             {
-                "params": [p for gq in quantizers.values() for p in (gq.d, gq.q_m, gq.t)],
+                "params": [p for gq in quantizers.values() for p in (gq.log_d, gq.q_m, gq.t)],
                 "lr": cfg.quant_lr,
             },
         ]

@@ -178,3 +178,40 @@ def staged(
         finetune(model)
         done.append(stage)
     return done
+
+
+class PQExactNoise(WeightQuantizer):
+    """Quant-Noise with the exact PQ noise: a distorted block is replaced by its nearest
+    codeword (centroids from k-means on the weight at wrap time, kept fixed), with
+    straight-through gradients; ``p = 1`` is full-STE QAT with PQ. Training only: it is
+    followed by :func:`staged` iPQ, and is not exported itself."""
+
+    centroids: torch.Tensor
+
+    def __init__(
+        self, weight: torch.Tensor, *, k: int, block: int, p: float, layer: str = "", seed: int = 0
+    ):
+        super().__init__()
+        x = subvectors(weight, block, layer).float().cpu()
+        k = min(k, x.shape[0])
+        centroids, _ = kmeans(x, k, seed=seed)
+        self.register_buffer("centroids", centroids.to(weight.device))
+        self.block, self.p, self.layer = block, p, layer
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return weight
+        with torch.no_grad():
+            x = subvectors(weight, self.block, self.layer)
+            nearest = self.centroids[torch.cdist(x, self.centroids).argmin(dim=1)]
+            noise = (nearest - x).reshape(weight.shape)
+            if self.p < 1.0:
+                chosen = torch.rand(x.shape[0], 1, device=weight.device) < self.p
+                noise = (noise.reshape(x.shape) * chosen).reshape(weight.shape)
+        return weight + noise
+
+    def weight_bits(self) -> float:
+        return 32.0
+
+    def encode_weight(self, original: torch.Tensor) -> tuple[str, int, bytes]:
+        raise ValueError(f"layer {self.layer!r}: PQ training noise is not an export format")

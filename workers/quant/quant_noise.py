@@ -41,6 +41,20 @@ def noise_mask(w: torch.Tensor, p: float, block: int, layer: str = "") -> torch.
     return chosen.expand_as(w)
 
 
+def mask_noise_(noise: torch.Tensor, p: float, block: int, layer: str = "") -> torch.Tensor:
+    """Zero, in place, the noise of the blocks not chosen (kept with probability p);
+    the block mask is broadcast, never expanded to the weight's size."""
+    shape = block_mask_shape(noise, block, layer)
+    chosen = torch.rand(shape, device=noise.device) < p
+    if shape[1] != noise.shape[1]:
+        noise.view(noise.shape[0], shape[1], block, -1).mul_(
+            chosen.view(noise.shape[0], shape[1], 1, -1)
+        )
+    else:
+        noise.mul_(chosen)
+    return noise
+
+
 def int_params(
     w: torch.Tensor, bits: int, granularity: str, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,10 +147,11 @@ class ScalarQuantNoise(WeightQuantizer):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         base = weight * self.mask
-        noise = self._target(weight) - base.detach()
-        if self.training and self.p < 1.0:
-            noise = noise * noise_mask(weight, self.p, self.block, self.layer)
-        return base + noise.detach()
+        with torch.no_grad():  # a constant for autograd: straight-through
+            noise = self._target(weight).sub_(base)
+            if self.training and self.p < 1.0:
+                mask_noise_(noise, self.p, self.block, self.layer)
+        return base + noise
 
     def weight_bits(self) -> float:
         return float(self.bits)

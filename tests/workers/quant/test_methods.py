@@ -231,3 +231,40 @@ def test_activation_ranges_calibrate_then_learn() -> None:
     assert len(torch.unique(out)) <= 16
     model(x).sum().backward()
     assert aq.hi.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (16, 8, 1, 1), (16, 8, 3, 3)])
+def test_in_place_block_noise_matches_the_block_definition(shape: tuple[int, ...]) -> None:
+    from workers.quant.quant_noise import mask_noise_
+
+    torch.manual_seed(0)
+    noise = torch.randn(*shape)
+    out = mask_noise_(noise.clone(), 0.4, 4)
+    kept = out != 0
+    if len(shape) == 2 or shape[2:] == (1, 1):
+        grouped = kept.reshape(shape[0], shape[1] // 4, 4, -1)
+        assert bool((grouped.all(dim=2) | (~grouped).all(dim=2)).all())
+    assert 0.3 < float(kept.float().mean()) < 0.5
+    assert torch.equal(out[kept], noise[kept])
+
+
+def test_geta_analytic_gradients_match_autograd() -> None:
+    from workers.quant._common import ste_round
+    from workers.quant.geta import _GetaQ
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, requires_grad=True)
+    d = torch.tensor(0.05, requires_grad=True)
+    qm = torch.tensor(1.2, requires_grad=True)
+    t = torch.tensor(1.1, requires_grad=True)
+    g = torch.randn(6, 5)
+    (_GetaQ.apply(w, d, qm, t) * g).sum().backward()
+    grads = [x.grad.clone() for x in (w, d, qm, t)]  # type: ignore[union-attr]
+    for x in (w, d, qm, t):
+        x.grad = None
+    u = torch.minimum(w.detach().abs(), qm) ** t
+    q = torch.sign(w.detach()) * d * ste_round(u / d)
+    xc = torch.maximum(torch.minimum(w, qm.detach()), -qm.detach())
+    ((q + (xc - xc.detach())) * g).sum().backward()
+    for mine, ref in zip(grads, (w.grad, d.grad, qm.grad, t.grad), strict=True):
+        assert torch.allclose(mine, ref, atol=1e-5), (mine, ref)
