@@ -6,10 +6,12 @@ Two parts, both on data that ships with the dependencies:
 
 1. A matrix check: heavy-tailed (Student-t, 3 dof) 256x512 weights, relative L2
    error of S->Q and Q->S against the float matrix, several seeds.
-2. The digits CNN: train the float model (per seed), then one-shot (no fine-tune,
-   to isolate the order) S-only, Q-only, S->Q and Q->S, exported to ``.sparq`` and
-   the decoded model evaluated; Delta NLL against float, and the non-orthogonality
-   check Delta(S->Q) vs Delta(S) + Delta(Q).
+2. The digits CNN: train the float model (per seed); from it, S-only (sparse
+   fine-tune), Q-only (full-STE QAT fine-tune), S->Q and Q->S (the mask taken from
+   the float or from the quantized weights, then fixed, then the same quantized
+   fine-tune), all with the same ``--finetune-epochs`` (0 = one-shot), exported to
+   ``.sparq`` and the decoded model evaluated; Delta NLL against float, and the
+   non-orthogonality check Delta(S->Q) vs Delta(S) + Delta(Q).
 
 Formats: INT4 and INT3 (per-channel symmetric), MX-like with int4 and FP4 (E2M1)
 elements (blocks of 32, power-of-two scale), block floating point with 4-bit
@@ -122,16 +124,22 @@ def measure(model: nn.Module, val: Any, spec: ModelSpec) -> float:
 
 
 def wrapped(
-    base: nn.Module, method: str, bits: int, extra: dict[str, Any], sparsity: str | None, order: str
+    base: nn.Module,
+    method: str,
+    bits: int,
+    extra: dict[str, Any],
+    sparsity: str | None,
+    order: str,
+    tune: Any = None,
 ) -> nn.Module:
-    """One-shot compression of a copy of ``base``: quantized (``bits`` < 32) or not,
-    pruned with masks taken in ``order``."""
+    """A copy of ``base`` quantized (``bits`` < 32) or not, pruned with masks taken in
+    ``order``, then fine-tuned by ``tune`` (masks fixed, quantization in the loop)."""
     m = copy.deepcopy(base)
     layers = {i.name: LayerPolicy(bits=bits, sparsity=0.0) for i in compressible_layers(m)}
     quant.apply(m, Policy(layers=layers, method=method, noise_rate=1.0, order=order, **extra))
     m.eval()
     if sparsity is None:
-        return m
+        return finetuned(m, tune)
     for name in layers:
         module = m.get_submodule(name)
         pm = parametrization(module)
@@ -140,10 +148,19 @@ def wrapped(
         pm.mask.copy_(mask_for(src, sparsity).float())  # type: ignore[union-attr,operator]
         if hasattr(pm, "dense"):
             pm.dense = False
+    return finetuned(m, tune)
+
+
+def finetuned(m: nn.Module, tune: Any) -> nn.Module:
+    if tune is not None:
+        tune(m)
+    m.eval()
     return m
 
 
-def model_check(seeds: int, epochs: int, width: int) -> dict[str, list[dict[str, float]]]:
+def model_check(
+    seeds: int, epochs: int, width: int, ft_epochs: int
+) -> dict[str, list[dict[str, float]]]:
     train, val = digits()
     spec = ModelSpec(builtin="digits-cnn", kwargs={"width": width})
     res: dict[str, list[dict[str, float]]] = defaultdict(list)
@@ -153,15 +170,20 @@ def model_check(seeds: int, epochs: int, width: int) -> dict[str, list[dict[str,
         loader = make_loader(train, 64, shuffle=True, seed=seed)
         train_epochs(base, loader, epochs=epochs, lr=3e-3, device=CPU)
         f = measure(base, val, spec)
+
+        def tune(m: nn.Module, loader: Any = loader) -> None:
+            if ft_epochs:
+                train_epochs(m, loader, epochs=ft_epochs, lr=1e-3, device=CPU)
+
         s_only = {
-            sp: measure(wrapped(base, "quant_noise", 32, {}, sp, "sq"), val, spec) - f
+            sp: measure(wrapped(base, "quant_noise", 32, {}, sp, "sq", tune), val, spec) - f
             for sp in SPARSITY
         }
         for label, (method, bits, extra) in FORMATS.items():
-            q_only = measure(wrapped(base, method, bits, extra, None, "sq"), val, spec) - f
+            q_only = measure(wrapped(base, method, bits, extra, None, "sq", tune), val, spec) - f
             for sp in SPARSITY:
-                sq = measure(wrapped(base, method, bits, extra, sp, "sq"), val, spec) - f
-                qs = measure(wrapped(base, method, bits, extra, sp, "qs"), val, spec) - f
+                sq = measure(wrapped(base, method, bits, extra, sp, "sq", tune), val, spec) - f
+                qs = measure(wrapped(base, method, bits, extra, sp, "qs", tune), val, spec) - f
                 res[f"{label} @ {sp}"].append({"S": s_only[sp], "Q": q_only, "SQ": sq, "QS": qs})
         print(f"seed {seed} done", flush=True)
     return res
@@ -172,6 +194,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--width", type=int, default=8)
+    p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--record", action="store_true", help=f"rewrite its section of {DOC}")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -186,11 +209,12 @@ def main() -> None:
     ]
     for k, v in mat.items():
         lines.append(f"| {k} | {v['sq']:.4f} | {v['qs']:.4f} | {v['qs'] - v['sq']:+.4f} |")
-    res = model_check(args.seeds, args.epochs, args.width)
+    res = model_check(args.seeds, args.epochs, args.width, args.finetune_epochs)
     lines += [
         "",
         f"Part 2: digits CNN (width {args.width}, {args.epochs} epochs, {args.seeds} seeds), "
-        "one-shot, measured on the decoded checkpoint: Delta NLL against float "
+        f"{args.finetune_epochs} fine-tune epochs per row (masks fixed, full-STE quantization "
+        "in the loop), measured on the decoded checkpoint: Delta NLL against float "
         "(mean ± std). Non-orthogonal when Delta(S->Q) > Delta(S) + Delta(Q).",
         "",
         "| format @ sparsity | ΔS | ΔQ | ΔS + ΔQ | Δ(S->Q) | Δ(Q->S) | S->Q better in |",
