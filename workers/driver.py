@@ -305,7 +305,11 @@ def _init_ray(settings: Settings, spec: JobSpec) -> None:
     if settings.ray_address:
         ray.init(address=settings.ray_address, **kwargs)
     else:
-        ray.init(num_cpus=settings.ray_num_cpus or os.cpu_count() or 1, **kwargs)
+        # address="local": always a fresh local Ray; without it ray.init() joins any Ray
+        # already running on this machine (another job's, a test's) and then refuses
+        # num_cpus
+        cpus = settings.ray_num_cpus or os.cpu_count() or 1
+        ray.init(address="local", num_cpus=cpus, **kwargs)
     res = ray.cluster_resources()
     need = {"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}
     for key, field in (("CPU", "resources.cpus"), ("GPU", "resources.gpus")):
