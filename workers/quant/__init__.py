@@ -96,7 +96,11 @@ def apply(model: nn.Module, policy: Policy) -> nn.Module:
                 )
             parametrize.register_parametrization(module, "weight", pm)
     if policy.act_bits != FLOAT_BITS:
-        actquant.attach(model, list(policy.layers), policy.act_bits, policy.act_range)
+        # inputs of Linear/Conv2d only: an Embedding's input is indices
+        arith = [
+            n for n in policy.layers if isinstance(model.get_submodule(n), nn.Linear | nn.Conv2d)
+        ]
+        actquant.attach(model, arith, policy.act_bits, policy.act_range)
     return model
 
 

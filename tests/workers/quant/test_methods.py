@@ -268,3 +268,46 @@ def test_geta_analytic_gradients_match_autograd() -> None:
     ((q + (xc - xc.detach())) * g).sum().backward()
     for mine, ref in zip(grads, (w.grad, d.grad, qm.grad, t.grad), strict=True):
         assert torch.allclose(mine, ref, atol=1e-5), (mine, ref)
+
+
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("quant_noise", {"granularity": "tensor", "symmetric": False}),
+        ("mx", {"mx_element": "fp"}),
+        ("bfp", {}),
+    ],
+)
+def test_embeddings_are_quantized_and_decode_exactly(method: str, kw: dict[str, object]) -> None:
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 16)
+            self.out = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.emb(x).mean(1))
+
+    torch.manual_seed(0)
+    model = Tiny()
+    kinds = {i.name: i.kind for i in compressible_layers(model)}
+    assert kinds == {"emb": "embedding", "out": "linear"}
+    layers = {n: LayerPolicy(bits=4, sparsity=0.25) for n in kinds}
+    quant.apply(model, Policy(layers=layers, method=method, act_bits=8, **kw))  # type: ignore[arg-type]
+    assert not hasattr(model.emb, "act_quant")  # indices are not quantized
+    quant.actquant.calibrate(model, [torch.randint(0, 20, (8, 5))], torch.device("cpu"))
+    model(torch.randint(0, 20, (8, 5))).sum().backward()
+    model.eval()
+    pm = parametrize_of(model.emb)
+    enc, bits, blob = pm.encode_weight(model.emb.parametrizations.weight.original)
+    decoded = quant.DECODERS[enc](list(model.emb.weight.shape), bits, blob)
+    assert torch.equal(decoded, model.emb.weight)
+    assert len(torch.unique(decoded)) <= 4 * 16 * 2  # far fewer levels than weights
+
+
+def parametrize_of(module: nn.Module) -> quant.WeightQuantizer:
+    from workers.quant._common import parametrization
+
+    pm = parametrization(module)
+    assert isinstance(pm, quant.WeightQuantizer)
+    return pm
