@@ -8,7 +8,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -19,6 +19,9 @@ from rich.table import Table
 
 from service.client import Client, ClientError
 from service.settings import Settings, get_settings, is_loopback
+
+if TYPE_CHECKING:
+    from service.stack import RayHead
 
 app = typer.Typer(
     help="sparq: search for the best way to compress a PyTorch model.",
@@ -56,6 +59,19 @@ def _settings_for(host: str, port: int, mlflow_port: int) -> Settings:
     return get_settings().prepare()
 
 
+def _start_ray(settings: Settings) -> tuple[Settings, RayHead | None]:
+    """One Ray head for the stack's lifetime, unless SPARQ_RAY_ADDRESS names a cluster."""
+    from service.stack import start_ray
+
+    if settings.ray_address:
+        return settings, None
+    console.print("starting a local Ray head ...")
+    head = start_ray(settings.home, settings.ray_num_cpus)
+    os.environ["SPARQ_RAY_ADDRESS"] = head.address
+    get_settings.cache_clear()
+    return get_settings().prepare(), head
+
+
 @app.command()
 def up(
     host: Annotated[str, typer.Option(help="address the REST service listens on")] = "127.0.0.1",
@@ -79,13 +95,19 @@ def up(
         mlflow = start_mlflow(settings.home, "127.0.0.1", mlflow_port)
     except StackError as e:
         raise _fail(str(e)) from e
-    console.print(
-        f"MLflow UI   {mlflow.url}\nAPI docs    http://{host}:{port}/docs\n"
-        f"SPARQ_HOME  {settings.home}"
-    )
+    head = None
     try:
+        settings, head = _start_ray(settings)
+        console.print(
+            f"MLflow UI   {mlflow.url}\nAPI docs    http://{host}:{port}/docs\n"
+            f"Ray         {settings.ray_address}\nSPARQ_HOME  {settings.home}"
+        )
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    except StackError as e:
+        raise _fail(str(e)) from e
     finally:
+        if head is not None:
+            head.stop()
         mlflow.stop()
 
 
@@ -314,7 +336,9 @@ def demo(
     settings = _settings_for(host, port, mlflow_port)
     console.print(f"SPARQ_HOME {settings.home}; starting MLflow on :{mlflow_port}")
     mlflow = start_mlflow(settings.home, host, mlflow_port)
+    head = None
     try:
+        settings, head = _start_ray(settings)
         with serve_in_thread(create_app(settings), host, port) as url:
             client = Client(url)
             spec = {**DEMO_SPEC, "search": {**DEMO_SPEC["search"], "trials": trials}}
@@ -345,6 +369,8 @@ def demo(
                 while True:
                     time.sleep(3600)
     finally:
+        if head is not None:
+            head.stop()
         mlflow.stop()
 
 

@@ -1,10 +1,11 @@
 """The launcher: one search driver process per job, and the truth about its end.
 
-It starts queued jobs (at most ``max_running_jobs`` at once), watches their driver
-processes, and marks a job failed with the reason when its driver exits without
-recording an outcome, so no job is ever left ``running`` forever. Cancellation is
-cooperative first (the driver's Tune stopper sees the flag and keeps finished
-trials), then forced after a grace period.
+It starts queued jobs (at most ``max_running_jobs`` at once) and watches their driver
+processes. A driver that dies mid-search is relaunched to resume its job (at most
+``driver_restarts`` times); otherwise a job whose driver exits without recording an
+outcome is marked failed with the reason, so no job is ever left ``running`` forever.
+Cancellation is cooperative first (the driver's Tune stopper sees the flag and keeps
+finished trials), then forced after a grace period.
 """
 
 from __future__ import annotations
@@ -114,8 +115,11 @@ class Launcher:
             for job_id, proc in list(self.procs.items()):
                 code = proc.poll()
                 if code is not None:
-                    self._settle(job_id, proc, None)
                     del self.procs[job_id]
+                    if self._should_resume(job_id, proc):
+                        self._spawn(job_id, resume=True)
+                    else:
+                        self._settle(job_id, proc, None)
                 elif job_id in self._cancel_deadline and _now() > self._cancel_deadline[job_id]:
                     log.warning("job %s did not stop after cancel; terminating its driver", job_id)
                     _terminate(proc)
@@ -128,7 +132,28 @@ class Launcher:
                 self._spawn(job.id)
                 running += 1
 
-    def _spawn(self, job_id: str) -> None:
+    def _should_resume(self, job_id: str, proc: subprocess.Popen[bytes]) -> bool:
+        """A driver that died mid-search (the job still ``running``, no cancel asked)
+        is relaunched to resume from the Tune experiment state, a bounded number of
+        times; the restart is counted and said in the job's message."""
+        job = self.store.get(job_id)
+        if job.status != st.RUNNING or job.cancel_requested or self._stop.is_set():
+            return False
+        if job.restarts >= self.settings.driver_restarts:
+            return False
+        n = job.restarts + 1
+        self.store.update(
+            job_id,
+            restarts=n,
+            message=f"the search driver (pid {proc.pid}) exited with code {proc.returncode} "
+            f"mid-search; resuming it (restart {n} of at most {self.settings.driver_restarts})",
+        )
+        log.warning(
+            "job %s: driver pid %d died (code %s); resuming", job_id, proc.pid, proc.returncode
+        )
+        return True
+
+    def _spawn(self, job_id: str, *, resume: bool = False) -> None:
         job_dir = self.settings.job_dir(job_id)
         job_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
@@ -145,7 +170,7 @@ class Launcher:
         with (job_dir / "driver.log").open("ab") as out:
             # The job id is on the command line so an operator finds it with `ps`.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.driver", job_id],
+                [sys.executable, "-m", "workers.driver", job_id, *(["--resume"] if resume else [])],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -153,7 +178,9 @@ class Launcher:
                 start_new_session=True,
             )
         self.procs[job_id] = proc
-        log.info("job %s: started search driver pid %d", job_id, proc.pid)
+        log.info(
+            "job %s: %s search driver pid %d", job_id, "resumed" if resume else "started", proc.pid
+        )
 
     def _settle(self, job_id: str, proc: subprocess.Popen[bytes], reason: str | None) -> None:
         """Record the end of a driver: a job not in a final state is failed (or cancelled)."""

@@ -45,6 +45,7 @@ class JobView(BaseModel):
     error: str | None
     message: str | None
     cancel_requested: bool
+    restarts: int
     spec: dict[str, Any]
 
     @classmethod
@@ -85,6 +86,7 @@ class JobView(BaseModel):
             error=job.error,
             message=job.message,
             cancel_requested=job.cancel_requested,
+            restarts=job.restarts or 0,
             spec=job.spec,
         )
 

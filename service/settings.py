@@ -28,6 +28,9 @@ class Settings(BaseSettings):
         default_factory=list, description="bearer tokens (comma separated); empty: no auth"
     )
     max_running_jobs: int = Field(default=1, ge=1, description="search drivers at once")
+    driver_restarts: int = Field(
+        default=2, ge=0, description="times a dead search driver is relaunched to resume its job"
+    )
     public_url: str = Field(default="http://127.0.0.1:8000", description="how clients reach us")
 
     @field_validator("api_tokens", mode="before")

@@ -241,7 +241,11 @@ class SearchSpec(_Strict):
     trials: int = Field(default=24, ge=1, le=100_000)
     concurrency: int = Field(default=2, ge=1, le=1024)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    sampler: Literal["auto", "tpe", "nsga2", "gp", "random"] = Field(
+        default="tpe",
+        description="auto: GP for <= 64 trials over <= 24 knobs, NSGA-II from 500 trials, "
+        "else TPE (multivariate, constant liar)",
+    )
     time_budget_s: float | None = Field(default=None, gt=0)
 
 

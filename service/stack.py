@@ -4,6 +4,7 @@ store under SPARQ_HOME) and the REST service, both on loopback by default."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,6 +22,17 @@ import httpx
 
 class StackError(RuntimeError):
     pass
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when the stack process dies, even by
+    SIGKILL, so an MLflow server or a Ray head is never left behind (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not glibc: stop() still cleans up on a normal exit
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -76,10 +88,11 @@ def start_mlflow(home: Path, host: str = "127.0.0.1", port: int = 5000) -> Mlflo
         "--artifacts-destination", str(root / "artifacts"),
         "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true", **os.environ}  # no phoning home
     with log.open("ab") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, env=env, preexec_fn=_die_with_parent,
         )  # fmt: skip
     url = f"http://{host}:{port}"
     try:
@@ -107,3 +120,67 @@ def serve_in_thread(app: Any, host: str, port: int) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@dataclass
+class RayHead:
+    """A local Ray head started by the stack; search drivers join it by address."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            # `ray start --block` tears its node down (raylet, GCS, workers) on SIGTERM.
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def ray_auth_env(home: Path) -> None:
+    """Token authentication for the stack's Ray: a random token in ``home`` (0600),
+    named in this process's environment so the head and every driver use it."""
+    path = home / "ray_auth_token"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    os.environ.update(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(path), RAY_USAGE_STATS_ENABLED="0"
+    )
+
+
+def start_ray(home: Path, num_cpus: int | None = None, host: str = "127.0.0.1") -> RayHead:
+    """``ray start --head --block`` on loopback, every port chosen free.
+
+    One long-lived Ray for the whole service: each job's driver joins it in about a
+    second instead of starting (and tearing down) a Ray of its own.
+    """
+    log = home / "ray.log"
+    home.mkdir(parents=True, exist_ok=True)
+    ray_auth_env(home)  # this process's drivers (the launcher's children) inherit it
+    gcs = free_port(host)
+    cmd = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+        "--node-ip-address", host, "--port", str(gcs),
+        "--dashboard-agent-listen-port", str(free_port(host)),
+        "--include-dashboard", "false", "--disable-usage-stats",
+        "--num-cpus", str(num_cpus or os.cpu_count() or 1),
+    ]  # fmt: skip
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )  # fmt: skip
+    head = RayHead(proc, f"{host}:{gcs}", log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"ray start exited with code {proc.returncode}; see {log}")
+        if port_in_use(host, gcs) and b"Ray runtime started" in log.read_bytes():
+            return head
+        time.sleep(0.3)
+    head.stop()
+    raise StackError(f"Ray head did not start within 120 s; see {log}")

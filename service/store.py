@@ -62,6 +62,7 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     driver_pid: Mapped[int | None] = mapped_column(Integer)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)  # driver relaunches (resume)
     error: Mapped[str | None] = mapped_column(Text)
     message: Mapped[str | None] = mapped_column(Text)
     trials_total: Mapped[int] = mapped_column(Integer, default=0)
@@ -121,12 +122,29 @@ class JobNotFound(LookupError):
         self.job_id = job_id
 
 
+# Columns added after the first release, with the SQL default that fills old rows.
+_ADDED_COLUMNS = {("jobs", "restarts"): "INTEGER NOT NULL DEFAULT 0"}
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a store written by an older sparq up to date: add the columns it lacks
+    (additive changes only; nothing is ever dropped or rewritten)."""
+    from sqlalchemy import inspect, text
+
+    insp = inspect(engine)
+    for (table, column), ddl in _ADDED_COLUMNS.items():
+        if column not in {c["name"] for c in insp.get_columns(table)}:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+
+
 class JobStore:
     """Thin, explicit data access. Every method is one short transaction."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

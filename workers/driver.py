@@ -27,76 +27,14 @@ from service import store as st
 from service.settings import Settings, get_settings
 from service.spec import OBJECTIVE_MODES, JobSpec
 from workers import tracking
+from workers.baseline import load_saved_baseline, reevaluate, save_baseline, train_baseline
+from workers.sampling import ConstrainedOptunaSearch, make_sampler, resolve_sampler
 from workers.trial import CHECKPOINT_FILE, TrialContext, run_trial, trial_name, trial_number
+
+__all__ = ["main", "make_sampler", "reevaluate", "run_search", "train_baseline"]
 
 log = logging.getLogger("sparq.driver")
 BEST_FILE = "best.sparq"
-
-
-def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
-    """Ray task: train the float model once; return its weights and measurements."""
-    import torch
-
-    from workers import checkpoint as ckpt
-    from workers.data import build_datasets
-    from workers.engine import compressible_layers
-    from workers.models import build_model
-    from workers.train import evaluate, make_loader, train_epochs
-    from workers.trial import pick_device, set_threads
-
-    spec = JobSpec.model_validate(spec_json)
-    set_threads(spec.resources.cpus)
-    device = pick_device(spec.resources.gpus)
-    torch.manual_seed(spec.search.seed)
-    model = build_model(spec.model)
-    train, val = build_datasets(spec.dataset)
-    losses = train_epochs(
-        model,
-        make_loader(train, spec.baseline.batch_size, shuffle=True, seed=spec.search.seed),
-        epochs=spec.baseline.epochs,
-        lr=spec.baseline.lr,
-        device=device,
-    )
-    model.cpu()
-    data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
-    result = evaluate(ckpt.decode(data).model, make_loader(val, 512, shuffle=False), device)
-    return {
-        "state": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
-        "accuracy": result.accuracy,
-        "loss": result.loss,
-        "train_loss": losses[-1],
-        "size_bytes": len(data),
-        "layers": [info.model_dump() for info in compressible_layers(model)],
-    }
-
-
-def reevaluate(path: str, spec_json: dict[str, Any]) -> dict[str, float]:
-    """Ray task: reload an exported checkpoint from disk and measure it again."""
-    from workers import checkpoint as ckpt
-    from workers.trial import evaluate_bytes, pick_device, set_threads
-
-    spec = JobSpec.model_validate(spec_json)
-    set_threads(spec.resources.cpus)
-    data = Path(path).read_bytes()
-    ckpt.decode(data)  # validates the header before anything else
-    result = evaluate_bytes(data, spec, pick_device(spec.resources.gpus))
-    return {"accuracy": result.accuracy, "loss": result.loss, "size_bytes": len(data)}
-
-
-def make_sampler(spec: JobSpec) -> Any:
-    import optuna
-
-    seed = spec.search.seed
-    if spec.search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if spec.search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(
-        seed=seed,
-        multivariate=True,
-        constant_liar=True,
-        n_startup_trials=min(10, spec.search.trials // 3 + 1),
-    )
 
 
 class _Lazy:
@@ -320,10 +258,11 @@ def _init_ray(settings: Settings, spec: JobSpec) -> None:
             )
 
 
-def run_search(store: st.JobStore, settings: Settings, job_id: str) -> None:
+def run_search(
+    store: st.JobStore, settings: Settings, job_id: str, *, resume: bool = False
+) -> None:
     import ray
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     job = store.get(job_id)
     spec = JobSpec.model_validate(job.spec)
@@ -331,29 +270,45 @@ def run_search(store: st.JobStore, settings: Settings, job_id: str) -> None:
     job_dir.mkdir(parents=True, exist_ok=True)
 
     c = tracking.client(settings.mlflow_tracking_uri)
-    experiment_id = tracking.experiment_for(c, spec.name)
-    parent = c.create_run(experiment_id, run_name=f"job-{job_id}", tags={"sparq.job_id": job_id})
-    parent_id = parent.info.run_id
-    store.update(job_id, mlflow_experiment_id=experiment_id, mlflow_run_id=parent_id)
-    tracking.log_params(c, parent_id, tracking.flatten(spec.model_dump(mode="json")))
+    tune_dir = job_dir / "tune"
+    restore = resume and tune.Tuner.can_restore(str(tune_dir))
+    if resume and job.mlflow_run_id:  # the same parent run, baseline and Tune experiment
+        experiment_id, parent_id = str(job.mlflow_experiment_id), str(job.mlflow_run_id)
+        c.update_run(parent_id, status="RUNNING")
+        log.info("resuming job %s (%s)", job_id, f"from {tune_dir}" if restore else "afresh")
+    else:
+        experiment_id = tracking.experiment_for(c, spec.name)
+        parent = c.create_run(
+            experiment_id, run_name=f"job-{job_id}", tags={"sparq.job_id": job_id}
+        )
+        parent_id = parent.info.run_id
+        store.update(job_id, mlflow_experiment_id=experiment_id, mlflow_run_id=parent_id)
 
     try:
         _init_ray(settings, spec)
-        log.info("training the float baseline")
-        baseline = ray.get(
-            ray.remote(train_baseline)
-            .options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
-            .remote(spec.model_dump(mode="json"))
-        )
-        store.update(
-            job_id,
-            baseline_accuracy=baseline["accuracy"],
-            baseline_loss=baseline["loss"],
-            baseline_size_bytes=baseline["size_bytes"],
-        )
-        tracking.log_metrics(
-            c, parent_id, {f"baseline_{k}": baseline[k] for k in ("accuracy", "loss", "size_bytes")}
-        )
+        baseline = load_saved_baseline(job_dir) if resume else None
+        if baseline is None:
+            log.info("training the float baseline")
+            baseline_ref = (
+                ray.remote(train_baseline)
+                .options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
+                .remote(spec.model_dump(mode="json"))
+            )
+            # While the baseline trains in a Ray worker:
+            tracking.log_params(c, parent_id, tracking.flatten(spec.model_dump(mode="json")))
+            baseline = ray.get(baseline_ref)
+            save_baseline(job_dir, baseline)  # a resumed driver starts from it, not again
+            store.update(
+                job_id,
+                baseline_accuracy=baseline["accuracy"],
+                baseline_loss=baseline["loss"],
+                baseline_size_bytes=baseline["size_bytes"],
+            )
+            tracking.log_metrics(
+                c,
+                parent_id,
+                {f"baseline_{k}": baseline[k] for k in ("accuracy", "loss", "size_bytes")},
+            )
         ss = spec.search_space
         space = KnobSpace.model_validate(
             {
@@ -398,37 +353,57 @@ def run_search(store: st.JobStore, settings: Settings, job_id: str) -> None:
             tracking_uri=settings.mlflow_tracking_uri,
             parent_run_id=parent_id,
         )
-        searcher = OptunaSearch(
-            space=to_optuna(space),
+        dists = to_optuna(space)
+        sampler = resolve_sampler(spec, len(dists))
+        log.info(
+            "sampler %s (search.sampler=%s, %d knobs)", sampler, spec.search.sampler, len(dists)
+        )
+        tracking.log_params(c, parent_id, {"sampler.resolved": sampler})
+        searcher = ConstrainedOptunaSearch(
+            space=dists,
             metric=list(spec.objectives),
             mode=[OBJECTIVE_MODES[o] for o in spec.objectives],
-            sampler=make_sampler(spec),
+            sampler=make_sampler(spec, len(dists)),
+            spec=spec,
+            baseline_accuracy=baseline["accuracy"],
         )
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, ctx=ctx),
             {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus},
         )
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                num_samples=spec.search.trials,
-                max_concurrent_trials=spec.search.concurrency,
-                time_budget_s=spec.search.time_budget_s,
-                reuse_actors=True,
-                trial_name_creator=trial_name,
-                trial_dirname_creator=lambda t: f"{trial_name(t)}_{t.trial_id}",
-            ),
-            run_config=tune.RunConfig(
-                name="tune",
-                storage_path=str(job_dir),
-                stop=CancelStopper(settings.db_url, job_id),
-                callbacks=[progress],
-                failure_config=tune.FailureConfig(max_failures=0),
-                verbose=0,
-            ),
-        )
+        # Save the experiment state (trials, Optuna's study) every second rather than
+        # Tune's adaptive >= 10 s, so a resumed search loses at most a second of it.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+        if restore:
+            tuner = tune.Tuner.restore(
+                str(tune_dir), trainable, resume_unfinished=True, resume_errored=False
+            )
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    num_samples=spec.search.trials,
+                    max_concurrent_trials=spec.search.concurrency,
+                    time_budget_s=spec.search.time_budget_s,
+                    reuse_actors=True,
+                    trial_name_creator=trial_name,
+                    trial_dirname_creator=lambda t: f"{trial_name(t)}_{t.trial_id}",
+                ),
+                run_config=tune.RunConfig(
+                    name="tune",
+                    storage_path=str(job_dir),
+                    stop=CancelStopper(settings.db_url, job_id),
+                    callbacks=[progress],
+                    failure_config=tune.FailureConfig(max_failures=0),
+                    verbose=0,
+                ),
+            )
         tuner.fit()
+        known = {t.trial_id for t in store.trials(job_id)}
+        orphans = tracking.delete_orphan_runs(c, experiment_id, parent_id, known)
+        if orphans:
+            log.info("deleted %d MLflow runs of trials lost with the dead driver", len(orphans))
         _finish(store, job_id, spec, baseline, job_dir, c, parent_id)
     except BaseException as e:
         c.set_tag(parent_id, "sparq.error", f"{type(e).__name__}: {e}"[:5000])
@@ -480,11 +455,14 @@ def _finish(
     tmp = out.with_suffix(".tmp")
     shutil.copyfile(trial.checkpoint, tmp)
     tmp.replace(out)
-    again = ray.get(
-        ray.remote(reevaluate)
-        .options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
-        .remote(str(out), spec.model_dump(mode="json"))
-    )
+    if spec.resources.gpus:  # measured again where the trial measured it: on a GPU
+        again = ray.get(
+            ray.remote(reevaluate)
+            .options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
+            .remote(str(out), spec.model_dump(mode="json"))
+        )
+    else:  # a CPU job: here, without starting a Ray worker for a second's work
+        again = reevaluate(str(out), spec.model_dump(mode="json"))
     if again["size_bytes"] != best.size_bytes or abs(again["accuracy"] - best.accuracy) > 1e-9:
         raise RuntimeError(
             f"exported checkpoint does not reproduce trial {best.trial_id}: reported "
@@ -516,20 +494,27 @@ def _finish(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.driver")
     parser.add_argument("job_id")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue a running job whose driver died"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = get_settings()
     store = st.JobStore(settings.db_url)
     job_id = args.job_id
-    if not store.transition(
-        job_id, {st.QUEUED}, status=st.RUNNING, started_at=st.utcnow(), driver_pid=os.getpid()
-    ):
-        log.error(
-            "job %s is not queued (status %s); nothing to do", job_id, store.get(job_id).status
+    if args.resume:
+        claimed = store.transition(job_id, {st.RUNNING}, driver_pid=os.getpid())
+    else:
+        claimed = store.transition(
+            job_id, {st.QUEUED}, status=st.RUNNING, started_at=st.utcnow(), driver_pid=os.getpid()
         )
+    if not claimed:
+        want = "running" if args.resume else "queued"
+        status = store.get(job_id).status
+        log.error("job %s is not %s (status %s); nothing to do", job_id, want, status)
         return 2
     try:
-        run_search(store, settings, job_id)
+        run_search(store, settings, job_id, resume=args.resume)
     except BaseException as e:  # recorded, never swallowed: the job says why it failed
         traceback.print_exc()
         store.update(

@@ -59,3 +59,47 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = json.dumps(v) if isinstance(v, list | dict) else v
     return out
+
+
+def child_runs(c: MlflowClient, experiment_id: str, parent_id: str) -> list[Any]:
+    """Every (not deleted) child run of a parent run."""
+    return list(
+        c.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+            max_results=50_000,
+        )
+    )
+
+
+def trial_run(
+    c: MlflowClient, experiment_id: str, parent_id: str, trial_id: str, name: str, job_id: str
+) -> Any:
+    """The child run of a trial: the one a previous attempt created (a trial rerun after
+    its driver was resumed), or a new one. Never two runs for one trial."""
+    found = c.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`sparq.trial_id` = '{trial_id}'"
+        ),
+        max_results=1,
+    )
+    if found:
+        return found[0]
+    tags = {PARENT_TAG: parent_id, "sparq.job_id": job_id, "sparq.trial_id": trial_id}
+    return c.create_run(experiment_id, run_name=name, tags=tags)
+
+
+def delete_orphan_runs(
+    c: MlflowClient, experiment_id: str, parent_id: str, keep: set[str]
+) -> list[str]:
+    """Delete child runs whose trial the search no longer knows: trials started in the
+    instant before a driver died, which the resumed search sampled afresh."""
+    gone = [
+        r.info.run_id
+        for r in child_runs(c, experiment_id, parent_id)
+        if r.data.tags.get("sparq.trial_id") not in keep
+    ]
+    for run_id in gone:
+        c.delete_run(run_id)
+    return gone

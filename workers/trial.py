@@ -24,6 +24,7 @@ from workers.models import build_model
 from workers.train import EvalResult, evaluate, make_loader
 
 CHECKPOINT_FILE = "model.sparq"
+REPORTED = frozenset({"accuracy", "loss", "size_bytes", "duration_s"})  # a trial's metrics
 EVAL_BATCH = 512
 
 
@@ -138,16 +139,22 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     policy = policy_from_params(KnobSpace.model_validate(ctx.space), config)
 
     c = tracking.client(ctx.tracking_uri)
-    run = c.create_run(
-        ctx.experiment_id,
-        run_name=name,
-        tags={
-            tracking.PARENT_TAG: ctx.parent_run_id,
-            "sparq.job_id": ctx.job_id,
-            "sparq.trial_id": trial_id,
-        },
-    )
+    run = tracking.trial_run(c, ctx.experiment_id, ctx.parent_run_id, trial_id, name, ctx.job_id)
     run_id = run.info.run_id
+    if run.info.status == "FINISHED" and REPORTED <= run.data.metrics.keys():
+        # Rerun of a trial that had finished when its driver died: report what it
+        # measured (and its checkpoint, from MLflow) instead of training it again.
+        with tempfile.TemporaryDirectory() as tmp:
+            c.download_artifacts(run_id, CHECKPOINT_FILE, tmp)
+            metrics = {k: run.data.metrics[k] for k in REPORTED}
+            metrics["size_bytes"] = int(metrics["size_bytes"])
+            tune.report(
+                {**metrics, "mlflow_run_id": run_id, "replayed": True},
+                checkpoint=tune.Checkpoint.from_directory(tmp),
+            )
+        return
+    if run.info.status != "RUNNING":
+        c.update_run(run_id, status="RUNNING")
     started = time.perf_counter()
     try:
         tracking.log_params(c, run_id, policy.summary())

@@ -74,7 +74,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(60)
+            proc.wait(120)  # stops drivers, the Ray head and MLflow in turn
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
@@ -162,24 +162,110 @@ def test_failing_trials_are_recorded_with_their_reason(stack: Stack) -> None:
     assert all("block size 3 must divide" in t["error"] for t in trials)
 
 
-def test_a_job_whose_driver_dies_is_failed_with_the_reason(stack: Stack) -> None:
-    job_id = stack.post({**SMALL, "baseline": {"epochs": 200}})["id"]
-    deadline = time.monotonic() + 120
-    pid = None
-    while time.monotonic() < deadline and pid is None:
-        from service.store import JobStore
+def _driver(stack: Stack, job_id: str, *, not_pid: int | None = None, timeout: float = 180) -> int:
+    """The pid of the job's running driver (a new one when ``not_pid`` is given)."""
+    from service.store import JobStore
 
-        row = JobStore(f"sqlite:///{stack.home / 'sparq.db'}").get(job_id)
-        pid = row.driver_pid if row.status == "running" else None
-        time.sleep(0.5)
-    assert pid, "the driver never started"
+    store = JobStore(f"sqlite:///{stack.home / 'sparq.db'}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = store.get(job_id)
+        if row.status == "running" and row.driver_pid and row.driver_pid != not_pid:
+            return int(row.driver_pid)
+        assert row.status not in ("succeeded", "failed", "cancelled"), (row.status, row.error)
+        time.sleep(0.3)
+    raise AssertionError(f"no running driver for job {job_id} within {timeout}s")
+
+
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):  # wait until it is really gone (a zombie until reaped)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+
+
+def test_a_killed_driver_is_resumed_without_rerunning_or_losing_trials(stack: Stack) -> None:
+    from mlflow.tracking import MlflowClient
+
+    spec = {**SMALL, "search_space": {"finetune_epochs": 6},
+            "search": {"trials": 6, "concurrency": 2, "seed": 3}}  # fmt: skip
+    job_id = stack.post(spec)["id"]
+    pid = _driver(stack, job_id)
     ps = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
     assert job_id in ps.stdout  # an operator can find a job's driver with ps
-    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    while stack.job(job_id)["trials_completed"] < 2:  # kill it mid-search
+        assert time.monotonic() < deadline, "no trial finished"
+        time.sleep(0.3)
+    before = {t["trial_id"]: t for t in httpx.get(f"{stack.api}/v1/jobs/{job_id}/trials").json()}
+    _kill(pid)
+    new_pid = _driver(stack, job_id, not_pid=pid)
+    assert (
+        job_id
+        in subprocess.run(
+            ["ps", "-o", "args=", "-p", str(new_pid)], capture_output=True, text=True
+        ).stdout
+    )
+    job = stack.wait(job_id)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["restarts"] == 1
+    assert (job["trials_completed"], job["trials_failed"]) == (6, 0)
+    trials = httpx.get(f"{stack.api}/v1/jobs/{job_id}/trials").json()
+    assert sorted(t["number"] for t in trials) == [1, 2, 3, 4, 5, 6]
+    after = {t["trial_id"]: t for t in trials}
+    client = MlflowClient(stack.mlflow)
+    runs = client.search_runs(
+        [job["mlflow"]["experiment_id"]],
+        filter_string=f"tags.`mlflow.parentRunId` = '{job['mlflow']['run_id']}'",
+    )
+    assert sorted(r.data.tags["sparq.trial_id"] for r in runs) == sorted(after)  # no duplicates
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for trial_id, t in before.items():  # finished before the kill: kept, never trained again
+        if t["status"] != "completed":
+            continue
+        assert after[trial_id]["mlflow_run_id"] == t["mlflow_run_id"]
+        assert after[trial_id]["accuracy"] == t["accuracy"]
+        history = client.get_metric_history(t["mlflow_run_id"], "train_loss")
+        assert len(history) == 6  # one per fine-tune epoch: one training only
+    assert job["best"] is not None
+
+
+def test_a_driver_that_keeps_dying_fails_the_job_with_the_reason(stack: Stack) -> None:
+    job_id = stack.post({**SMALL, "baseline": {"epochs": 400}})["id"]
+    pid = None
+    for _ in range(3):  # the first run and its 2 resumptions (SPARQ_DRIVER_RESTARTS)
+        pid = _driver(stack, job_id, not_pid=pid)
+        _kill(pid)
     job = stack.wait(job_id, timeout=60)
-    try:
-        os.killpg(pid, signal.SIGKILL)  # the Ray processes the driver started
-    except ProcessLookupError:
-        pass
     assert job["status"] == "failed"
+    assert job["restarts"] == 2
     assert "exited with code -9" in job["error"]
+
+
+def test_cancel_stops_a_running_search_within_seconds_and_keeps_what_finished(
+    stack: Stack,
+) -> None:
+    spec = {**SMALL, "constraints": {"max_accuracy_drop": None},
+            "search": {"trials": 40, "concurrency": 2, "seed": 5}}  # fmt: skip
+    job_id = stack.post(spec)["id"]
+    deadline = time.monotonic() + 300
+    while stack.job(job_id)["trials_completed"] < 2:
+        assert time.monotonic() < deadline, "no trial finished"
+        time.sleep(0.3)
+    asked = time.monotonic()
+    r = httpx.post(f"{stack.api}/v1/jobs/{job_id}/cancel", timeout=30)
+    assert r.status_code == 200, r.text
+    job = stack.wait(job_id, timeout=120)
+    took = time.monotonic() - asked
+    assert job["status"] == "cancelled", job
+    assert took < 30, f"cancel took {took:.1f} s"
+    assert 2 <= job["trials_completed"] < 40
+    assert job["best"] is not None  # the best of what finished was exported
+    r = httpx.get(f"{stack.api}/v1/jobs/{job_id}/checkpoint", timeout=30)
+    assert r.status_code == 200
+    assert len(r.content) == job["best"]["size_bytes"]

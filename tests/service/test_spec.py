@@ -48,7 +48,7 @@ def test_yaml_and_json_round_trip() -> None:
         ({"resources": {"gpus": -0.5}}, "resources.gpus", "greater than or equal to 0"),
         ({"objectives": ["accuracy"]}, "objectives", "exactly"),
         ({"serch": {"trials": 3}}, "serch", "Extra inputs are not permitted"),
-        ({"search": {"sampler": "bogus"}}, "search.sampler", "'tpe', 'nsga2' or 'random'"),
+        ({"search": {"sampler": "bogus"}}, "search.sampler", "'nsga2', 'gp' or 'random'"),
     ],
 )
 def test_invalid_specs_name_field_and_rule(patch: dict, field: str, rule: str) -> None:

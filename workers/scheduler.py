@@ -1,0 +1,98 @@
+"""Multi-objective early stopping: successive halving whose promotion rule is the
+non-dominated rank, as a Ray Tune trial scheduler.
+
+Neither Ray Tune's schedulers nor Optuna's pruners handle two objectives, so this is
+ours. A trial reports ``accuracy`` and ``size_bytes`` at the end of each fine-tune
+epoch; at each rung (epochs ``grace * eta**k``) it is compared with every trial that
+reached the same rung before it (asynchronous successive halving: no trial waits for
+others). It goes on if it is among the best ``1/eta`` of the rung, ordered by
+non-dominated rank and, within a rank, by its hypervolume contribution (in the
+objectives the front uses: size over the baseline's, and error). A rung with fewer
+than ``eta`` trials promotes everyone: there is nothing yet to compare with.
+
+Stopped trials are never fully trained points: the driver records them as
+``stopped`` and keeps them out of the front and the export, and Optuna is told they
+were pruned.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from dashboards import hypervolume_2d, non_dominated_ranks
+
+Point = tuple[float, float]  # (size / baseline size, 1 - accuracy): both minimized
+
+
+def milestones(epochs: int, grace: int, eta: int) -> list[int]:
+    """Rungs (1-based epochs) strictly before the last epoch: grace, grace*eta, ..."""
+    out, m = [], grace
+    while m < epochs:
+        out.append(m)
+        m *= eta
+    return out
+
+
+def promotion_order(points: dict[str, Point]) -> list[str]:
+    """Trial ids best first: non-dominated rank, then hypervolume contribution (larger
+    first) within a rank, then id for a stable order."""
+    ids = list(points)
+    values = [points[i] for i in ids]
+    ranks = non_dominated_ranks(values)
+    ref = (max(1.0, *(v[0] for v in values)) * 1.1, 1.1)
+
+    def contribution(k: int) -> float:
+        layer = [values[j] for j in range(len(ids)) if ranks[j] == ranks[k]]
+        rest = [values[j] for j in range(len(ids)) if ranks[j] == ranks[k] and j != k]
+        return hypervolume_2d(layer, ref) - hypervolume_2d(rest, ref)
+
+    order = sorted(range(len(ids)), key=lambda k: (ranks[k], -contribution(k), ids[k]))
+    return [ids[k] for k in order]
+
+
+class ParetoHalving(FIFOScheduler):
+    """Asynchronous successive halving on two objectives (see the module docstring).
+
+    Picklable plain state: Tune saves it with the experiment, so a resumed search
+    keeps its rungs.
+    """
+
+    def __init__(self, *, epochs: int, grace: int, eta: int, baseline_size_bytes: int) -> None:
+        super().__init__()
+        if grace < 1 or eta < 2:
+            raise ValueError(f"need grace >= 1 and eta >= 2, got grace={grace}, eta={eta}")
+        self.eta, self.baseline = eta, max(1, baseline_size_bytes)
+        self.rungs: dict[int, dict[str, Point]] = {m: {} for m in milestones(epochs, grace, eta)}
+        self.stopped: dict[str, int] = {}  # trial id -> the rung it was stopped at
+
+    def decide(self, trial_id: str, epoch: int, accuracy: float, size_bytes: int) -> bool:
+        """Record the trial at rung ``epoch``; True if it goes on."""
+        rung = self.rungs.get(epoch)
+        if rung is None:
+            return True
+        rung[trial_id] = (size_bytes / self.baseline, 1.0 - accuracy)
+        if len(rung) < self.eta:
+            return True
+        keep = max(1, math.floor(len(rung) / self.eta))
+        if trial_id in promotion_order(rung)[:keep]:
+            return True
+        self.stopped[trial_id] = epoch
+        return False
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if result.get("final") or "epoch" not in result:
+            return TrialScheduler.CONTINUE
+        go_on = self.decide(
+            trial.trial_id,
+            int(result["epoch"]),
+            float(result["accuracy"]),
+            int(result["size_bytes"]),
+        )
+        return TrialScheduler.CONTINUE if go_on else TrialScheduler.STOP
+
+    def debug_string(self) -> str:
+        sizes = {m: len(r) for m, r in self.rungs.items()}
+        return f"ParetoHalving(eta={self.eta}, rungs={sizes}, stopped={len(self.stopped)})"
