@@ -123,7 +123,11 @@ class JobNotFound(LookupError):
 
 
 # Columns added after the first release, with the SQL default that fills old rows.
-_ADDED_COLUMNS = {("jobs", "restarts"): "INTEGER NOT NULL DEFAULT 0"}
+_ADDED_COLUMNS = {
+    ("jobs", "restarts"): "INTEGER NOT NULL DEFAULT 0",
+    ("trials", "bops"): "FLOAT",
+    ("trials", "relative_bops"): "FLOAT",
+}
 
 
 def _add_missing_columns(engine: Engine) -> None:

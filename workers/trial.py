@@ -25,6 +25,7 @@ from workers.train import EvalResult, evaluate, make_loader
 
 CHECKPOINT_FILE = "model.sparq"
 REPORTED = frozenset({"accuracy", "loss", "size_bytes", "duration_s"})  # a trial's metrics
+ALSO_REPORTED = frozenset({"bops", "relative_bops", "group_sparsity"})  # when measured
 EVAL_BATCH = 512
 
 
@@ -147,6 +148,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             c.download_artifacts(run_id, CHECKPOINT_FILE, tmp)
             metrics = {k: run.data.metrics[k] for k in REPORTED}
+            metrics |= {k: run.data.metrics[k] for k in ALSO_REPORTED & run.data.metrics.keys()}
             metrics["size_bytes"] = int(metrics["size_bytes"])
             tune.report(
                 {**metrics, "mlflow_run_id": run_id, "replayed": True},
