@@ -38,7 +38,8 @@ class ActQuant(nn.Module):
         self.seen = False
 
     def set_range(self, lo: float, hi: float) -> None:
-        lo_t, hi_t = torch.tensor(float(lo)), torch.tensor(float(hi))
+        dev = self.lo.device
+        lo_t, hi_t = torch.tensor(float(lo), device=dev), torch.tensor(float(hi), device=dev)
         if self.mode == "learned":
             del self.lo, self.hi
             self.lo, self.hi = nn.Parameter(lo_t), nn.Parameter(hi_t)
