@@ -147,7 +147,7 @@ def watch(
     with Live(progress, console=console, refresh_per_second=4) as live:
         while True:
             job = client.job(job_id)
-            done = job["trials_completed"] + job["trials_failed"]
+            done = job["trials_completed"] + job["trials_failed"] + job.get("trials_stopped", 0)
             desc = f"job {job_id} [{job['status']}] front {job['front_size']}"
             if job["hypervolume"] is not None:
                 desc += f" hv {job['hypervolume']:.4f}"

@@ -37,6 +37,7 @@ class JobView(BaseModel):
     trials_total: int
     trials_completed: int
     trials_failed: int
+    trials_stopped: int
     front_size: int
     hypervolume: float | None
     baseline: Measured | None
@@ -73,6 +74,7 @@ class JobView(BaseModel):
             trials_total=job.trials_total,
             trials_completed=job.trials_completed,
             trials_failed=job.trials_failed,
+            trials_stopped=job.trials_stopped or 0,
             front_size=job.front_size,
             hypervolume=job.hypervolume,
             baseline=baseline,

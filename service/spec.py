@@ -237,6 +237,16 @@ class ConstraintsSpec(_Strict):
     max_size_bytes: int | None = Field(default=None, ge=1)
 
 
+class EarlyStoppingSpec(_Strict):
+    """Multi-objective successive halving over fine-tune epochs (workers/scheduler.py)."""
+
+    enabled: bool = False
+    grace_epochs: int = Field(default=1, ge=1, description="the first rung, in epochs")
+    reduction_factor: int = Field(
+        default=3, ge=2, le=16, description="eta: a rung keeps the best 1/eta of its trials"
+    )
+
+
 class SearchSpec(_Strict):
     trials: int = Field(default=24, ge=1, le=100_000)
     concurrency: int = Field(default=2, ge=1, le=1024)
@@ -247,6 +257,7 @@ class SearchSpec(_Strict):
         "else TPE (multivariate, constant liar)",
     )
     time_budget_s: float | None = Field(default=None, gt=0)
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
 
 
 class ResourcesSpec(_Strict):

@@ -39,7 +39,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "cancelled",
 )
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-TRIAL_COMPLETED, TRIAL_FAILED = "completed", "failed"
+TRIAL_COMPLETED, TRIAL_FAILED, TRIAL_STOPPED = "completed", "failed", "stopped"
 
 
 def utcnow() -> datetime:
@@ -68,6 +68,7 @@ class Job(Base):
     trials_total: Mapped[int] = mapped_column(Integer, default=0)
     trials_completed: Mapped[int] = mapped_column(Integer, default=0)
     trials_failed: Mapped[int] = mapped_column(Integer, default=0)
+    trials_stopped: Mapped[int] = mapped_column(Integer, default=0)  # by early stopping
     baseline_accuracy: Mapped[float | None] = mapped_column(Float)
     baseline_loss: Mapped[float | None] = mapped_column(Float)
     baseline_size_bytes: Mapped[int | None] = mapped_column(Integer)
@@ -125,6 +126,7 @@ class JobNotFound(LookupError):
 # Columns added after the first release, with the SQL default that fills old rows.
 _ADDED_COLUMNS = {
     ("jobs", "restarts"): "INTEGER NOT NULL DEFAULT 0",
+    ("jobs", "trials_stopped"): "INTEGER NOT NULL DEFAULT 0",
     ("trials", "bops"): "FLOAT",
     ("trials", "relative_bops"): "FLOAT",
 }

@@ -29,6 +29,7 @@ from service.spec import OBJECTIVE_MODES, JobSpec
 from workers import tracking
 from workers.baseline import load_saved_baseline, reevaluate, save_baseline, train_baseline
 from workers.sampling import ConstrainedOptunaSearch, make_sampler, resolve_sampler
+from workers.scheduler import ParetoHalving
 from workers.trial import CHECKPOINT_FILE, TrialContext, run_trial, trial_name, trial_number
 
 __all__ = ["main", "make_sampler", "reevaluate", "run_search", "train_baseline"]
@@ -110,6 +111,9 @@ class JobProgress(_Lazy, tune.Callback):
                 "trial ended without reporting a result",
             )
             return
+        if result.get("final") is False:  # stopped early by the scheduler at a rung
+            self.stopped(trial.trial_id, trial_name(trial), trial.config, result)
+            return
         ck = trial.checkpoint
         self.completed(
             trial.trial_id, trial_name(trial), trial.config, result, ck.path if ck else None
@@ -145,6 +149,31 @@ class JobProgress(_Lazy, tune.Callback):
         )
         self._refresh()
 
+    def stopped(
+        self, trial_id: str, name: str, config: dict[str, Any], result: dict[str, Any]
+    ) -> None:
+        """A trial early stopping ended: kept with what it measured at its last rung,
+        but never a point of the front nor a candidate for export."""
+        self.store.upsert_trial(
+            self.job_id,
+            trial_id,
+            number=trial_number(name),
+            status=st.TRIAL_STOPPED,
+            policy=policy_from_params(self.space, config).model_dump(mode="json"),
+            accuracy=float(result["accuracy"]),
+            loss=float(result["loss"]),
+            size_bytes=int(result["size_bytes"]),
+            duration_s=float(result.get("duration_s", 0.0)),
+            error=f"stopped early after fine-tune epoch {result['epoch']} (not fully trained)",
+            mlflow_run_id=result.get("mlflow_run_id"),
+            finished_at=st.utcnow(),
+        )
+        if result.get("mlflow_run_id"):
+            run_id = str(result["mlflow_run_id"])
+            tracking.set_tags(self.client, run_id, {"sparq.stopped_early": result["epoch"]})
+            self.client.set_terminated(run_id, "KILLED")
+        self._refresh()
+
     def failed(self, trial_id: str, name: str, config: dict[str, Any], error: str) -> None:
         try:
             policy = policy_from_params(self.space, config).model_dump(mode="json")
@@ -170,6 +199,7 @@ class JobProgress(_Lazy, tune.Callback):
             self.job_id,
             trials_completed=len(done),
             trials_failed=sum(t.status == st.TRIAL_FAILED for t in trials),
+            trials_stopped=sum(t.status == st.TRIAL_STOPPED for t in trials),
             front_size=len(front.points),
             hypervolume=front.hypervolume,
         )
@@ -371,6 +401,17 @@ def run_search(
             tune.with_parameters(run_trial, ctx=ctx),
             {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus},
         )
+        es = spec.search.early_stopping
+        scheduler = (
+            ParetoHalving(
+                epochs=ss.finetune_epochs,
+                grace=es.grace_epochs,
+                eta=es.reduction_factor,
+                baseline_size_bytes=baseline["size_bytes"],
+            )
+            if es.enabled
+            else None
+        )
         # Save the experiment state (trials, Optuna's study) every second rather than
         # Tune's adaptive >= 10 s, so a resumed search loses at most a second of it.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
@@ -383,6 +424,7 @@ def run_search(
                 trainable,
                 tune_config=tune.TuneConfig(
                     search_alg=searcher,
+                    scheduler=scheduler,
                     num_samples=spec.search.trials,
                     max_concurrent_trials=spec.search.concurrency,
                     time_budget_s=spec.search.time_budget_s,

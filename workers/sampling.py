@@ -79,6 +79,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
         ot_trial, spec = self._ot_trials.get(trial_id), self._sparq_spec
+        if result and result.get("final") is False:  # stopped early: pruned, not measured
+            super().on_trial_complete(trial_id, None, error=False)
+            return
         if ot_trial is not None and result and "accuracy" in result:
             for key, value in constraint_values(result, spec, self._sparq_baseline).items():
                 ot_trial.set_constraint(key, value)  # Optuna >= 5: samplers read these

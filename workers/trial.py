@@ -21,11 +21,13 @@ from workers import checkpoint as ckpt
 from workers import quant, tracking
 from workers.data import build_datasets
 from workers.models import build_model
+from workers.scheduler import milestones
 from workers.train import EvalResult, evaluate, make_loader
 
 CHECKPOINT_FILE = "model.sparq"
 REPORTED = frozenset({"accuracy", "loss", "size_bytes", "duration_s"})  # a trial's metrics
 ALSO_REPORTED = frozenset({"bops", "relative_bops", "group_sparsity"})  # when measured
+RUNG_METHODS = frozenset({"quant_noise", "mx", "bfp"})  # report at early-stopping rungs
 EVAL_BATCH = 512
 
 
@@ -86,12 +88,15 @@ def compress(
     *,
     seed: int,
     on_epoch: Callable[[int, float], None] | None = None,
+    on_model: Callable[[torch.nn.Module], None] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, float]]:
     """A trial's work without Ray or MLflow: apply the policy's method to the float
     baseline, fine-tune as the method says, export, and measure the decoded checkpoint.
     Returns the checkpoint bytes and the metrics (accuracy, loss, size_bytes, BOPs)."""
     model = quant.apply(load_baseline(spec, baseline_state), policy)
+    if on_model is not None:  # sees the wrapped model before it is trained
+        on_model(model)
     train, _ = build_datasets(spec.dataset)
     ss = spec.search_space
     learned = quant.finetune(
@@ -151,7 +156,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             metrics |= {k: run.data.metrics[k] for k in ALSO_REPORTED & run.data.metrics.keys()}
             metrics["size_bytes"] = int(metrics["size_bytes"])
             tune.report(
-                {**metrics, "mlflow_run_id": run_id, "replayed": True},
+                {**metrics, "mlflow_run_id": run_id, "replayed": True, "final": True},
                 checkpoint=tune.Checkpoint.from_directory(tmp),
             )
         return
@@ -160,14 +165,58 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     started = time.perf_counter()
     try:
         tracking.log_params(c, run_id, policy.summary())
+        _, val = build_datasets(spec.dataset)
+        ss = spec.search_space
+        es = spec.search.early_stopping
+        rungs = set(milestones(ss.finetune_epochs, es.grace_epochs, es.reduction_factor))
+        # Rungs only where the model in eval mode is the model exported: iPQ quantizes
+        # after its fine-tuning epochs and GETA counts steps, so they report once.
+        rungs = rungs if es.enabled and policy.method in RUNG_METHODS else set()
+        val_loader = make_loader(val, EVAL_BATCH, shuffle=False)
+        held: dict[str, Any] = {}
+
+        def on_model(model: torch.nn.Module) -> None:
+            held["model"] = model
+            if rungs:  # the policy fixes the checkpoint's size; fine-tuning changes values
+                enc = ckpt.encode(
+                    model.cpu(),
+                    model_spec=spec.model,
+                    dataset_spec=spec.dataset,
+                    task=spec.task,
+                    policy=policy,
+                    meta=meta,
+                )
+                held["size"] = len(enc)
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            tracking.log_metrics(c, run_id, {"train_loss": loss}, epoch)
+            if epoch + 1 in rungs:  # a rung of the early-stopping scheduler
+                model = held["model"]
+                r = evaluate(model, val_loader, device)  # eval: every block quantized
+                model.train()
+                tracking.log_metrics(c, run_id, {"rung_accuracy": r.accuracy}, epoch + 1)
+                tune.report(
+                    {
+                        "accuracy": r.accuracy,
+                        "loss": r.loss,
+                        "size_bytes": held["size"],
+                        "epoch": epoch + 1,
+                        "final": False,
+                        "mlflow_run_id": run_id,
+                        "duration_s": time.perf_counter() - started,
+                    }
+                )
+
+        meta = {"job_id": ctx.job_id, "trial_id": trial_id}
         data, metrics = compress(
             spec,
             policy,
             ctx.baseline_state,
             device,
             seed=number,
-            on_epoch=lambda e, loss: tracking.log_metrics(c, run_id, {"train_loss": loss}, e),
-            meta={"job_id": ctx.job_id, "trial_id": trial_id},
+            on_epoch=on_epoch,
+            on_model=on_model,
+            meta=meta,
         )
         metrics["duration_s"] = time.perf_counter() - started
         tracking.log_metrics(c, run_id, metrics)
@@ -176,10 +225,15 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             c.log_artifact(run_id, str(Path(tmp) / CHECKPOINT_FILE))
             c.set_terminated(run_id, "FINISHED")
             tune.report(
-                {**metrics, "mlflow_run_id": run_id},
+                {**metrics, "mlflow_run_id": run_id, "final": True},
                 checkpoint=tune.Checkpoint.from_directory(tmp),
             )
     except BaseException as e:
-        tracking.set_tags(c, run_id, {"sparq.error": f"{type(e).__name__}: {e}"[:5000]})
-        c.set_terminated(run_id, "FAILED")
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            # Tune ends a trial it stopped (early stopping, cancel) with sys.exit(0)
+            # in the trial's next report: not a failure.
+            c.set_terminated(run_id, "KILLED")
+        else:
+            tracking.set_tags(c, run_id, {"sparq.error": f"{type(e).__name__}: {e}"[:5000]})
+            c.set_terminated(run_id, "FAILED")
         raise

@@ -269,3 +269,30 @@ def test_cancel_stops_a_running_search_within_seconds_and_keeps_what_finished(
     r = httpx.get(f"{stack.api}/v1/jobs/{job_id}/checkpoint", timeout=30)
     assert r.status_code == 200
     assert len(r.content) == job["best"]["size_bytes"]
+
+
+def test_early_stopped_trials_are_kept_out_of_the_front_and_the_export(stack: Stack) -> None:
+    from mlflow.tracking import MlflowClient
+
+    spec = {**SMALL, "constraints": {"max_accuracy_drop": None},
+            "search_space": {"finetune_epochs": 4},
+            "search": {"trials": 8, "concurrency": 2, "seed": 2,
+                       "early_stopping": {"enabled": True, "grace_epochs": 1,
+                                          "reduction_factor": 2}}}  # fmt: skip
+    job = stack.wait(stack.post(spec)["id"])
+    assert job["status"] == "succeeded", job["error"]
+    trials = httpx.get(f"{stack.api}/v1/jobs/{job['id']}/trials").json()
+    stopped = [t for t in trials if t["status"] == "stopped"]
+    assert stopped, "rungs of eta=2 over 8 trials stop some"
+    assert job["trials_stopped"] == len(stopped)
+    assert job["trials_completed"] + job["trials_stopped"] == 8
+    assert all("stopped early after fine-tune epoch" in t["error"] for t in stopped)
+    ids = {t["trial_id"] for t in stopped}
+    pareto = httpx.get(f"{stack.api}/v1/jobs/{job['id']}/pareto").json()
+    assert not ids & {p["trial_id"] for p in pareto["points"]}
+    assert job["best"]["trial_id"] not in ids
+    client = MlflowClient(stack.mlflow)
+    for t in stopped:
+        run = client.get_run(t["mlflow_run_id"])
+        assert run.info.status == "KILLED"
+        assert "sparq.stopped_early" in run.data.tags

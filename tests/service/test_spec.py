@@ -49,6 +49,11 @@ def test_yaml_and_json_round_trip() -> None:
         ({"objectives": ["accuracy"]}, "objectives", "exactly"),
         ({"serch": {"trials": 3}}, "serch", "Extra inputs are not permitted"),
         ({"search": {"sampler": "bogus"}}, "search.sampler", "'nsga2', 'gp' or 'random'"),
+        (
+            {"search": {"early_stopping": {"reduction_factor": 1}}},
+            "search.early_stopping.reduction_factor",
+            "greater than or equal to 2",
+        ),
     ],
 )
 def test_invalid_specs_name_field_and_rule(patch: dict, field: str, rule: str) -> None:
