@@ -118,6 +118,36 @@ def sparq_front(points: Sequence[FrontPoint], baseline_size_bytes: int) -> Sparq
     )
 
 
+def hypervolume_history(points: Sequence[FrontPoint], baseline_size_bytes: int) -> list[float]:
+    """Hypervolume after each point, in the given (finishing) order: entry ``k`` is
+    the :func:`sparq_front` hypervolume of ``points[: k + 1]``."""
+    if baseline_size_bytes <= 0:
+        raise ValueError(f"baseline_size_bytes must be positive, but got {baseline_size_bytes}")
+    values: list[tuple[float, float]] = []
+    out = []
+    for p in points:
+        values.append(_minimize(p, baseline_size_bytes))
+        out.append(hypervolume_2d(values, ref=(1.0, 1.0)))
+    return out
+
+
+def max_accuracy_under(points: Sequence[FrontPoint], max_size_bytes: int) -> FrontPoint | None:
+    """The most accurate point of at most ``max_size_bytes`` (ties: the smaller one).
+
+    The answer is always on the front: a point dominating it would be at least as
+    small and more accurate. None when every point is too big.
+    """
+    fits = [p for p in points if p.size_bytes <= max_size_bytes]
+    return max(fits, key=lambda p: (p.accuracy, -p.size_bytes, p.trial_id), default=None)
+
+
+def min_size_above(points: Sequence[FrontPoint], min_accuracy: float) -> FrontPoint | None:
+    """The smallest point with accuracy of at least ``min_accuracy`` (ties: the more
+    accurate one). None when no point is accurate enough."""
+    fits = [p for p in points if p.accuracy >= min_accuracy - 1e-12]
+    return min(fits, key=lambda p: (p.size_bytes, -p.accuracy, p.trial_id), default=None)
+
+
 Rule = Literal["knee", "max_accuracy", "min_size"]
 
 
@@ -135,19 +165,18 @@ def choose(
     Returns None when no point meets the constraints; callers say so rather than
     silently exporting an infeasible point.
     """
-    feasible = [
-        p
-        for p in points
-        if (
-            max_accuracy_drop is None or p.accuracy >= baseline_accuracy - max_accuracy_drop - 1e-12
-        )
-        and (max_size_bytes is None or p.size_bytes <= max_size_bytes)
-    ]
+    floor = -math.inf if max_accuracy_drop is None else baseline_accuracy - max_accuracy_drop
+    cap = (
+        max_size_bytes
+        if max_size_bytes is not None
+        else max((p.size_bytes for p in points), default=0)
+    )
+    if rule == "max_accuracy":
+        return max_accuracy_under([p for p in points if p.accuracy >= floor - 1e-12], cap)
+    if rule == "min_size":
+        return min_size_above([p for p in points if p.size_bytes <= cap], floor)
+    feasible = [p for p in points if p.accuracy >= floor - 1e-12 and p.size_bytes <= cap]
     if not feasible:
         return None
     front = sparq_front(feasible, baseline_size_bytes).points
-    if rule == "max_accuracy":
-        return max(front, key=lambda p: (p.accuracy, -p.size_bytes))
-    if rule == "min_size":
-        return min(front, key=lambda p: (p.size_bytes, -p.accuracy))
     return front[knee_index([_minimize(p, baseline_size_bytes) for p in front])]

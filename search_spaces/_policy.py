@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 FLOAT_BITS = 32
 Method = Literal["quant_noise", "ipq", "mx", "bfp", "geta"]
 METHODS: tuple[str, ...] = ("quant_noise", "ipq", "mx", "bfp", "geta")
+SparsityKind = Literal["unstructured", "2:4", "1:4"]
+SPARSITY_KINDS: tuple[str, ...] = ("unstructured", "2:4", "1:4", "channel")
+NM_KINDS: dict[str, tuple[int, int]] = {"2:4": (2, 4), "1:4": (1, 4)}
 
 
 class LayerPolicy(BaseModel):
@@ -23,6 +26,22 @@ class LayerPolicy(BaseModel):
 
     bits: int = Field(description="weight bits: 2..8, or 32 to keep the layer float")
     sparsity: float = Field(ge=0.0, lt=1.0, description="fraction of weights pruned (exact top-k)")
+    kind: SparsityKind = Field(
+        default="unstructured",
+        description="in-layer sparsity: unstructured magnitude top-k, or N:M along the "
+        "reduction dimension (then `sparsity` is 1 - N/M)",
+    )
+
+    @model_validator(mode="after")
+    def _nm_fraction(self) -> LayerPolicy:
+        if self.kind in NM_KINDS:
+            n, m = NM_KINDS[self.kind]
+            if abs(self.sparsity - (1 - n / m)) > 1e-9:
+                raise ValueError(
+                    f"kind {self.kind!r} prunes exactly {1 - n / m} of the weights, "
+                    f"but sparsity={self.sparsity}; set sparsity to {1 - n / m}"
+                )
+        return self
 
     @field_validator("bits")
     @classmethod
@@ -105,6 +124,20 @@ class Policy(BaseModel):
             raise ValueError(f"act_bits must be in 2..8 or {FLOAT_BITS} (float), but got {v}")
         return v
 
+    channels: dict[str, float] = Field(
+        default_factory=dict,
+        description="structured pruning: fraction of channels removed per prunable group "
+        "(keyed by the group's name, its first layer); applied before everything else",
+    )
+
+    @field_validator("channels")
+    @classmethod
+    def _channel_fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: f for k, f in v.items() if not 0.0 <= f < 1.0}
+        if bad:
+            raise ValueError(f"channel fractions must lie in [0, 1), but got {bad}")
+        return v
+
     def summary(self) -> dict[str, str]:
         """Flat string view for MLflow params (one entry per knob)."""
         out = {"noise_rate": f"{self.noise_rate:.4g}", "noise_block": str(self.noise_block)}
@@ -124,4 +157,8 @@ class Policy(BaseModel):
         for name, lp in self.layers.items():
             out[f"{name}.bits"] = str(lp.bits)
             out[f"{name}.sparsity"] = f"{lp.sparsity:.4g}"
+            if lp.kind != "unstructured":
+                out[f"{name}.kind"] = lp.kind
+        for group, frac in self.channels.items():
+            out[f"group:{group}.channels"] = f"{frac:.4g}"
         return out

@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from search_spaces._policy import METHODS, GetaSettings, LayerPolicy, Policy
+from search_spaces._policy import (
+    METHODS,
+    NM_KINDS,
+    SPARSITY_KINDS,
+    GetaSettings,
+    LayerPolicy,
+    Policy,
+)
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
@@ -25,6 +32,22 @@ class LayerInfo(BaseModel):
     name: str
     kind: str  # "linear" | "conv2d"
     numel: int = Field(ge=1)
+    sparsity_kinds: list[str] = Field(
+        default_factory=lambda: ["unstructured"],
+        description="in-layer sparsity kinds this layer supports (N:M needs the reduction "
+        "dimension to be a multiple of M)",
+    )
+
+
+class GroupInfo(BaseModel):
+    """A group of coupled layers whose channels are pruned together (structured pruning)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str  # the group's first layer in module order
+    channels: int = Field(ge=1)
+    layers: list[str]
+    heads: int = Field(default=1, ge=1, description="> 1: an attention embedding dimension")
 
 
 class KnobSpace(BaseModel):
@@ -39,6 +62,10 @@ class KnobSpace(BaseModel):
     noise_rate_low: float = Field(ge=0.0, le=1.0)
     noise_rate_high: float = Field(ge=0.0, le=1.0)
     noise_block: int = Field(ge=1)
+    sparsity_kinds: list[str] = Field(default_factory=lambda: ["unstructured"])
+    groups: list[GroupInfo] = Field(default_factory=list)
+    channel_low: float = Field(default=0.0, ge=0.0, lt=1.0)
+    channel_high: float = Field(default=0.0, ge=0.0, lt=1.0)
     # Method knobs (workers/quant/): each list with more than one value is searched.
     methods: list[str] = Field(default_factory=lambda: ["quant_noise"])
     granularities: list[str] = Field(default_factory=lambda: ["channel"])
@@ -62,6 +89,16 @@ class KnobSpace(BaseModel):
             raise ValueError(
                 "`geta_sparsity_low <= geta_sparsity_high` must hold, but got "
                 f"(low={self.geta_sparsity_low}, high={self.geta_sparsity_high})"
+            )
+        unknown = sorted(set(self.sparsity_kinds) - set(SPARSITY_KINDS))
+        if unknown:
+            raise ValueError(
+                f"sparsity kinds {unknown} are not known; choose from {list(SPARSITY_KINDS)}"
+            )
+        if self.channel_low > self.channel_high:
+            raise ValueError(
+                "`channel_low <= channel_high` must hold, but got "
+                f"(low={self.channel_low}, high={self.channel_high})"
             )
         if not self.layers:
             raise ValueError("the model has no compressible layer (Linear or Conv2d)")
@@ -90,7 +127,14 @@ def to_optuna(space: KnobSpace) -> dict[str, BaseDistribution]:
     dists: dict[str, BaseDistribution] = {}
     for layer in space.layers:
         dists[f"{layer.name}.bits"] = CategoricalDistribution(sorted(space.weight_bits))
-        dists[f"{layer.name}.sparsity"] = _float(space.sparsity_low, space.sparsity_high)
+        kinds = layer_kinds(space, layer)
+        if len(kinds) > 1:
+            dists[f"{layer.name}.kind"] = CategoricalDistribution(kinds)
+        if "unstructured" in kinds:
+            dists[f"{layer.name}.sparsity"] = _float(space.sparsity_low, space.sparsity_high)
+    if "channel" in space.sparsity_kinds:
+        for group in space.groups:
+            dists[f"group:{group.name}.channels"] = _float(space.channel_low, space.channel_high)
     dists["noise_rate"] = _float(space.noise_rate_low, space.noise_rate_high)
     choices: dict[str, list[Any]] = {
         "method": space.methods,
@@ -111,20 +155,34 @@ def to_optuna(space: KnobSpace) -> dict[str, BaseDistribution]:
     return dists
 
 
+def layer_kinds(space: KnobSpace, layer: LayerInfo) -> list[str]:
+    """In-layer sparsity kinds the search may pick for a layer: the ones the job asks
+    for that the layer supports. Empty means the layer stays dense (no in-layer mask)."""
+    return [k for k in space.sparsity_kinds if k != "channel" and k in layer.sparsity_kinds]
+
+
 def policy_from_params(space: KnobSpace, params: dict[str, Any]) -> Policy:
     """Build the policy a set of sampled parameters stands for."""
-    layers = {
-        layer.name: LayerPolicy(
-            bits=int(params[f"{layer.name}.bits"]),
-            sparsity=float(params[f"{layer.name}.sparsity"]),
+    layers = {}
+    for layer in space.layers:
+        kinds = layer_kinds(space, layer)
+        kind = str(params.get(f"{layer.name}.kind", kinds[0] if kinds else "unstructured"))
+        if kind in NM_KINDS:
+            n, m = NM_KINDS[kind]
+            sparsity = 1 - n / m
+        else:
+            sparsity = float(params[f"{layer.name}.sparsity"]) if kinds else 0.0
+        layers[layer.name] = LayerPolicy(
+            bits=int(params[f"{layer.name}.bits"]), sparsity=sparsity, kind=kind
         )
-        for layer in space.layers
-    }
     geta = space.geta.model_copy(
         update={
             "target_group_sparsity": float(params.get("geta_sparsity", space.geta_sparsity_low))
         }
     )
+    channels = {}
+    if "channel" in space.sparsity_kinds:
+        channels = {g.name: float(params[f"group:{g.name}.channels"]) for g in space.groups}
     return Policy(
         layers=layers,
         noise_rate=float(params["noise_rate"]),
@@ -139,4 +197,5 @@ def policy_from_params(space: KnobSpace, params: dict[str, Any]) -> Policy:
         act_bits=int(params.get("act_bits", space.act_bits[0])),
         act_range=space.act_range,
         geta=GetaSettings.model_validate(geta.model_dump()),
+        channels=channels,
     )

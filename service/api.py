@@ -24,7 +24,7 @@ from service import store as st
 from service.launcher import Launcher
 from service.schemas import Health, JobView, Measured, ParetoPoint, ParetoView, TrialView
 from service.settings import Settings, get_settings
-from service.spec import JobSpec
+from service.spec import JobSpec, front_quality
 
 VERSION = "0.1.0"
 
@@ -187,9 +187,12 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         baseline, points = None, []
         if job.baseline_size_bytes and job.baseline_accuracy is not None:
             baseline = Measured(accuracy=job.baseline_accuracy, size_bytes=job.baseline_size_bytes)
+            task = str((job.spec or {}).get("task", "classification"))
             front = sparq_front(
                 [
-                    FrontPoint(t.trial_id, t.accuracy or 0.0, t.size_bytes or 0)
+                    FrontPoint(
+                        t.trial_id, front_quality(task, t.accuracy, t.loss), t.size_bytes or 0
+                    )
                     for t in done.values()
                 ],
                 job.baseline_size_bytes,
@@ -197,7 +200,8 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
             points = [
                 ParetoPoint(
                     trial_id=p.trial_id,
-                    accuracy=p.accuracy,
+                    accuracy=done[p.trial_id].accuracy or 0.0,
+                    loss=done[p.trial_id].loss,
                     size_bytes=p.size_bytes,
                     compression=job.baseline_size_bytes / p.size_bytes,
                     policy=done[p.trial_id].policy or {},

@@ -13,10 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 import yaml
 from rich.console import Console
-from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from service import views
 from service.client import Client, ClientError
 from service.settings import Settings, get_settings, is_loopback
 
@@ -29,7 +27,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(soft_wrap=True)
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="SPARQ_URL", help="sparq service URL")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SPARQ_TOKEN", help="bearer token")]
@@ -111,56 +108,9 @@ def up(
         mlflow.stop()
 
 
-def _front_table(pareto: dict[str, Any]) -> Table:
-    base = pareto.get("baseline") or {}
-    table = Table(title=f"Pareto front ({len(pareto['points'])} points)")
-    for col in ("trial", "accuracy", "Δ vs float", "size (bytes)", "compression", "bits"):
-        table.add_column(col, justify="right")
-    for p in pareto["points"]:
-        bits = sorted({lp["bits"] for lp in p["policy"].get("layers", {}).values()})
-        mark = " *" if p["trial_id"] == pareto.get("chosen_trial_id") else ""
-        table.add_row(
-            p["trial_id"] + mark,
-            f"{p['accuracy']:.4f}",
-            f"{p['accuracy'] - base.get('accuracy', 0):+.4f}",
-            f"{p['size_bytes']:,}",
-            f"{p['compression']:.1f}x",
-            ",".join(map(str, bits)),
-        )
-    return table
-
-
-def watch(
-    client: Client, job_id: str, *, show_front: bool = True, poll_s: float = 1.0
-) -> dict[str, Any]:
-    """Progress bar plus the front as it grows, until the job ends."""
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
-    job = client.job(job_id)
-    task = progress.add_task(f"job {job_id}", total=job["trials_total"])
-    last_front: tuple[str, ...] = ()
-    with Live(progress, console=console, refresh_per_second=4) as live:
-        while True:
-            job = client.job(job_id)
-            done = job["trials_completed"] + job["trials_failed"] + job.get("trials_stopped", 0)
-            desc = f"job {job_id} [{job['status']}] front {job['front_size']}"
-            if job["hypervolume"] is not None:
-                desc += f" hv {job['hypervolume']:.4f}"
-            progress.update(task, completed=done, description=desc)
-            if show_front and job["trials_completed"]:
-                pareto = client.pareto(job_id)
-                ids = tuple(p["trial_id"] for p in pareto["points"])
-                if ids != last_front:
-                    last_front = ids
-                    live.console.print(_front_table(pareto))
-            if job["status"] in TERMINAL:
-                return job
-            time.sleep(poll_s)
+def watch(client: Client, job_id: str, *, poll_s: float = 1.0) -> dict[str, Any]:
+    """Progress bar plus the front as it grows, redrawn in place until the job ends."""
+    return views.watch(client, job_id, console, poll_s=poll_s)
 
 
 def _summary(job: dict[str, Any]) -> None:
@@ -222,15 +172,33 @@ def status(
     token: TokenOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Show a job's status."""
+    """Show a job's status: progress bar, the front so far, the outcome."""
     try:
-        job = _client(url, token).job(job_id)
+        job, front = views.snapshot(_client(url, token), job_id)
     except ClientError as e:
         raise _fail(str(e)) from e
     if as_json:
         print(json.dumps(job, indent=2))
     else:
+        console.print(views.job_view(job, front))
         _summary(job)
+
+
+@app.command("watch")
+def watch_cmd(
+    job_id: str,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    poll: Annotated[float, typer.Option(help="seconds between updates", min=0.2)] = 1.0,
+) -> None:
+    """Watch a job until it ends: a progress bar and the front, redrawn live."""
+    try:
+        job = watch(_client(url, token), job_id, poll_s=poll)
+    except ClientError as e:
+        raise _fail(str(e)) from e
+    _summary(job)
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -248,7 +216,7 @@ def pareto(
     if as_json:
         print(json.dumps(data, indent=2))
     else:
-        console.print(_front_table(data))
+        console.print(views.front_table(data))
 
 
 @app.command()
@@ -284,11 +252,12 @@ def evaluate_checkpoint(path: Path) -> dict[str, Any]:
     """Reload a checkpoint with one call and re-measure it on its own dataset."""
     import torch
 
-    from workers.checkpoint import load_checkpoint
+    from workers.checkpoint import load_checkpoint, size_report
     from workers.data import build_datasets
     from workers.train import evaluate, make_loader
 
     ck = load_checkpoint(path)
+    bound = size_report(path.read_bytes())
     if ck.dataset_spec is None:
         raise ValueError(f"{path} names no dataset to evaluate on")
     _, val = build_datasets(ck.dataset_spec)
@@ -296,7 +265,10 @@ def evaluate_checkpoint(path: Path) -> dict[str, Any]:
     return {
         "accuracy": result.accuracy,
         "loss": result.loss,
+        "perplexity": result.perplexity,
         "size_bytes": path.stat().st_size,
+        "info_bound_bytes": bound["bound_bytes"],
+        "bytes_over_bound": bound["ratio"],
         "parameters": sum(p.numel() for p in ck.model.parameters()),
     }
 

@@ -130,6 +130,7 @@ class TrialView(BaseModel):
 class ParetoPoint(BaseModel):
     trial_id: str
     accuracy: float
+    loss: float | None = None  # mean NLL; perplexity = exp(loss) for language modelling
     size_bytes: int
     compression: float
     policy: dict[str, Any]

@@ -9,6 +9,7 @@ default.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, ClassVar, Literal
 
@@ -17,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from search_spaces._policy import GetaSettings, Method
 
-BUILTIN_MODELS = ("digits-mlp", "digits-cnn")
-BUILTIN_DATASETS = ("digits",)
+BUILTIN_MODELS = ("digits-mlp", "digits-cnn", "digits-dsconv", "digits-transformer", "char-lm")
+BUILTIN_DATASETS = ("digits", "python-text")
+SPARSITY_KINDS = ("unstructured", "2:4", "1:4", "channel")
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -132,6 +134,13 @@ class ActivationSpec(_Strict):
         return v
 
 
+SparsityKind = Literal["unstructured", "2:4", "1:4", "channel"]
+
+
+def _default_kinds() -> list[SparsityKind]:
+    return ["unstructured"]
+
+
 class SearchSpaceSpec(_Strict):
     """Knobs of the joint search; each layer gets its own bits and sparsity."""
 
@@ -160,6 +169,31 @@ class SearchSpaceSpec(_Strict):
     )
     finetune_epochs: int = Field(default=6, ge=0, le=10_000)
     finetune_lr: float = Field(default=1e-3, gt=0, le=10)
+    sparsity_kinds: list[SparsityKind] = Field(
+        default_factory=_default_kinds,
+        description="sparsity kinds the search may pick per layer (in-layer: unstructured, "
+        "2:4, 1:4) and per group of coupled layers (channel: structured pruning)",
+    )
+    channel_sparsity: Range = Field(
+        default_factory=lambda: Range(low=0.0, high=0.5),
+        description="fraction of a group's channels removed when `channel` is searched",
+    )
+
+    @field_validator("sparsity_kinds")
+    @classmethod
+    def _kinds(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"sparsity_kinds must name at least one of {list(SPARSITY_KINDS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"sparsity_kinds must not repeat a value, but got {v}")
+        return v
+
+    @field_validator("channel_sparsity")
+    @classmethod
+    def _channel(cls, v: Range) -> Range:
+        if not (0.0 <= v.low and v.high < 1.0):
+            raise ValueError(f"channel_sparsity must lie in [0, 1), but got ({v.low}, {v.high})")
+        return v
 
     @field_validator("weight_bits")
     @classmethod
@@ -213,15 +247,32 @@ class SearchSpaceSpec(_Strict):
         return v
 
 
-Objective = Literal["accuracy", "size_bytes"]
-OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {"accuracy": "max", "size_bytes": "min"}
+Objective = Literal["accuracy", "perplexity", "size_bytes"]
+OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {
+    "accuracy": "max",
+    "perplexity": "min",
+    "size_bytes": "min",
+}
+TASK_QUALITY = {"classification": "accuracy", "language_modeling": "perplexity"}
+
+
+def front_quality(task: str, accuracy: float | None, loss: float | None) -> float:
+    """The Pareto front's quality axis (maximized): accuracy for classification,
+    ``1 / perplexity = exp(-loss)`` for language modelling, so the front and the export
+    follow the task's objective."""
+    if task == "language_modeling":
+        return math.exp(-min(float(loss), 700.0)) if loss is not None else 0.0
+    return float(accuracy or 0.0)
 
 
 def _default_objectives() -> list[Objective]:
     return ["accuracy", "size_bytes"]
 
 
-def _default_formats() -> list[Literal["sparq"]]:
+ExportFormat = Literal["sparq", "onnx"]
+
+
+def _default_formats() -> list[ExportFormat]:
     return ["sparq"]
 
 
@@ -271,7 +322,17 @@ class ExportSpec(_Strict):
     """Which front point is exported as the job's checkpoint."""
 
     choose: Literal["knee", "max_accuracy", "min_size"] = "knee"
-    formats: list[Literal["sparq"]] = Field(default_factory=_default_formats)
+    formats: list[ExportFormat] = Field(
+        default_factory=_default_formats,
+        description="`sparq` (always written) and optionally `onnx`: an int8 QDQ model",
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        if "sparq" not in v:
+            raise ValueError(f"formats must include 'sparq' (the checkpoint), but got {v}")
+        return v
 
 
 class JobSpec(_Strict):
@@ -283,7 +344,7 @@ class JobSpec(_Strict):
     )
     model: ModelSpec
     dataset: DatasetSpec
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "language_modeling"] = "classification"
     baseline: BaselineSpec = Field(default_factory=BaselineSpec)
     search_space: SearchSpaceSpec = Field(default_factory=SearchSpaceSpec)
     objectives: list[Objective] = Field(default_factory=_default_objectives)
@@ -292,14 +353,24 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
 
-    @field_validator("objectives")
+    @model_validator(mode="before")
     @classmethod
-    def _objectives(cls, v: list[str]) -> list[str]:
-        if sorted(v) != ["accuracy", "size_bytes"]:
+    def _task_default_objectives(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "objectives" not in data:
+            quality = TASK_QUALITY.get(str(data.get("task", "classification")))
+            if quality:
+                data = {**data, "objectives": [quality, "size_bytes"]}
+        return data
+
+    @model_validator(mode="after")
+    def _objectives(self) -> JobSpec:
+        want = sorted([TASK_QUALITY[self.task], "size_bytes"])
+        if sorted(self.objectives) != want:
             raise ValueError(
-                f"objectives must be exactly ['accuracy', 'size_bytes'] in job spec v1, but got {v}"
+                f"objectives must be exactly {want} for task {self.task!r} in job spec v1, "
+                f"but got {self.objectives}"
             )
-        return v
+        return self
 
     @classmethod
     def from_yaml(cls, text: str) -> JobSpec:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.spec import JobSpec
+from service.spec import JobSpec, front_quality
 
 
 def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
@@ -17,9 +17,10 @@ def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from workers import checkpoint as ckpt
-    from workers.data import build_datasets
+    from workers.data import build_datasets, example_input
     from workers.engine import compressible_layers
     from workers.models import build_model
+    from workers.pruning import analyze
     from workers.train import evaluate, make_loader, train_epochs
     from workers.trial import pick_device, set_threads
 
@@ -39,9 +40,12 @@ def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
     model.cpu()
     data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
     result = evaluate(ckpt.decode(data).model, make_loader(val, 512, shuffle=False), device)
+    report = analyze(model, example_input(train))  # prunable groups; layers left dense, why
     return {
         "state": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
         "accuracy": result.accuracy,
+        "quality": front_quality(spec.task, result.accuracy, result.loss),
+        "pruning_report": report.as_dict(),
         "loss": result.loss,
         "train_loss": losses[-1],
         "size_bytes": len(data),
@@ -59,7 +63,9 @@ def reevaluate(path: str, spec_json: dict[str, Any]) -> dict[str, float]:
     data = Path(path).read_bytes()
     ckpt.decode(data)  # validates the header before anything else
     result = evaluate_bytes(data, spec, pick_device(spec.resources.gpus))
-    return {"accuracy": result.accuracy, "loss": result.loss, "size_bytes": len(data)}
+    out = {"accuracy": result.accuracy, "loss": result.loss, "size_bytes": len(data)}
+    out.update({f"info_{k}": float(v) for k, v in ckpt.size_report(data).items()})
+    return out
 
 
 _STATE, _META = "baseline.npz", "baseline.json"

@@ -14,6 +14,22 @@ payload holds the tensors back to back:
 - ``qs``: int-N weight, sparse: fp16 scales, a 1-bit-per-weight nonzero mask,
   then the nonzero codes bit-packed. Chosen per layer when it is smaller.
 - ``fs``: float weight, sparse: the mask then the nonzero fp32 values.
+- ``qsr`` / ``fsr``: like ``qs`` / ``fs`` but the sparsity pattern is index-coded
+  (Golomb-Rice gaps between the rarer of zero/nonzero positions) instead of a bitmask;
+  chosen per layer when smaller (high sparsity). See :mod:`workers.sparse_codec`.
+- ``qnm``: int-N weight with N:M sparsity: fp16 scales, the kept positions of every
+  group as one combination index (``log2 C(M, N)`` bits a group, packed), then the
+  kept codes bit-packed.
+- ``qx``, ``pq``, ``mx``, ``bfp``, ``geta``: weights of the quantization methods of
+  :mod:`workers.quant` (per-tensor/affine int-N, iPQ with fp16 centroids, block
+  formats with shared exponents, GETA), each encoded and decoded by its method
+  (``workers.quant.DECODERS``; bounds in ``workers.quant.BOUNDS``). Activation
+  quantization ranges travel in the header (``act_quant``).
+
+Version 2 adds to the header the structured-pruning record and the example input's
+shape (loading rebuilds the builtin or entrypoint model, replays the record, then
+loads the tensors), and a sixth column per tensor: its information bound in bits
+(value bits plus the entropy of its sparsity pattern; see :func:`size_report`).
 
 ``size_bytes`` everywhere in sparq is ``len(encode(...))``: the exact file size.
 """
@@ -33,12 +49,14 @@ from torch import nn
 
 from search_spaces import Policy
 from service.spec import DatasetSpec, ModelSpec
+from workers import sparse_codec as sc
 from workers.engine import CompressedLayer, compressed_layers, dequantize, qmax
 from workers.errors import CheckpointError
 from workers.models import build_model
 
 MAGIC = b"SPARQ\x00"
-VERSION = 1
+VERSION = 2
+_READABLE = (1, 2)
 _PREFIX = struct.Struct("<6sBI")
 _RAW_DTYPES = {
     "float32": torch.float32,
@@ -71,27 +89,36 @@ def _packed_len(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
-def _encode_quantized(layer: CompressedLayer) -> tuple[str, bytes]:
+def _encode_quantized(layer: CompressedLayer, kind: str = "unstructured") -> tuple[str, bytes]:
     if layer.codes is None or layer.scale is None:
         raise CheckpointError(f"layer {layer.name!r} has no integer codes to encode")
     codes = (layer.codes.cpu().numpy().astype(np.int16) + qmax(layer.bits)).astype(np.uint8)
     codes = codes.reshape(-1)
     scales = layer.scale.cpu().numpy().astype("<f2").tobytes()
     nonzero = layer.codes.cpu().numpy().reshape(-1) != 0
-    dense_len = _packed_len(codes.size, layer.bits)
-    sparse_len = _packed_len(codes.size, 1) + _packed_len(int(nonzero.sum()), layer.bits)
-    if sparse_len < dense_len:
-        mask = np.packbits(nonzero, bitorder="little").tobytes()
-        return "qs", scales + mask + pack_bits(codes[nonzero], layer.bits)
-    return "q", scales + pack_bits(codes, layer.bits)
+    options = [("q", pack_bits(codes, layer.bits))]
+    if not nonzero.all():
+        values = pack_bits(codes[nonzero], layer.bits)
+        options.append(("qs", np.packbits(nonzero, bitorder="little").tobytes() + values))
+        options.append(("qsr", sc.rice_encode_pattern(nonzero) + values))
+    nm = sc.nm_of(kind)
+    if nm is not None:
+        blob = sc.nm_encode(layer.codes.cpu(), qmax(layer.bits), layer.bits, *nm)
+        if blob is not None:
+            options.append(("qnm", blob))
+    enc, blob = min(options, key=lambda o: len(o[1]))
+    return enc, scales + blob
 
 
 def _encode_float(layer: CompressedLayer) -> tuple[str, bytes]:
     w = layer.weight.cpu().numpy().astype("<f4").reshape(-1)
     nonzero = w != 0
-    if _packed_len(w.size, 1) + 4 * int(nonzero.sum()) < 4 * w.size:
-        return "fs", np.packbits(nonzero, bitorder="little").tobytes() + w[nonzero].tobytes()
-    return "raw:float32", w.tobytes()
+    options = [("raw:float32", w.tobytes())]
+    if not nonzero.all():
+        values = w[nonzero].tobytes()
+        options.append(("fs", np.packbits(nonzero, bitorder="little").tobytes() + values))
+        options.append(("fsr", sc.rice_encode_pattern(nonzero) + values))
+    return min(options, key=lambda o: len(o[1]))
 
 
 def _custom_weight(model: nn.Module, key: str) -> tuple[str, int, bytes] | None:
@@ -109,6 +136,20 @@ def _custom_weight(model: nn.Module, key: str) -> tuple[str, int, bytes] | None:
     return pm.encode_weight(original(module))
 
 
+def _custom_bound(shape: list[int], enc: str, bits: int, blob: bytes) -> float:
+    """Information bound in bits of a ``workers.quant`` encoding (see ``quant.BOUNDS``):
+    value bits of the codes plus the pattern entropy and 16 bits per fp16 side value."""
+    from workers.quant import BOUNDS
+
+    if enc in BOUNDS:
+        return BOUNDS[enc](shape, bits, blob)
+    if enc == "raw:float32":  # a float weight a method left as it is
+        w = np.frombuffer(blob, dtype="<f4")
+        k = int((w != 0).sum())
+        return 32.0 * k + sc.log2_binomial(w.size, k)
+    return 8.0 * len(blob)
+
+
 def encode(
     model: nn.Module,
     *,
@@ -117,9 +158,19 @@ def encode(
     task: str = "classification",
     policy: Policy | None = None,
     meta: dict[str, Any] | None = None,
+    pruning: list[dict[str, Any]] | None = None,
+    example: torch.Tensor | None = None,
 ) -> bytes:
-    """Serialize a (possibly compressed) model to checkpoint bytes."""
+    """Serialize a (possibly compressed) model to checkpoint bytes.
+
+    ``pruning`` is the structured-pruning record (:func:`workers.pruning.prune_channels`)
+    and ``example`` an input the dependency graph is traced with when loading; both are
+    needed when the model was pruned.
+    """
+    if pruning and example is None:
+        raise CheckpointError("a pruned model needs `example` (an input) to be rebuilt")
     layers = compressed_layers(model)
+    kinds = {n: lp.kind for n, lp in policy.layers.items()} if policy else {}
     rows: list[list[Any]] = []
     blobs: list[bytes] = []
     for key, value in model.state_dict().items():
@@ -133,17 +184,27 @@ def encode(
                     enc,
                     bits,
                     len(blob),
+                    _custom_bound(list(value.shape), enc, bits, blob),
                 ]
             )
         elif ".act_quant." in key:
             continue  # activation ranges travel in the header
         elif key.endswith(".parametrizations.weight.original"):
             layer = layers[key.removesuffix(".parametrizations.weight.original")]
+            kind = kinds.get(layer.name, "unstructured")
             enc, blob = (
-                _encode_quantized(layer) if layer.codes is not None else _encode_float(layer)
+                _encode_quantized(layer, kind) if layer.codes is not None else _encode_float(layer)
             )
+            bound = sc.information_bound(layer.codes, layer.weight, layer.bits, kind)
             rows.append(
-                [f"{layer.name}.weight", list(layer.weight.shape), enc, layer.bits, len(blob)]
+                [
+                    f"{layer.name}.weight",
+                    list(layer.weight.shape),
+                    enc,
+                    layer.bits,
+                    len(blob),
+                    bound,
+                ]
             )
         elif ".parametrizations." in key:
             continue  # the pruning mask: recoverable from the stored values
@@ -154,15 +215,22 @@ def encode(
                 raise CheckpointError(f"tensor {key!r} has unsupported dtype {t.dtype}")
             arr = t.numpy() if dtype != "bool" else t.numpy().astype(np.uint8)
             blob = arr.tobytes()
-            rows.append([key, list(t.shape), f"raw:{dtype}", 0, len(blob)])
+            rows.append([key, list(t.shape), f"raw:{dtype}", 0, len(blob), 8.0 * len(blob)])
         blobs.append(blob)
     header = {
         "format": "sparq-checkpoint",
         "model": model_spec.model_dump(mode="json"),
         "dataset": dataset_spec.model_dump(mode="json") if dataset_spec else None,
         "task": task,
-        "policy": policy.model_dump(mode="json") if policy else None,
+        # defaults left out: the method knobs would otherwise grow every header
+        "policy": policy.model_dump(mode="json", exclude_defaults=True) if policy else None,
         "meta": meta or {},
+        "pruning": pruning or [],
+        "example": (
+            {"shape": list(example.shape), "dtype": str(example.dtype).removeprefix("torch.")}
+            if example is not None
+            else None
+        ),
         "tensors": rows,
     }
     from workers.quant import actquant
@@ -184,6 +252,7 @@ class Checkpoint:
     policy: Policy | None
     meta: dict[str, Any]
     size_bytes: int
+    pruning: list[dict[str, Any]]
 
 
 def read_header(data: bytes) -> tuple[dict[str, Any], int]:
@@ -193,8 +262,10 @@ def read_header(data: bytes) -> tuple[dict[str, Any], int]:
     magic, version, hlen = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise CheckpointError("not a sparq checkpoint (bad magic bytes)")
-    if version != VERSION:
-        raise CheckpointError(f"checkpoint version {version} is not supported (want {VERSION})")
+    if version not in _READABLE:
+        raise CheckpointError(
+            f"checkpoint version {version} is not supported (this sparq reads {_READABLE})"
+        )
     start = _PREFIX.size + hlen
     try:
         header = json.loads(zlib.decompress(data[_PREFIX.size : start]))
@@ -207,7 +278,7 @@ def read_header(data: bytes) -> tuple[dict[str, Any], int]:
 
 
 def _decode_tensor(row: list[Any], blob: bytes) -> torch.Tensor:
-    key, shape, enc, bits, _ = row
+    key, shape, enc, bits = row[:4]
     n = int(np.prod(shape)) if shape else 1
     if enc.startswith("raw:"):
         dtype = _RAW_DTYPES[enc[4:]]
@@ -224,13 +295,25 @@ def _decode_tensor(row: list[Any], blob: bytes) -> torch.Tensor:
 
     if enc in DECODERS:
         return DECODERS[enc](shape, bits, blob)
-    if enc not in ("q", "qs"):
+    if enc == "fsr":
+        mask, used = sc.rice_decode_pattern(blob, n)
+        w = np.zeros(n, dtype=np.float32)
+        w[mask] = np.frombuffer(blob[used:], dtype="<f4")
+        return torch.from_numpy(w).reshape(shape)
+    if enc not in ("q", "qs", "qsr", "qnm"):
         raise CheckpointError(f"tensor {key!r} has unknown encoding {enc!r}")
     out_ch = shape[0]
     scale = torch.from_numpy(np.frombuffer(blob[: 2 * out_ch], dtype="<f2").astype(np.float32))
     rest = blob[2 * out_ch :]
     if enc == "q":
         codes = unpack_bits(rest, bits, n)
+    elif enc == "qnm":
+        q = sc.nm_decode(rest, shape, qmax(bits), bits)
+        return dequantize(q, scale)
+    elif enc == "qsr":
+        nz, used = sc.rice_decode_pattern(rest, n)
+        codes = np.full(n, qmax(bits), dtype=np.uint8)
+        codes[nz] = unpack_bits(rest[used:], bits, int(nz.sum()))
     else:
         mask_len = _packed_len(n, 1)
         nz = np.unpackbits(np.frombuffer(rest[:mask_len], np.uint8), count=n, bitorder="little")
@@ -251,6 +334,17 @@ def decode(data: bytes) -> Checkpoint:
         offset += nbytes
     model_spec = ModelSpec.model_validate(header["model"])
     model = build_model(model_spec)
+    if header.get("pruning"):
+        from workers.pruning import replay
+
+        ex = header.get("example") or {}
+        try:
+            example = torch.zeros(ex["shape"], dtype=getattr(torch, ex["dtype"]))
+            replay(model, header["pruning"], example)
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot replay the pruning record on model {model_spec.label!r}: {e}"
+            ) from e
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -268,7 +362,26 @@ def decode(data: bytes) -> Checkpoint:
         policy=Policy.model_validate(header["policy"]) if header["policy"] else None,
         meta=header["meta"],
         size_bytes=len(data),
+        pruning=header.get("pruning", []),
     )
+
+
+def size_report(data: bytes) -> dict[str, float]:
+    """Bytes on disk against the information bound (value bits plus the entropy of each
+    tensor's sparsity pattern; see :func:`workers.sparse_codec.information_bound`).
+
+    ``ratio`` is ``size_bytes / bound_bytes``; the header (JSON, zlib) is counted in
+    the file, not in the bound.
+    """
+    header, start = read_header(data)
+    bound_bits = sum(float(row[5]) if len(row) > 5 else 8.0 * row[4] for row in header["tensors"])
+    bound = bound_bits / 8.0
+    return {
+        "size_bytes": len(data),
+        "header_bytes": start,
+        "bound_bytes": bound,
+        "ratio": len(data) / bound if bound > 0 else float("inf"),
+    }
 
 
 def save(path: str | Path, data: bytes) -> Path:

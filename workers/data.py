@@ -3,6 +3,9 @@ resolution of a dataset spec to ``(train, val)`` torch datasets."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -33,7 +36,16 @@ def digits(val_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
     )
 
 
-BUILTINS = {"digits": digits}
+def _python_text(**kwargs: Any) -> tuple[Dataset, Dataset]:
+    from workers.lm import python_text_dataset
+
+    return python_text_dataset(**kwargs)
+
+
+BUILTINS: dict[str, Callable[..., tuple[Dataset, Dataset]]] = {
+    "digits": digits,
+    "python-text": _python_text,
+}
 
 
 def build_datasets(spec: DatasetSpec) -> tuple[Dataset, Dataset]:
@@ -48,3 +60,11 @@ def build_datasets(spec: DatasetSpec) -> tuple[Dataset, Dataset]:
             f"dataset {spec.label!r} must return (train, val), got {type(out).__name__}"
         )
     return out[0], out[1]
+
+
+def example_input(ds: Dataset) -> torch.Tensor:
+    """A batch of one from a dataset: what the dependency graph is traced with."""
+    x = ds[0][0]
+    if not isinstance(x, torch.Tensor):
+        raise SpecError(f"dataset items must be (tensor, target), got {type(x).__name__}")
+    return x.unsqueeze(0)

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ from dashboards import FrontPoint, choose, non_dominated_ranks, sparq_front
 from search_spaces import KnobSpace, policy_from_params, to_optuna
 from service import store as st
 from service.settings import Settings, get_settings
-from service.spec import OBJECTIVE_MODES, JobSpec
-from workers import tracking
+from service.spec import OBJECTIVE_MODES, JobSpec, front_quality
+from workers import live, tracking
 from workers.baseline import load_saved_baseline, reevaluate, save_baseline, train_baseline
 from workers.sampling import ConstrainedOptunaSearch, make_sampler, resolve_sampler
 from workers.scheduler import ParetoHalving
@@ -36,13 +37,40 @@ __all__ = ["main", "make_sampler", "reevaluate", "run_search", "train_baseline"]
 
 log = logging.getLogger("sparq.driver")
 BEST_FILE = "best.sparq"
+OPTUNA_JOURNAL = "optuna.journal"  # optuna-dashboard opens it (see the README)
+BEST_ONNX_FILE = "best.onnx"
+
+
+def _quality(task: str, accuracy: float | None, loss: float | None) -> float:
+    return front_quality(task, accuracy, loss)
+
+
+def export_onnx(path: str, out: str, spec_json: dict[str, Any]) -> dict[str, float]:
+    """Ray task: the exported checkpoint as an int8 QDQ ONNX model, checked against torch
+    in onnxruntime on validation inputs."""
+    from workers import checkpoint as ckpt
+    from workers.data import build_datasets
+    from workers.onnx_export import export_qdq
+
+    spec = JobSpec.model_validate(spec_json)
+    _, val = build_datasets(spec.dataset)
+    xs = [val[i][0] for i in range(min(64, len(val)))]  # type: ignore[arg-type]
+    import torch
+
+    report = export_qdq(ckpt.load_checkpoint(path), out, torch.stack(xs))
+    return {
+        "rel_diff": report.rel_diff,
+        "rel_diff_optimized": report.rel_diff_optimized,
+        "top1_agreement": report.top1_agreement,
+        "bytes": float(report.size_bytes),
+    }
 
 
 class _Lazy:
     """Ray pickles the run config (stopper, callbacks) with the experiment state, so
     these hold only plain values and open their store and MLflow client lazily."""
 
-    _unpicklable = ("_store", "_client")
+    _unpicklable: tuple[str, ...] = ("_store", "_client")
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in self._unpicklable}
@@ -95,11 +123,26 @@ class JobProgress(_Lazy, tune.Callback):
         baseline_accuracy: float,
         tracking_uri: str,
         parent_run_id: str,
+        task: str = "classification",
     ) -> None:
+        self.task = task
         self.db_url, self.job_id, self.space = db_url, job_id, space
         self.baseline_size_bytes, self.baseline_accuracy = baseline_size_bytes, baseline_accuracy
         self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
         self.tagged: dict[str, tuple[bool, int]] = {}  # run id -> (on front, rank) as tagged
+
+    _unpicklable = (*_Lazy._unpicklable, "_live")
+
+    @property
+    def views(self) -> live.LiveViews:
+        """Plots on the parent run, rendered off the Tune loop (workers/live.py)."""
+        if getattr(self, "_live", None) is None:
+            self._live = live.LiveViews(self.tracking_uri, self.parent_run_id)
+        return self._live
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        if getattr(self, "_live", None) is not None:
+            self._live.close()
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
@@ -193,7 +236,10 @@ class JobProgress(_Lazy, tune.Callback):
     def _refresh(self) -> None:
         trials = self.store.trials(self.job_id)
         done = [t for t in trials if t.status == st.TRIAL_COMPLETED]
-        points = [FrontPoint(t.trial_id, t.accuracy or 0.0, t.size_bytes or 0) for t in done]
+        points = [
+            FrontPoint(t.trial_id, _quality(self.task, t.accuracy, t.loss), t.size_bytes or 0)
+            for t in done
+        ]
         front = sparq_front(points, self.baseline_size_bytes)
         self.store.update(
             self.job_id,
@@ -204,6 +250,15 @@ class JobProgress(_Lazy, tune.Callback):
             hypervolume=front.hypervolume,
         )
         self._log_front(done, front.points, front.hypervolume, len(trials))
+        if done:
+            self.views.submit(
+                live.snapshot(
+                    self.store.get(self.job_id),
+                    trials,
+                    baseline_accuracy=self.baseline_accuracy,
+                    baseline_size_bytes=self.baseline_size_bytes,
+                )
+            )
 
     def _log_front(self, done: list[st.Trial], front: list[FrontPoint], hv: float, n: int) -> None:
         c = self.client
@@ -221,13 +276,21 @@ class JobProgress(_Lazy, tune.Callback):
         baseline = {"accuracy": self.baseline_accuracy, "size_bytes": self.baseline_size_bytes}
         by_id = {t.trial_id: t for t in done}
         table = [{**row, **_policy_columns(by_id[str(row["trial_id"])].policy)} for row in rows]
-        c.log_table(self.parent_run_id, data=_frame(table), artifact_file="pareto/front_table.json")
+        tracking.replace_table(c, self.parent_run_id, _frame(table), "pareto/front_table.json")
         c.log_dict(
             self.parent_run_id,
-            {"baseline": baseline, "hypervolume": hv, "front": rows},
+            {
+                "baseline": baseline,
+                "trials_finished": n,
+                "hypervolume": hv,
+                "hypervolume_reference": _HV_REFERENCE,
+                "front": rows,
+            },
             "pareto/front.json",
         )
-        ranks = non_dominated_ranks([(t.size_bytes or 0, -(t.accuracy or 0.0)) for t in done])
+        ranks = non_dominated_ranks(
+            [(t.size_bytes or 0, -_quality(self.task, t.accuracy, t.loss)) for t in done]
+        )
         members = {p.trial_id for p in front}
         for t, rank in zip(done, ranks, strict=True):
             state = (t.trial_id in members, rank)
@@ -235,6 +298,13 @@ class JobProgress(_Lazy, tune.Callback):
                 tags = {"pareto": str(state[0]).lower(), "rank": rank}
                 tracking.set_tags(c, t.mlflow_run_id, tags)  # only what changed: O(changes)
                 self.tagged[t.mlflow_run_id] = state
+
+
+_HV_REFERENCE = {
+    "objectives": ["size_bytes / baseline size_bytes", "1 - accuracy"],
+    "minimized": True,
+    "point": [1.0, 1.0],
+}
 
 
 def _policy_columns(policy: dict[str, Any] | None) -> dict[str, Any]:
@@ -273,11 +343,8 @@ def _init_ray(settings: Settings, spec: JobSpec) -> None:
     if settings.ray_address:
         ray.init(address=settings.ray_address, **kwargs)
     else:
-        # address="local": always a fresh local Ray; without it ray.init() joins any Ray
-        # already running on this machine (another job's, a test's) and then refuses
-        # num_cpus
-        cpus = settings.ray_num_cpus or os.cpu_count() or 1
-        ray.init(address="local", num_cpus=cpus, **kwargs)
+        # address='local': a new local Ray even when `ray start` left a cluster on this host
+        ray.init(address="local", num_cpus=settings.ray_num_cpus or os.cpu_count() or 1, **kwargs)
     res = ray.cluster_resources()
     need = {"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}
     for key, field in (("CPU", "resources.cpus"), ("GPU", "resources.gpus")):
@@ -286,6 +353,26 @@ def _init_ray(settings: Settings, spec: JobSpec) -> None:
                 f"{field}={need[key]} but the Ray cluster has {res.get(key, 0.0)} {key}s in all; "
                 "no trial could ever be scheduled"
             )
+
+
+def _optuna_storage(path: Path) -> Any:
+    """The job's Optuna study in a journal file (append-only, file-locked), which
+    ``optuna-dashboard PATH`` opens while the search runs or after."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _label_study(storage: Any, study_name: str, spec: JobSpec, job_id: str) -> None:
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    with warnings.catch_warnings():  # set_metric_names is "experimental" since Optuna 3.2
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(spec.objectives))
+    study.set_user_attr("sparq_job_id", job_id)
+    study.set_user_attr("sparq_job_name", spec.name)
 
 
 def run_search(
@@ -340,8 +427,13 @@ def run_search(
                 {f"baseline_{k}": baseline[k] for k in ("accuracy", "loss", "size_bytes")},
             )
         ss = spec.search_space
+        c.log_dict(parent_id, baseline["pruning_report"], "pruning_report.json")
         space = KnobSpace.model_validate(
             {
+                "sparsity_kinds": ss.sparsity_kinds,
+                "groups": baseline["pruning_report"]["groups"],
+                "channel_low": ss.channel_sparsity.low,
+                "channel_high": ss.channel_sparsity.high,
                 "layers": baseline["layers"],
                 "weight_bits": ss.weight_bits,
                 "sparsity_low": ss.sparsity.low,
@@ -382,7 +474,9 @@ def run_search(
             baseline_accuracy=baseline["accuracy"],
             tracking_uri=settings.mlflow_tracking_uri,
             parent_run_id=parent_id,
+            task=spec.task,
         )
+        storage = _optuna_storage(job_dir / OPTUNA_JOURNAL)
         dists = to_optuna(space)
         sampler = resolve_sampler(spec, len(dists))
         log.info(
@@ -396,7 +490,10 @@ def run_search(
             sampler=make_sampler(spec, len(dists)),
             spec=spec,
             baseline_accuracy=baseline["accuracy"],
+            study_name=f"sparq-{job_id}",
+            storage=storage,
         )
+        _label_study(storage, f"sparq-{job_id}", spec, job_id)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, ctx=ctx),
             {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus},
@@ -469,10 +566,13 @@ def _finish(
 
     cancelled = store.get(job_id).cancel_requested
     done = [t for t in store.trials(job_id) if t.status == st.TRIAL_COMPLETED]
-    points = [FrontPoint(t.trial_id, t.accuracy or 0.0, t.size_bytes or 0) for t in done]
+    points = [
+        FrontPoint(t.trial_id, _quality(spec.task, t.accuracy, t.loss), t.size_bytes or 0)
+        for t in done
+    ]
     best = choose(
         points,
-        baseline_accuracy=baseline["accuracy"],
+        baseline_accuracy=baseline["quality"],
         baseline_size_bytes=baseline["size_bytes"],
         rule=spec.export.choose,
         max_accuracy_drop=spec.constraints.max_accuracy_drop,
@@ -480,6 +580,16 @@ def _finish(
     )
     final = st.CANCELLED if cancelled else st.SUCCEEDED
     failed = [t for t in store.trials(job_id) if t.status == st.TRIAL_FAILED]
+    if done:  # the views' last state, with the point being exported marked
+        views = live.snapshot(
+            store.get(job_id),
+            store.trials(job_id),
+            baseline_accuracy=baseline["accuracy"],
+            baseline_size_bytes=baseline["size_bytes"],
+            chosen_trial_id=best.trial_id if best else None,
+            final=True,
+        )
+        live.publish(c, parent_id, views)
     if not done and failed and not cancelled:
         raise RuntimeError(f"all {len(failed)} trials failed; the first: {failed[0].error}")
     if best is None:
@@ -505,7 +615,8 @@ def _finish(
         )
     else:  # a CPU job: here, without starting a Ray worker for a second's work
         again = reevaluate(str(out), spec.model_dump(mode="json"))
-    if again["size_bytes"] != best.size_bytes or abs(again["accuracy"] - best.accuracy) > 1e-9:
+    again_quality = _quality(spec.task, again["accuracy"], again["loss"])
+    if again["size_bytes"] != best.size_bytes or abs(again_quality - best.accuracy) > 1e-9:
         raise RuntimeError(
             f"exported checkpoint does not reproduce trial {best.trial_id}: reported "
             f"(accuracy={best.accuracy}, size_bytes={best.size_bytes}), reloaded {again}"
@@ -517,10 +628,35 @@ def _finish(
             "best_accuracy": again["accuracy"],
             "best_size_bytes": again["size_bytes"],
             "best_compression": baseline["size_bytes"] / again["size_bytes"],
+            "best_info_bound_bytes": again["info_bound_bytes"],
+            "best_bytes_over_bound": again["info_ratio"],
         },
     )
+    if "onnx" in spec.export.formats:
+        onnx_out = ray.get(
+            ray.remote(export_onnx)
+            .options(num_cpus=spec.resources.cpus)
+            .remote(str(out), str(job_dir / BEST_ONNX_FILE), spec.model_dump(mode="json"))
+        )
+        tracking.log_metrics(c, parent_id, {f"onnx_{k}": v for k, v in onnx_out.items()})
+        c.log_artifact(parent_id, str(job_dir / BEST_ONNX_FILE))
     tracking.set_tags(c, parent_id, {"sparq.best_trial_id": best.trial_id})
-    c.log_artifact(parent_id, str(out))
+    c.log_artifact(parent_id, str(out), "model")
+    c.log_dict(parent_id, trial.policy or {}, "model/policy.json")
+    version = tracking.register_model(
+        c,
+        parent_id,
+        "model",
+        name=f"sparq-{spec.name}",
+        tags={
+            "sparq.job_id": job_id,
+            "sparq.trial_id": best.trial_id,
+            "accuracy": again["accuracy"],
+            "size_bytes": again["size_bytes"],
+        },
+        description=f"sparq job {job_id}: trial {best.trial_id} ({spec.export.choose} rule)",
+    )
+    tracking.set_tags(c, parent_id, {"sparq.model_version": version.version})
     store.update(
         job_id,
         status=final,

@@ -148,17 +148,32 @@ class CompressedLayer:
 
 def compressible_layers(model: nn.Module) -> list[LayerInfo]:
     """The Linear, Conv2d and Embedding layers a policy can address, in module order."""
+    from workers.sparsity import supported_kinds
+
     out = []
     for name, module in model.named_modules():
         if isinstance(module, COMPRESSIBLE):
             kind = next(k for t, k in _KINDS.items() if isinstance(module, t))
-            out.append(LayerInfo(name=name, kind=kind, numel=module.weight.numel()))
+            out.append(
+                LayerInfo(
+                    name=name,
+                    kind=kind,
+                    numel=module.weight.numel(),
+                    sparsity_kinds=supported_kinds(module),
+                )
+            )
     return out
 
 
 def apply_policy(model: nn.Module, policy: Policy) -> nn.Module:
     """Prune (exact magnitude top-k from the current float weights), then attach the
-    quantization-noise parametrization to every layer the policy names. In place."""
+    quantization-noise parametrization to every layer the policy names. In place.
+
+    The in-layer mask follows the layer's sparsity kind (unstructured top-k or N:M,
+    see :mod:`workers.sparsity`); structured channel pruning (``policy.channels``) is
+    applied before this, by :func:`workers.pruning.prune_channels`."""
+    from workers.sparsity import layer_mask
+
     known = {info.name for info in compressible_layers(model)}
     unknown = sorted(set(policy.layers) - known)
     if unknown:
@@ -168,7 +183,7 @@ def apply_policy(model: nn.Module, policy: Policy) -> nn.Module:
         weight = module.weight
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"layer {name!r} has no weight tensor")
-        mask = magnitude_mask(weight, lp.sparsity)
+        mask = layer_mask(weight, lp, name)
         parametrize.register_parametrization(
             module, "weight", QuantNoise(mask, lp.bits, policy.noise_rate, policy.noise_block, name)
         )

@@ -53,10 +53,20 @@ def digits_cnn(width: int = 16, num_classes: int = 10) -> nn.Module:
     )
 
 
-BUILTINS: dict[str, Callable[..., nn.Module]] = {
-    "digits-mlp": digits_mlp,
-    "digits-cnn": digits_cnn,
-}
+def _builtins() -> dict[str, Callable[..., nn.Module]]:
+    from workers.lm import char_lm
+    from workers.nets import digits_dsconv, digits_transformer
+
+    return {
+        "digits-mlp": digits_mlp,
+        "digits-cnn": digits_cnn,
+        "digits-dsconv": digits_dsconv,
+        "digits-transformer": digits_transformer,
+        "char-lm": char_lm,
+    }
+
+
+BUILTINS: dict[str, Callable[..., nn.Module]] = _builtins()
 if tuple(BUILTINS) != BUILTIN_MODELS:  # the spec's list must name exactly these
     raise RuntimeError(f"builtin models {tuple(BUILTINS)} differ from the spec's {BUILTIN_MODELS}")
 

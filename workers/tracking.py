@@ -103,3 +103,56 @@ def delete_orphan_runs(
     for run_id in gone:
         c.delete_run(run_id)
     return gone
+
+
+def register_model(
+    c: MlflowClient,
+    run_id: str,
+    artifact_path: str,
+    *,
+    name: str,
+    alias: str = "best",
+    tags: Mapping[str, Any] | None = None,
+    description: str | None = None,
+) -> Any:
+    """Register ``runs:/<run_id>/<artifact_path>`` as a new version of the registered
+    model ``name`` (created on first use) and point ``alias`` at it. Returns the
+    ``ModelVersion``; ``models:/<name>@<alias>`` then resolves to its files."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.create_registered_model(name, description=description)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    mv = c.create_model_version(
+        name,
+        source=f"runs:/{run_id}/{artifact_path}",
+        run_id=run_id,
+        tags={k: str(v) for k, v in (tags or {}).items()},
+        description=description,
+    )
+    c.set_registered_model_alias(name, alias, mv.version)
+    return mv
+
+
+def replace_table(c: MlflowClient, run_id: str, data: Any, artifact_file: str) -> None:
+    """``log_table`` that replaces the table instead of appending to it.
+
+    ``MlflowClient.log_table`` appends rows to an existing file, so logging the
+    current front after every trial would pile up stale rows. The first call goes
+    through ``log_table`` (it registers the file as a table for the UI); later ones
+    overwrite it in the same JSON "split" format.
+    """
+    import posixpath
+    import tempfile
+    from pathlib import Path
+
+    folder, name = posixpath.split(artifact_file)
+    if artifact_file not in {a.path for a in c.list_artifacts(run_id, folder or None)}:
+        c.log_table(run_id, data=data, artifact_file=artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        data.to_json(path, orient="split", index=False, date_format="iso")
+        c.log_artifact(run_id, str(path), folder or None)

@@ -12,8 +12,22 @@ from torch.utils.data import DataLoader, Dataset
 
 @dataclass(frozen=True)
 class EvalResult:
-    accuracy: float  # fraction of correct top-1 predictions, in [0, 1]
-    loss: float  # mean cross-entropy (NLL)
+    accuracy: float  # fraction of correct top-1 predictions (per token for LMs), in [0, 1]
+    loss: float  # mean cross-entropy (NLL, nats)
+
+    @property
+    def perplexity(self) -> float:
+        """``exp`` of the mean cross-entropy: the language-modelling objective."""
+        import math
+
+        return math.exp(min(self.loss, 700.0))
+
+
+def _flat(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence outputs ``[B, T, C]`` (language modelling) become ``[B*T, C]``."""
+    if logits.dim() == 3:
+        return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+    return logits, y
 
 
 def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -39,7 +53,7 @@ def train_epochs(
         total, count = 0.0, 0
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(*_flat(model(x), y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -58,7 +72,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Eval
     correct, total, loss = 0, 0, 0.0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        logits = model(x)
+        logits, y = _flat(model(x), y)
         loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(dim=1) == y).sum())
         total += len(y)

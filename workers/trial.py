@@ -5,6 +5,7 @@ its exact size in bytes."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,14 +20,24 @@ from search_spaces import KnobSpace, Policy, policy_from_params
 from service.spec import JobSpec
 from workers import checkpoint as ckpt
 from workers import quant, tracking
-from workers.data import build_datasets
+from workers.data import build_datasets, example_input
 from workers.models import build_model
 from workers.scheduler import milestones
 from workers.train import EvalResult, evaluate, make_loader
 
 CHECKPOINT_FILE = "model.sparq"
 REPORTED = frozenset({"accuracy", "loss", "size_bytes", "duration_s"})  # a trial's metrics
-ALSO_REPORTED = frozenset({"bops", "relative_bops", "group_sparsity"})  # when measured
+ALSO_REPORTED = frozenset(  # when measured
+    {
+        "perplexity",
+        "info_bound_bytes",
+        "bytes_over_bound",
+        "params",
+        "bops",
+        "relative_bops",
+        "group_sparsity",
+    }
+)
 RUNG_METHODS = frozenset({"quant_noise", "mx", "bfp"})  # report at early-stopping rungs
 EVAL_BATCH = 512
 
@@ -88,16 +99,44 @@ def compress(
     *,
     seed: int,
     on_epoch: Callable[[int, float], None] | None = None,
-    on_model: Callable[[torch.nn.Module], None] | None = None,
+    on_model: Callable[[torch.nn.Module, Callable[[], bytes]], None] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, float]]:
-    """A trial's work without Ray or MLflow: apply the policy's method to the float
-    baseline, fine-tune as the method says, export, and measure the decoded checkpoint.
-    Returns the checkpoint bytes and the metrics (accuracy, loss, size_bytes, BOPs)."""
-    model = quant.apply(load_baseline(spec, baseline_state), policy)
-    if on_model is not None:  # sees the wrapped model before it is trained
-        on_model(model)
-    train, _ = build_datasets(spec.dataset)
+    """A trial's work without Ray or MLflow: prune channels (structured, first), apply
+    the policy's method to the survivors, fine-tune as the method says, export, and
+    measure the decoded checkpoint. Returns the checkpoint bytes and the metrics
+    (accuracy, loss, perplexity, size_bytes, information bound, params, BOPs).
+
+    ``on_model(model, encode_now)`` sees the wrapped model before it is trained, with
+    a function that exports it as it stands."""
+    train, val = build_datasets(spec.dataset)
+    example = example_input(train)
+    model = load_baseline(spec, baseline_state)
+    pruning: list[dict[str, Any]] = []
+    if policy.channels:  # structured first: quantizers are attached to the survivors
+        from workers.pruning import prune_channels
+
+        # N:M groups, noise blocks and iPQ sub-vectors tile the surviving channels
+        multiple = math.lcm(4, policy.noise_block)
+        if policy.method == "ipq":
+            multiple = math.lcm(multiple, policy.ipq_block)
+        pruning = prune_channels(model, policy.channels, example, multiple_of=multiple)
+    model = quant.apply(model, policy)
+
+    def encode_now() -> bytes:
+        return ckpt.encode(
+            model.cpu(),
+            model_spec=spec.model,
+            dataset_spec=spec.dataset,
+            task=spec.task,
+            policy=policy,
+            meta=meta or {},
+            pruning=pruning,
+            example=example,
+        )
+
+    if on_model is not None:
+        on_model(model, encode_now)
     ss = spec.search_space
     learned = quant.finetune(
         model,
@@ -109,20 +148,19 @@ def compress(
         on_epoch=on_epoch,
         seed=seed,
     )
-    cost = quant.count_bops(model, train[0][0].unsqueeze(0))
-    data = ckpt.encode(
-        model.cpu(),
-        model_spec=spec.model,
-        dataset_spec=spec.dataset,
-        task=spec.task,
-        policy=policy,
-        meta=meta or {},
-    )
-    result = evaluate_bytes(data, spec, device)
+    cost = quant.count_bops(model, example)
+    data = encode_now()
+    decoded = ckpt.decode(data).model
+    result = evaluate(decoded, make_loader(val, EVAL_BATCH, shuffle=False), device)
+    bound = ckpt.size_report(data)
     metrics = {
         "accuracy": result.accuracy,
         "loss": result.loss,
+        "perplexity": result.perplexity,
         "size_bytes": len(data),
+        "info_bound_bytes": bound["bound_bytes"],
+        "bytes_over_bound": bound["ratio"],
+        "params": sum(p.numel() for p in decoded.parameters()),
         "bops": cost.bops,
         "relative_bops": cost.relative,
     }
@@ -155,6 +193,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             metrics = {k: run.data.metrics[k] for k in REPORTED}
             metrics |= {k: run.data.metrics[k] for k in ALSO_REPORTED & run.data.metrics.keys()}
             metrics["size_bytes"] = int(metrics["size_bytes"])
+            if "params" in metrics:
+                metrics["params"] = int(metrics["params"])
             tune.report(
                 {**metrics, "mlflow_run_id": run_id, "replayed": True, "final": True},
                 checkpoint=tune.Checkpoint.from_directory(tmp),
@@ -165,6 +205,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     started = time.perf_counter()
     try:
         tracking.log_params(c, run_id, policy.summary())
+        c.log_dict(run_id, policy.model_dump(mode="json"), "policy.json")  # the full policy
         _, val = build_datasets(spec.dataset)
         ss = spec.search_space
         es = spec.search.early_stopping
@@ -175,18 +216,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         val_loader = make_loader(val, EVAL_BATCH, shuffle=False)
         held: dict[str, Any] = {}
 
-        def on_model(model: torch.nn.Module) -> None:
+        def on_model(model: torch.nn.Module, encode_now: Callable[[], bytes]) -> None:
             held["model"] = model
             if rungs:  # the policy fixes the checkpoint's size; fine-tuning changes values
-                enc = ckpt.encode(
-                    model.cpu(),
-                    model_spec=spec.model,
-                    dataset_spec=spec.dataset,
-                    task=spec.task,
-                    policy=policy,
-                    meta=meta,
-                )
-                held["size"] = len(enc)
+                held["size"] = len(encode_now())
 
         def on_epoch(epoch: int, loss: float) -> None:
             tracking.log_metrics(c, run_id, {"train_loss": loss}, epoch)

@@ -12,7 +12,10 @@ from dashboards import (
     FrontPoint,
     choose,
     hypervolume_2d,
+    hypervolume_history,
     knee_index,
+    max_accuracy_under,
+    min_size_above,
     non_dominated_ranks,
     pareto_indices,
     sparq_front,
@@ -96,3 +99,81 @@ def test_choose_respects_constraints_and_says_when_nothing_fits() -> None:
     assert limited.trial_id == "mid"
     assert choose(pts, rule="max_accuracy", max_size_bytes=30_000, **kw).trial_id == "mid"  # type: ignore[union-attr]
     assert choose(pts, max_accuracy_drop=0.0, max_size_bytes=10_000, **kw) is None
+
+
+def _random_points(seed: int) -> list[FrontPoint]:
+    rng = random.Random(seed)
+    n = rng.randint(1, 30)
+    # coarse grids so ties in size and in accuracy happen
+    return [
+        FrontPoint(f"t{i}", rng.randint(50, 100) / 100, rng.randint(1, 40) * 250) for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_rules_match_brute_force(seed: int) -> None:
+    pts = _random_points(seed)
+    rng = random.Random(1000 + seed)
+    cap = rng.randint(0, 40) * 250
+    floor = rng.randint(40, 100) / 100
+    fits = [p for p in pts if p.size_bytes <= cap]
+    got = max_accuracy_under(pts, cap)
+    if not fits:
+        assert got is None
+    else:
+        assert got is not None
+        assert got.size_bytes <= cap
+        assert got.accuracy == max(p.accuracy for p in fits)
+        assert got.size_bytes == min(p.size_bytes for p in fits if p.accuracy == got.accuracy)
+        # on the front of all points: no point is both smaller-or-equal and more accurate
+        assert not any(p.size_bytes <= got.size_bytes and p.accuracy > got.accuracy for p in pts)
+    accurate = [p for p in pts if p.accuracy >= floor]
+    got = min_size_above(pts, floor)
+    if not accurate:
+        assert got is None
+    else:
+        assert got is not None
+        assert got.accuracy >= floor
+        assert got.size_bytes == min(p.size_bytes for p in accurate)
+        assert got.accuracy == max(p.accuracy for p in accurate if p.size_bytes == got.size_bytes)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_choose_rules_are_the_rule_functions_on_the_feasible_points(seed: int) -> None:
+    pts = _random_points(seed)
+    rng = random.Random(2000 + seed)
+    kw = {"baseline_accuracy": 1.0, "baseline_size_bytes": 20_000}
+    drop = rng.choice([None, 0.1, 0.3])
+    cap = rng.choice([None, rng.randint(1, 40) * 250])
+    floor = -1.0 if drop is None else 1.0 - drop
+    feasible = [
+        p for p in pts if p.accuracy >= floor - 1e-12 and (cap is None or p.size_bytes <= cap)
+    ]
+    got = choose(pts, rule="max_accuracy", max_accuracy_drop=drop, max_size_bytes=cap, **kw)
+    want = max(feasible, key=lambda p: (p.accuracy, -p.size_bytes), default=None)
+    assert (got is None) == (want is None)
+    if got and want:
+        assert (got.accuracy, got.size_bytes) == (want.accuracy, want.size_bytes)
+    got = choose(pts, rule="min_size", max_accuracy_drop=drop, max_size_bytes=cap, **kw)
+    want = min(feasible, key=lambda p: (p.size_bytes, -p.accuracy), default=None)
+    assert (got is None) == (want is None)
+    if got and want:
+        assert (got.accuracy, got.size_bytes) == (want.accuracy, want.size_bytes)
+    knee = choose(pts, max_accuracy_drop=drop, max_size_bytes=cap, **kw)
+    assert (knee is None) == (not feasible)
+    if knee:  # the knee is a feasible point of the front of the feasible points
+        assert knee in feasible
+        assert knee.trial_id in {p.trial_id for p in sparq_front(feasible, 20_000).points}
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_hypervolume_history_is_the_hypervolume_of_each_prefix(seed: int) -> None:
+    pts = _random_points(seed)
+    history = hypervolume_history(pts, 12_000)
+    assert len(history) == len(pts)
+    for k, hv in enumerate(history):
+        values = [(p.size_bytes / 12_000, 1 - p.accuracy) for p in pts[: k + 1]]
+        assert hv == pytest.approx(_brute_hv(values, (1.0, 1.0)))
+    assert all(b >= a for a, b in itertools.pairwise(history))  # never decreases
+    with pytest.raises(ValueError, match="baseline_size_bytes must be positive"):
+        hypervolume_history(pts, 0)

@@ -4,7 +4,7 @@ import optuna
 import pytest
 from pydantic import ValidationError
 
-from search_spaces import KnobSpace, LayerInfo, Policy, policy_from_params, to_optuna
+from search_spaces import KnobSpace, LayerInfo, LayerPolicy, Policy, policy_from_params, to_optuna
 
 
 def _space(**kw: object) -> KnobSpace:
@@ -65,3 +65,49 @@ def test_policy_summary_is_flat_strings() -> None:
     assert summary["0.bits"] == "2"
     assert summary["noise_rate"] == "0.3"
     assert all(isinstance(v, str) for v in summary.values())
+
+
+def test_sparsity_kinds_and_channel_groups_become_knobs() -> None:
+    from search_spaces import GroupInfo
+
+    space = _space(
+        layers=[
+            LayerInfo(name="0", kind="linear", numel=64, sparsity_kinds=["unstructured", "2:4"]),
+            LayerInfo(name="2", kind="conv2d", numel=9),
+        ],
+        sparsity_kinds=["unstructured", "2:4", "1:4", "channel"],
+        groups=[GroupInfo(name="0", channels=8, layers=["0"])],
+        channel_low=0.1,
+        channel_high=0.5,
+    )
+    dists = to_optuna(space)
+    assert set(dists) == {
+        "0.bits", "0.kind", "0.sparsity", "2.bits", "2.sparsity", "group:0.channels",
+        "noise_rate",
+    }  # fmt: skip
+    assert list(dists["0.kind"].choices) == ["unstructured", "2:4"]  # type: ignore[attr-defined]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    kinds = set()
+    for _ in range(30):
+        policy = policy_from_params(space, study.ask(dists).params)
+        kinds.add(policy.layers["0"].kind)
+        assert policy.layers["2"].kind == "unstructured"
+        assert 0.1 <= policy.channels["0"] <= 0.5
+        if policy.layers["0"].kind == "2:4":
+            assert policy.layers["0"].sparsity == 0.5
+    assert kinds == {"unstructured", "2:4"}
+
+
+def test_only_nm_kinds_leave_unsupported_layers_dense() -> None:
+    space = _space(sparsity_kinds=["2:4"])
+    dists = to_optuna(space)
+    assert "0.sparsity" not in dists
+    assert "0.kind" not in dists
+    params = {"0.bits": 4, "2.bits": 4, "noise_rate": 0.5}
+    policy = policy_from_params(space, params)
+    assert policy.layers["0"] == LayerPolicy(bits=4, sparsity=0.0)
+
+
+def test_unknown_kind_is_refused() -> None:
+    with pytest.raises(ValidationError, match="not known"):
+        _space(sparsity_kinds=["3:8"])

@@ -71,3 +71,33 @@ def test_spec_requires_model_and_dataset() -> None:
 def test_yaml_that_is_not_a_mapping_is_refused() -> None:
     with pytest.raises(ValueError, match="must be a mapping"):
         JobSpec.from_yaml("- a\n- b\n")
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "rule"),
+    [
+        ({"search_space": {"sparsity_kinds": ["3:4"]}}, "search_space.sparsity_kinds", "2:4"),
+        ({"search_space": {"sparsity_kinds": []}}, "sparsity_kinds", "at least one"),
+        ({"search_space": {"sparsity_kinds": ["channel", "channel"]}}, "sparsity_kinds", "repeat"),
+        ({"search_space": {"channel_sparsity": {"low": 0, "high": 1}}}, "channel", "[0, 1)"),
+        ({"export": {"formats": ["onnx"]}}, "export.formats", "must include 'sparq'"),
+        ({"export": {"formats": ["tflite"]}}, "export.formats", "'sparq' or 'onnx'"),
+        ({"task": "language_modeling", "objectives": ["accuracy", "size_bytes"]}, "objectives",
+         "['perplexity', 'size_bytes']"),
+    ],
+)  # fmt: skip
+def test_issue4_fields_name_field_and_rule(patch: dict, field: str, rule: str) -> None:
+    message = _err({**MINIMAL, **patch})
+    assert field in message
+    assert rule in message
+
+
+def test_issue4_fields_round_trip() -> None:
+    spec = JobSpec.model_validate(
+        {**MINIMAL, "model": {"entrypoint": "tests.nets:residual_cnn"},
+         "search_space": {"sparsity_kinds": ["unstructured", "2:4", "channel"],
+                          "channel_sparsity": {"low": 0.1, "high": 0.4}},
+         "export": {"formats": ["sparq", "onnx"]}}
+    )  # fmt: skip
+    assert JobSpec.from_yaml(spec.to_yaml()) == spec
+    assert spec.search_space.sparsity_kinds == ["unstructured", "2:4", "channel"]

@@ -26,14 +26,15 @@ from torch.utils.data import DataLoader
 
 from search_spaces import Policy
 from search_spaces._policy import FLOAT_BITS
-from workers.engine import QuantNoise, apply_policy, compressible_layers, magnitude_mask
+from workers.engine import QuantNoise, apply_policy, compressible_layers
 from workers.quant import actquant, geta, ipq
-from workers.quant._common import DECODERS, WeightQuantizer, parametrization, weight
+from workers.quant._common import BOUNDS, DECODERS, WeightQuantizer, parametrization, weight
 from workers.quant.blockfmt import BlockFormatWeight
 from workers.quant.bops import Bops, count_bops
 from workers.quant.quant_noise import PQNoise, ScalarQuantNoise
+from workers.sparsity import layer_mask
 
-__all__ = ["DECODERS", "Bops", "WeightQuantizer", "apply", "count_bops", "finetune"]
+__all__ = ["BOUNDS", "DECODERS", "Bops", "WeightQuantizer", "apply", "count_bops", "finetune"]
 
 CALIBRATION_BATCHES = 4
 
@@ -66,7 +67,7 @@ def apply(model: nn.Module, policy: Policy) -> nn.Module:
             if policy.method == "geta" and lp.bits != FLOAT_BITS:
                 continue
             if lp.bits == FLOAT_BITS:
-                mask = magnitude_mask(w, lp.sparsity)
+                mask = layer_mask(w, lp, name)
                 pm = QuantNoise(mask, FLOAT_BITS, policy.noise_rate, policy.noise_block, name)
             elif policy.method == "quant_noise":
                 pm = ScalarQuantNoise(
@@ -79,6 +80,7 @@ def apply(model: nn.Module, policy: Policy) -> nn.Module:
                     symmetric=policy.symmetric,
                     order=policy.order,
                     layer=name,
+                    kind=lp.kind,
                 )
             elif policy.method == "ipq":
                 ipq.block_size(w, policy.ipq_block, name)  # fail early on a bad block size
@@ -93,6 +95,7 @@ def apply(model: nn.Module, policy: Policy) -> nn.Module:
                     element=policy.mx_element if policy.method == "mx" else "int",
                     order=policy.order,
                     layer=name,
+                    kind=lp.kind,
                 )
             parametrize.register_parametrization(module, "weight", pm)
     if policy.act_bits != FLOAT_BITS:

@@ -13,6 +13,18 @@ from torch.nn.utils import parametrize
 
 # encoding name -> decoder(shape, bits, blob) -> float tensor; filled by each method module
 DECODERS: dict[str, Callable[[list[int], int, bytes], torch.Tensor]] = {}
+# encoding name -> information bound in bits(shape, bits, blob); filled likewise
+BOUNDS: dict[str, Callable[[list[int], int, bytes], float]] = {}
+
+
+def pattern_bound(decoded: torch.Tensor, bits: int) -> float:
+    """Value bits of the nonzero weights plus the entropy of where they are (the side
+    information, scales or exponents, is added by each method)."""
+    from workers.sparse_codec import log2_binomial
+
+    n = decoded.numel()
+    k = int((decoded != 0).sum())
+    return float(bits * k) + log2_binomial(n, k)
 
 
 def ste_round(x: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,17 @@ from functools import cache
 import numpy as np
 import torch
 
-from workers.engine import magnitude_mask, qmax
-from workers.quant._common import DECODERS, WeightQuantizer, pack_codes, rows, unpack_codes
+from workers.engine import qmax
+from workers.quant._common import (
+    BOUNDS,
+    DECODERS,
+    WeightQuantizer,
+    pack_codes,
+    pattern_bound,
+    rows,
+    unpack_codes,
+)
+from workers.sparsity import kind_mask
 
 BLOCK = {"mx": 32, "bfp": 64}
 FP_ELEMENTS = {8: (4, 3), 6: (2, 3), 4: (2, 1)}  # bits -> (exponent bits, mantissa bits)
@@ -123,6 +132,7 @@ class BlockFormatWeight(WeightQuantizer):
         element: str = "int",
         order: str = "sq",
         layer: str = "",
+        kind: str = "unstructured",
     ) -> None:
         super().__init__()
         if order not in ("sq", "qs"):
@@ -130,7 +140,8 @@ class BlockFormatWeight(WeightQuantizer):
         self.fmt, self.bits, self.element, self.order, self.layer = fmt, bits, element, order, layer
         w = weight.detach()
         source = w if order == "sq" else block_quant(w, fmt, bits, element)[0]
-        self.register_buffer("mask", magnitude_mask(source, sparsity).to(torch.float32))
+        mask = kind_mask(source, sparsity, kind, layer)  # unstructured or N:M
+        self.register_buffer("mask", mask.to(torch.float32))
 
     def _target(self, weight: torch.Tensor, stochastic: bool) -> torch.Tensor:
         fq = block_quant
@@ -185,5 +196,17 @@ def _decoder(fmt: str):  # type: ignore[no-untyped-def]
     return decode
 
 
+def _bound(fmt: str):  # type: ignore[no-untyped-def]
+    decode = _decoder(fmt)
+
+    def bound(shape: list[int], bits: int, blob: bytes) -> float:
+        _, nblocks = struct.unpack_from("<BI", blob)
+        return 8.0 * nblocks + pattern_bound(decode(shape, bits, blob), bits)  # int8 exponents
+
+    return bound
+
+
 DECODERS["mx"] = _decoder("mx")
 DECODERS["bfp"] = _decoder("bfp")
+BOUNDS["mx"] = _bound("mx")
+BOUNDS["bfp"] = _bound("bfp")

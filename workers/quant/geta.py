@@ -39,10 +39,12 @@ from torch.utils.data import DataLoader
 from search_spaces._policy import GetaSettings
 from workers.engine import qmax
 from workers.quant._common import (
+    BOUNDS,
     DECODERS,
     WeightQuantizer,
     original,
     pack_codes,
+    pattern_bound,
     unpack_codes,
     weight,
 )
@@ -165,7 +167,12 @@ def _decode_geta(shape: list[int], bits: int, blob: bytes) -> torch.Tensor:
     return torch.sign(signed) * torch.tensor(d, dtype=torch.float32) * signed.abs()
 
 
+def _bound_geta(shape: list[int], bits: int, blob: bytes) -> float:
+    return 32.0 + pattern_bound(_decode_geta(shape, bits, blob), bits)  # one fp32 step
+
+
 DECODERS["geta"] = _decode_geta
+BOUNDS["geta"] = _bound_geta
 
 
 def attach(model: nn.Module, names: list[str]) -> dict[str, GetaQuant]:

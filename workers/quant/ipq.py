@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from workers.quant._common import DECODERS, WeightQuantizer, original, rows, weight
+from workers.quant._common import BOUNDS, DECODERS, WeightQuantizer, original, rows, weight
 
 STAGES: tuple[tuple[str, tuple[type[nn.Module], ...]], ...] = (
     ("linear", (nn.Linear,)),  # the paper's FFN stage
@@ -139,7 +139,14 @@ def _decode_pq(shape: list[int], bits: int, blob: bytes) -> torch.Tensor:
     return torch.from_numpy(cents[assign]).reshape(shape)
 
 
+def _bound_pq(shape: list[int], bits: int, blob: bytes) -> float:
+    k, bs = struct.unpack_from("<HH", blob)
+    # fp16 centroids, then one index of `bits` per sub-vector
+    return 16.0 * k * bs + float(bits * (int(np.prod(shape)) // bs))
+
+
 DECODERS["pq"] = _decode_pq
+BOUNDS["pq"] = _bound_pq
 
 
 def quantize_layers(

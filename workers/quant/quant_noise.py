@@ -26,8 +26,17 @@ import numpy as np
 import torch
 
 from search_spaces._policy import FLOAT_BITS
-from workers.engine import block_mask_shape, magnitude_mask, qmax
-from workers.quant._common import DECODERS, WeightQuantizer, pack_codes, rows, unpack_codes
+from workers.engine import block_mask_shape, qmax
+from workers.quant._common import (
+    BOUNDS,
+    DECODERS,
+    WeightQuantizer,
+    pack_codes,
+    pattern_bound,
+    rows,
+    unpack_codes,
+)
+from workers.sparsity import kind_mask
 
 _MIN_SCALE = 2.0**-14  # scales are stored in fp16
 
@@ -125,6 +134,7 @@ class ScalarQuantNoise(WeightQuantizer):
         symmetric: bool = True,
         order: str = "sq",
         layer: str = "",
+        kind: str = "unstructured",
     ) -> None:
         super().__init__()
         if not 2 <= bits <= 8:
@@ -138,7 +148,8 @@ class ScalarQuantNoise(WeightQuantizer):
         block_mask_shape(weight, block, layer)  # fail early on a bad block size
         w = weight.detach()
         source = w if order == "sq" else fake_int(w, bits, granularity, symmetric)
-        self.register_buffer("mask", magnitude_mask(source, sparsity).to(torch.float32))
+        mask = kind_mask(source, sparsity, kind, layer)  # unstructured or N:M
+        self.register_buffer("mask", mask.to(torch.float32))
 
     def _target(self, weight: torch.Tensor) -> torch.Tensor:
         if self.order == "sq":
@@ -191,7 +202,14 @@ def _decode_qx(shape: list[int], bits: int, blob: bytes) -> torch.Tensor:
     return int_dequant(c, bits, scale, zero, bool(symmetric)).reshape(shape)
 
 
+def _bound_qx(shape: list[int], bits: int, blob: bytes) -> float:
+    _, symmetric, nscale = struct.unpack_from("<BBH", blob)
+    side = 16.0 * nscale * (1 if symmetric else 2)  # fp16 scales (+ int16 zero points)
+    return side + pattern_bound(_decode_qx(shape, bits, blob), bits)
+
+
 DECODERS["qx"] = _decode_qx
+BOUNDS["qx"] = _bound_qx
 
 
 class PQNoise(WeightQuantizer):

@@ -1,0 +1,53 @@
+"""Live views against a real MLflow tracking store: snapshots coalesce, the last one
+is always drawn, and what lands on the run is the newest state."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from dashboards import PlotPoint
+from workers import tracking
+from workers.live import ARTIFACT_DIR, LiveViews, Snapshot
+
+pytestmark = pytest.mark.slow  # renders plots and starts an MLflow store
+
+
+def _snap(n: int, title: str) -> Snapshot:
+    rng = random.Random(n)
+    pts: list[PlotPoint | None] = [
+        PlotPoint(
+            f"t{i}",
+            rng.randint(70, 99) / 100,
+            rng.randint(2, 40) * 100,
+            {"layers": {"1": {"bits": rng.choice([2, 4, 8]), "sparsity": 0.3}}},
+        )
+        for i in range(n)
+    ]
+    pts.insert(1, None)  # a failed trial
+    return Snapshot(pts, 0.97, 10_000, "t0", title)
+
+
+def test_snapshots_coalesce_and_the_last_one_is_published(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    exp = c.create_experiment("live", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = c.create_run(exp).info.run_id
+    views = LiveViews(uri, run_id, min_interval_s=60.0)
+    for n in range(2, 8):  # arrives much faster than the interval: only first and last drawn
+        views.submit(_snap(n, f"snapshot {n}"))
+    views.close()
+    assert views.submitted == 6
+    assert 1 <= views.published <= 2
+    names = {a.path for a in c.list_artifacts(run_id, ARTIFACT_DIR)}
+    assert {
+        f"{ARTIFACT_DIR}/{f}" for f in ("front.png", "front.html", "hypervolume.png", "policy.png")
+    } <= names
+    html = Path(
+        c.download_artifacts(run_id, f"{ARTIFACT_DIR}/front.html", str(tmp_path))
+    ).read_text()
+    assert "snapshot 7" in html
+    with pytest.raises(RuntimeError, match="after close"):
+        views.submit(_snap(2, "late"))

@@ -1,0 +1,48 @@
+"""The character-level language model on text that ships with Python."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from service.spec import DatasetSpec, JobSpec, ModelSpec
+from workers.data import build_datasets
+from workers.models import build_model
+from workers.train import evaluate, make_loader, train_epochs
+
+
+def test_python_text_split_is_fixed_and_disjoint() -> None:
+    spec = DatasetSpec(builtin="python-text", kwargs={"max_chars": 20_000})
+    train, val = build_datasets(spec)
+    _again, val2 = build_datasets(spec)
+    assert torch.equal(val.tensors[0], val2.tensors[0])  # type: ignore[attr-defined]
+    x, y = train[0]
+    assert x.shape == y.shape == (64,)
+    assert torch.equal(x[1:], y[:-1])  # targets are the next characters
+    assert len(train) + len(val) == (20_000 - 1) // 64
+    assert int(train.tensors[0].max()) < 128  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_char_lm_learns_below_uniform_perplexity() -> None:
+    torch.manual_seed(0)
+    train, val = build_datasets(DatasetSpec(builtin="python-text", kwargs={"max_chars": 12_000}))
+    model = build_model(ModelSpec(builtin="char-lm", kwargs={"dim": 32, "depth": 1}))
+    before = evaluate(model, make_loader(val, 64, shuffle=False), torch.device("cpu"))
+    train_epochs(
+        model, make_loader(train, 32, shuffle=True), epochs=3, lr=1e-2, device=torch.device("cpu")
+    )
+    after = evaluate(model, make_loader(val, 64, shuffle=False), torch.device("cpu"))
+    assert after.perplexity < before.perplexity
+    assert after.perplexity < 128 / 2  # well below uniform over the vocabulary
+    assert math.isclose(after.perplexity, math.exp(after.loss))
+
+
+def test_language_modeling_spec_defaults_to_perplexity() -> None:
+    spec = JobSpec.model_validate(
+        {"model": {"builtin": "char-lm"}, "dataset": {"builtin": "python-text"},
+         "task": "language_modeling"}
+    )  # fmt: skip
+    assert spec.objectives == ["perplexity", "size_bytes"]

@@ -1,0 +1,174 @@
+"""Live views of a running job on its MLflow parent run: the front (PNG and an
+interactive HTML page), hypervolume against trials and the chosen point's policy,
+under the ``pareto/`` artifact folder, so the MLflow UI shows the current front
+without any other tool.
+
+Rendering and uploading take a second or more (matplotlib, plotly.js embedded in
+the HTML page), so it happens on one background thread: the Tune loop only hands
+over the newest snapshot and returns. Snapshots arriving while a render is running
+or within ``min_interval_s`` of the last upload replace each other (only the newest
+is drawn), and the final one is always drawn. A failed upload is logged, never
+raised: the views must not fail the search.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from dashboards import FrontPoint, PlotPoint, choose, front_plot, hypervolume_plot, render_views
+from service import store as st
+from service.spec import JobSpec
+from workers import tracking
+
+log = logging.getLogger("sparq.live")
+ARTIFACT_DIR = "pareto"
+MIN_INTERVAL_S = 10.0
+
+
+class Snapshot(NamedTuple):
+    """What one render of the views needs; plain values only."""
+
+    finished: list[PlotPoint | None]  # finishing order; None: a failed or stopped trial
+    baseline_accuracy: float
+    baseline_size_bytes: int
+    chosen_trial_id: str | None
+    title: str
+
+
+def snapshot(
+    job: st.Job,
+    trials: Sequence[st.Trial],
+    *,
+    baseline_accuracy: float,
+    baseline_size_bytes: int,
+    chosen_trial_id: str | None = None,
+    final: bool = False,
+) -> Snapshot:
+    """The views' input from the job store. While the search runs, the chosen point is
+    the one the export rule would pick now (the job's rule and constraints)."""
+    # failed and early-stopped trials count as steps; only completed ones are points
+    ended = [
+        t for t in trials if t.status in (st.TRIAL_COMPLETED, st.TRIAL_FAILED, st.TRIAL_STOPPED)
+    ]
+    ended.sort(key=lambda t: (t.finished_at is None, t.finished_at, t.number))
+    finished: list[PlotPoint | None] = [
+        PlotPoint(t.trial_id, t.accuracy or 0.0, t.size_bytes or 0, t.policy or {})
+        if t.status == st.TRIAL_COMPLETED
+        else None
+        for t in ended
+    ]
+    spec = JobSpec.model_validate(job.spec)
+    done = [p for p in finished if p is not None]
+    if chosen_trial_id is None and done and not final:
+        best = choose(
+            [FrontPoint(p.trial_id, p.accuracy, p.size_bytes) for p in done],
+            baseline_accuracy=baseline_accuracy,
+            baseline_size_bytes=baseline_size_bytes,
+            rule=spec.export.choose,
+            max_accuracy_drop=spec.constraints.max_accuracy_drop,
+            max_size_bytes=spec.constraints.max_size_bytes,
+        )
+        chosen_trial_id = best.trial_id if best else None
+    state = "final" if final else f"{len(ended)}/{spec.search.trials} trials"
+    return Snapshot(
+        finished=finished,
+        baseline_accuracy=baseline_accuracy,
+        baseline_size_bytes=baseline_size_bytes,
+        chosen_trial_id=chosen_trial_id,
+        title=f"job {job.id} ({spec.name}), {state}, rule {spec.export.choose}",
+    )
+
+
+def publish(c: Any, run_id: str, snap: Snapshot) -> float:
+    """Render every view of ``snap`` and upload them to ``run_id``; returns seconds."""
+    started = time.perf_counter()
+    done = [p for p in snap.finished if p is not None]
+    if not done:
+        return 0.0
+    fp = front_plot(
+        done,
+        baseline_accuracy=snap.baseline_accuracy,
+        baseline_size_bytes=snap.baseline_size_bytes,
+        chosen_trial_id=snap.chosen_trial_id,
+        title=snap.title,
+    )
+    hv = hypervolume_plot(
+        snap.finished, baseline_size_bytes=snap.baseline_size_bytes, title="hypervolume vs trials"
+    )
+    with tempfile.TemporaryDirectory(prefix="sparq-views-") as tmp:
+        render_views(fp, hv, tmp)
+        c.log_artifacts(run_id, tmp, ARTIFACT_DIR)
+    return time.perf_counter() - started
+
+
+class LiveViews:
+    """Publishes the newest snapshot on a background thread, at most once per
+    ``min_interval_s`` (the last one always)."""
+
+    def __init__(
+        self, tracking_uri: str, run_id: str, *, min_interval_s: float = MIN_INTERVAL_S
+    ) -> None:
+        # its own client: the thread never shares an HTTP session with the Tune loop
+        self.c = tracking.client(tracking_uri)
+        self.run_id, self.min_interval_s = run_id, min_interval_s
+        self._cond = threading.Condition()
+        self._pending: Snapshot | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.submitted = 0  # snapshots handed over
+        self.published = 0  # renders uploaded
+        self.busy_s = 0.0  # seconds spent rendering and uploading (on the thread)
+
+    def submit(self, snap: Snapshot) -> None:
+        """Hand over a snapshot; never blocks on rendering."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("LiveViews.submit after close()")
+            self._pending = snap
+            self.submitted += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="sparq-live-views", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Draw the last pending snapshot, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        log.info(
+            "live views: %d snapshots, %d published, %.1f s rendering and uploading off the "
+            "Tune loop",
+            self.submitted,
+            self.published,
+            self.busy_s,
+        )
+
+    def _run(self) -> None:
+        last = -float("inf")
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._pending is None:  # closed, nothing left to draw
+                    return
+                wait = last + self.min_interval_s - time.monotonic()
+                if wait > 0 and not self._closed:
+                    self._cond.wait(wait)  # newer snapshots may replace this one meanwhile
+                    continue
+                snap, self._pending = self._pending, None
+            try:
+                self.busy_s += publish(self.c, self.run_id, snap)
+                self.published += 1
+            except Exception:  # the views must never fail the search
+                log.exception("could not publish the live views to MLflow run %s", self.run_id)
+            last = time.monotonic()
