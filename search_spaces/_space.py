@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from search_spaces._policy import NM_KINDS, SPARSITY_KINDS, LayerPolicy, Policy
+from search_spaces._policy import (
+    METHODS,
+    NM_KINDS,
+    SPARSITY_KINDS,
+    GetaSettings,
+    LayerPolicy,
+    Policy,
+)
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
@@ -59,9 +66,30 @@ class KnobSpace(BaseModel):
     groups: list[GroupInfo] = Field(default_factory=list)
     channel_low: float = Field(default=0.0, ge=0.0, lt=1.0)
     channel_high: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Method knobs (workers/quant/): each list with more than one value is searched.
+    methods: list[str] = Field(default_factory=lambda: ["quant_noise"])
+    granularities: list[str] = Field(default_factory=lambda: ["channel"])
+    symmetric: list[bool] = Field(default_factory=lambda: [True])
+    ipq_blocks: list[int] = Field(default_factory=lambda: [4])
+    ipq_centroids: list[int] = Field(default_factory=lambda: [16])
+    mx_elements: list[str] = Field(default_factory=lambda: ["int"])
+    order: str = "sq"
+    act_bits: list[int] = Field(default_factory=lambda: [32])
+    act_range: str = "calibrated"
+    geta: GetaSettings = Field(default_factory=GetaSettings)
+    geta_sparsity_low: float = Field(default=0.3, ge=0.0, lt=1.0)
+    geta_sparsity_high: float = Field(default=0.3, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> KnobSpace:
+        bad = [m for m in self.methods if m not in METHODS]
+        if not self.methods or bad:
+            raise ValueError(f"methods must name one or more of {list(METHODS)}, but got {bad}")
+        if self.geta_sparsity_low > self.geta_sparsity_high:
+            raise ValueError(
+                "`geta_sparsity_low <= geta_sparsity_high` must hold, but got "
+                f"(low={self.geta_sparsity_low}, high={self.geta_sparsity_high})"
+            )
         unknown = sorted(set(self.sparsity_kinds) - set(SPARSITY_KINDS))
         if unknown:
             raise ValueError(
@@ -108,6 +136,22 @@ def to_optuna(space: KnobSpace) -> dict[str, BaseDistribution]:
         for group in space.groups:
             dists[f"group:{group.name}.channels"] = _float(space.channel_low, space.channel_high)
     dists["noise_rate"] = _float(space.noise_rate_low, space.noise_rate_high)
+    choices: dict[str, list[Any]] = {
+        "method": space.methods,
+        "granularity": space.granularities,
+        "symmetric": space.symmetric,
+        "ipq_block": space.ipq_blocks,
+        "ipq_centroids": space.ipq_centroids,
+        "mx_element": space.mx_elements,
+        "act_bits": space.act_bits,
+    }
+    for key, values in choices.items():
+        if len(values) > 1:  # a fixed method knob is not a search dimension
+            dists[key] = CategoricalDistribution(list(values))
+    if "geta" in space.methods and space.geta_sparsity_low < space.geta_sparsity_high:
+        dists["geta_sparsity"] = FloatDistribution(
+            space.geta_sparsity_low, space.geta_sparsity_high
+        )
     return dists
 
 
@@ -131,6 +175,11 @@ def policy_from_params(space: KnobSpace, params: dict[str, Any]) -> Policy:
         layers[layer.name] = LayerPolicy(
             bits=int(params[f"{layer.name}.bits"]), sparsity=sparsity, kind=kind
         )
+    geta = space.geta.model_copy(
+        update={
+            "target_group_sparsity": float(params.get("geta_sparsity", space.geta_sparsity_low))
+        }
+    )
     channels = {}
     if "channel" in space.sparsity_kinds:
         channels = {g.name: float(params[f"group:{g.name}.channels"]) for g in space.groups}
@@ -138,5 +187,15 @@ def policy_from_params(space: KnobSpace, params: dict[str, Any]) -> Policy:
         layers=layers,
         noise_rate=float(params["noise_rate"]),
         noise_block=space.noise_block,
+        method=params.get("method", space.methods[0]),
+        granularity=params.get("granularity", space.granularities[0]),
+        symmetric=bool(params.get("symmetric", space.symmetric[0])),
+        ipq_block=int(params.get("ipq_block", space.ipq_blocks[0])),
+        ipq_centroids=int(params.get("ipq_centroids", space.ipq_centroids[0])),
+        mx_element=params.get("mx_element", space.mx_elements[0]),
+        order=space.order,
+        act_bits=int(params.get("act_bits", space.act_bits[0])),
+        act_range=space.act_range,
+        geta=GetaSettings.model_validate(geta.model_dump()),
         channels=channels,
     )

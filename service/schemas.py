@@ -100,6 +100,8 @@ class TrialView(BaseModel):
     accuracy: float | None
     loss: float | None
     size_bytes: int | None
+    bops: float | None = None
+    relative_bops: float | None = None
     duration_s: float | None
     policy: dict[str, Any] | None
     error: str | None
@@ -115,6 +117,8 @@ class TrialView(BaseModel):
             accuracy=t.accuracy,
             loss=t.loss,
             size_bytes=t.size_bytes,
+            bops=t.bops,
+            relative_bops=t.relative_bops,
             duration_s=t.duration_s,
             policy=t.policy,
             error=t.error,

@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from search_spaces._policy import GetaSettings, Method
+
 BUILTIN_MODELS = ("digits-mlp", "digits-cnn", "digits-dsconv", "digits-transformer", "char-lm")
 BUILTIN_DATASETS = ("digits", "python-text")
 SPARSITY_KINDS = ("unstructured", "2:4", "1:4", "channel")
@@ -94,6 +96,44 @@ class Range(_Strict):
         return self
 
 
+class IpqSpec(_Strict):
+    """iPQ knobs; each list is searched when it has more than one value."""
+
+    block_sizes: list[int] = Field(default_factory=lambda: [4], min_length=1)
+    centroids: list[int] = Field(default_factory=lambda: [16], min_length=1)
+
+    @field_validator("block_sizes")
+    @classmethod
+    def _blocks(cls, v: list[int]) -> list[int]:
+        bad = [b for b in v if not 1 <= b <= 4096]
+        if bad:
+            raise ValueError(f"every iPQ block size must be in 1..4096, but got {bad}")
+        return v
+
+    @field_validator("centroids")
+    @classmethod
+    def _k(cls, v: list[int]) -> list[int]:
+        bad = [k for k in v if not 2 <= k <= 256]
+        if bad:
+            raise ValueError(f"every iPQ centroid count must be in 2..256, but got {bad}")
+        return v
+
+
+class ActivationSpec(_Strict):
+    """Activation quantization of every compressed layer's input (32 = off)."""
+
+    bits: list[int] = Field(default_factory=lambda: [32], min_length=1)
+    range: Literal["calibrated", "learned"] = "calibrated"
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: list[int]) -> list[int]:
+        bad = [b for b in v if not (2 <= b <= 8 or b == 32)]
+        if bad:
+            raise ValueError(f"activation bits must be in 2..8 or 32 (float), but got {bad}")
+        return v
+
+
 SparsityKind = Literal["unstructured", "2:4", "1:4", "channel"]
 
 
@@ -108,7 +148,25 @@ class SearchSpaceSpec(_Strict):
     sparsity: Range = Field(default_factory=lambda: Range(low=0.0, high=0.9))
     noise_rate: Range = Field(default_factory=lambda: Range(low=0.1, high=1.0))
     noise_block: int = Field(default=4, ge=1, le=4096)
-    method: Literal["quant_noise"] = "quant_noise"
+    method: Method | list[Method] = Field(
+        default="quant_noise", description="one method, or several to search over"
+    )
+    granularity: list[Literal["channel", "tensor"]] = Field(
+        default_factory=lambda: ["channel"],  # type: ignore[arg-type]
+        min_length=1,
+    )
+    symmetric: list[bool] = Field(default_factory=lambda: [True], min_length=1)
+    ipq: IpqSpec = Field(default_factory=IpqSpec)
+    mx_element: list[Literal["int", "fp"]] = Field(
+        default_factory=lambda: ["int"],  # type: ignore[arg-type]
+        min_length=1,
+    )
+    order: Literal["sq", "qs"] = "sq"
+    activation: ActivationSpec = Field(default_factory=ActivationSpec)
+    geta: GetaSettings = Field(default_factory=GetaSettings)
+    geta_group_sparsity: Range | None = Field(
+        default=None, description="searched GETA target group sparsity (overrides geta's)"
+    )
     finetune_epochs: int = Field(default=6, ge=0, le=10_000)
     finetune_lr: float = Field(default=1e-3, gt=0, le=10)
     sparsity_kinds: list[SparsityKind] = Field(
@@ -148,6 +206,31 @@ class SearchSpaceSpec(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"weight_bits must not repeat a value, but got {v}")
         return sorted(v)
+
+    @property
+    def methods(self) -> list[str]:
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    @property
+    def geta_sparsity_range(self) -> Range:
+        t = self.geta.target_group_sparsity
+        return self.geta_group_sparsity or Range(low=t, high=t)
+
+    @model_validator(mode="after")
+    def _mx_fp_bits(self) -> SearchSpaceSpec:
+        if not self.methods:
+            raise ValueError("method must name at least one method")
+        if "mx" in self.methods and "fp" in self.mx_element:
+            bad = [b for b in self.weight_bits if b not in (4, 6, 8)]
+            if bad:
+                raise ValueError(
+                    "MX float elements exist for 4, 6 and 8 bits only (FP4 E2M1, FP6 E2M3, "
+                    f"FP8 E4M3), but weight_bits has {bad}; drop them or use mx_element ['int']"
+                )
+        g = self.geta_group_sparsity
+        if g is not None and not (0.0 <= g.low and g.high < 1.0):
+            raise ValueError(f"geta_group_sparsity must lie in [0, 1), but got ({g.low}, {g.high})")
+        return self
 
     @field_validator("sparsity")
     @classmethod

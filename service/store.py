@@ -93,6 +93,8 @@ class Trial(Base):
     accuracy: Mapped[float | None] = mapped_column(Float)
     loss: Mapped[float | None] = mapped_column(Float)
     size_bytes: Mapped[int | None] = mapped_column(Integer)
+    bops: Mapped[float | None] = mapped_column(Float, default=None)  # see docs: BOPs
+    relative_bops: Mapped[float | None] = mapped_column(Float, default=None)
     duration_s: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
     checkpoint: Mapped[str | None] = mapped_column(Text)
@@ -125,6 +127,8 @@ class JobNotFound(LookupError):
 _ADDED_COLUMNS = {
     ("jobs", "restarts"): "INTEGER NOT NULL DEFAULT 0",
     ("jobs", "trials_stopped"): "INTEGER NOT NULL DEFAULT 0",
+    ("trials", "bops"): "FLOAT",
+    ("trials", "relative_bops"): "FLOAT",
 }
 
 

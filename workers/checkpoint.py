@@ -20,6 +20,11 @@ payload holds the tensors back to back:
 - ``qnm``: int-N weight with N:M sparsity: fp16 scales, the kept positions of every
   group as one combination index (``log2 C(M, N)`` bits a group, packed), then the
   kept codes bit-packed.
+- ``qx``, ``pq``, ``mx``, ``bfp``, ``geta``: weights of the quantization methods of
+  :mod:`workers.quant` (per-tensor/affine int-N, iPQ with fp16 centroids, block
+  formats with shared exponents, GETA), each encoded and decoded by its method
+  (``workers.quant.DECODERS``; bounds in ``workers.quant.BOUNDS``). Activation
+  quantization ranges travel in the header (``act_quant``).
 
 Version 2 adds to the header the structured-pruning record and the example input's
 shape (loading rebuilds the builtin or entrypoint model, replays the record, then
@@ -116,6 +121,35 @@ def _encode_float(layer: CompressedLayer) -> tuple[str, bytes]:
     return min(options, key=lambda o: len(o[1]))
 
 
+def _custom_weight(model: nn.Module, key: str) -> tuple[str, int, bytes] | None:
+    """``(encoding, bits, blob)`` when the key is a weight wrapped by a ``workers.quant``
+    method; ``None`` otherwise (the engine's own encodings apply)."""
+    from workers.quant import WeightQuantizer
+    from workers.quant._common import original, parametrization
+
+    if not key.endswith(".parametrizations.weight.original"):
+        return None
+    module = model.get_submodule(key.removesuffix(".parametrizations.weight.original"))
+    pm = parametrization(module)
+    if not isinstance(pm, WeightQuantizer):
+        return None
+    return pm.encode_weight(original(module))
+
+
+def _custom_bound(shape: list[int], enc: str, bits: int, blob: bytes) -> float:
+    """Information bound in bits of a ``workers.quant`` encoding (see ``quant.BOUNDS``):
+    value bits of the codes plus the pattern entropy and 16 bits per fp16 side value."""
+    from workers.quant import BOUNDS
+
+    if enc in BOUNDS:
+        return BOUNDS[enc](shape, bits, blob)
+    if enc == "raw:float32":  # a float weight a method left as it is
+        w = np.frombuffer(blob, dtype="<f4")
+        k = int((w != 0).sum())
+        return 32.0 * k + sc.log2_binomial(w.size, k)
+    return 8.0 * len(blob)
+
+
 def encode(
     model: nn.Module,
     *,
@@ -140,7 +174,22 @@ def encode(
     rows: list[list[Any]] = []
     blobs: list[bytes] = []
     for key, value in model.state_dict().items():
-        if key.endswith(".parametrizations.weight.original"):
+        custom = _custom_weight(model, key)  # the methods of workers.quant encode themselves
+        if custom is not None:
+            enc, bits, blob = custom
+            rows.append(
+                [
+                    key.replace(".parametrizations.weight.original", ".weight"),
+                    list(value.shape),
+                    enc,
+                    bits,
+                    len(blob),
+                    _custom_bound(list(value.shape), enc, bits, blob),
+                ]
+            )
+        elif ".act_quant." in key:
+            continue  # activation ranges travel in the header
+        elif key.endswith(".parametrizations.weight.original"):
             layer = layers[key.removesuffix(".parametrizations.weight.original")]
             kind = kinds.get(layer.name, "unstructured")
             enc, blob = (
@@ -173,7 +222,8 @@ def encode(
         "model": model_spec.model_dump(mode="json"),
         "dataset": dataset_spec.model_dump(mode="json") if dataset_spec else None,
         "task": task,
-        "policy": policy.model_dump(mode="json") if policy else None,
+        # defaults left out: the method knobs would otherwise grow every header
+        "policy": policy.model_dump(mode="json", exclude_defaults=True) if policy else None,
         "meta": meta or {},
         "pruning": pruning or [],
         "example": (
@@ -183,6 +233,10 @@ def encode(
         ),
         "tensors": rows,
     }
+    from workers.quant import actquant
+
+    if act := actquant.header(model):
+        header["act_quant"] = act
     packed = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     return _PREFIX.pack(MAGIC, VERSION, len(packed)) + packed + b"".join(blobs)
 
@@ -237,6 +291,10 @@ def _decode_tensor(row: list[Any], blob: bytes) -> torch.Tensor:
         w = np.zeros(n, dtype=np.float32)
         w[mask.astype(bool)] = np.frombuffer(blob[mask_len:], dtype="<f4")
         return torch.from_numpy(w).reshape(shape)
+    from workers.quant import DECODERS
+
+    if enc in DECODERS:
+        return DECODERS[enc](shape, bits, blob)
     if enc == "fsr":
         mask, used = sc.rice_decode_pattern(blob, n)
         w = np.zeros(n, dtype=np.float32)
@@ -291,6 +349,10 @@ def decode(data: bytes) -> Checkpoint:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint does not fit model {model_spec.label!r}: {e}") from e
+    if header.get("act_quant"):
+        from workers.quant import actquant
+
+        actquant.restore(model, header["act_quant"])
     model.eval()
     return Checkpoint(
         model=model,

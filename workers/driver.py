@@ -183,6 +183,8 @@ class JobProgress(_Lazy, tune.Callback):
             accuracy=float(result["accuracy"]),
             loss=float(result["loss"]),
             size_bytes=int(result["size_bytes"]),
+            bops=result.get("bops"),
+            relative_bops=result.get("relative_bops"),
             duration_s=float(result.get("duration_s", 0.0)),
             checkpoint=str(Path(ckpt_dir) / CHECKPOINT_FILE) if ckpt_dir else None,
             mlflow_run_id=result.get("mlflow_run_id"),
@@ -439,6 +441,18 @@ def run_search(
                 "noise_rate_low": ss.noise_rate.low,
                 "noise_rate_high": ss.noise_rate.high,
                 "noise_block": ss.noise_block,
+                "methods": ss.methods,
+                "granularities": ss.granularity,
+                "symmetric": ss.symmetric,
+                "ipq_blocks": ss.ipq.block_sizes,
+                "ipq_centroids": ss.ipq.centroids,
+                "mx_elements": ss.mx_element,
+                "order": ss.order,
+                "act_bits": ss.activation.bits,
+                "act_range": ss.activation.range,
+                "geta": ss.geta.model_dump(),
+                "geta_sparsity_low": ss.geta_sparsity_range.low,
+                "geta_sparsity_high": ss.geta_sparsity_range.high,
             }
         )
         c.log_dict(parent_id, space.model_dump(mode="json"), "search_space.json")

@@ -30,7 +30,8 @@ from torch.nn.utils import parametrize
 from search_spaces import LayerInfo, Policy
 from search_spaces._policy import FLOAT_BITS
 
-COMPRESSIBLE = (nn.Linear, nn.Conv2d)
+COMPRESSIBLE = (nn.Linear, nn.Conv2d, nn.Embedding)
+_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
 _MIN_SCALE = 2.0**-14  # smallest normal fp16: scales are stored in fp16
 
 
@@ -108,23 +109,30 @@ class QuantNoise(nn.Module):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"noise rate p must lie in [0, 1], but got {p}")
         self.register_buffer("mask", mask.to(torch.float32))
+        self.dense = bool(mask.all())  # no pruning: skip the multiply
         self.bits, self.p, self.block, self.layer = bits, p, block, layer
         if bits != FLOAT_BITS:
             block_mask_shape(mask, block, layer)  # fail early on a bad block size
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        w = weight * self.mask
+        w = weight if self.dense else weight * self.mask
         if self.bits == FLOAT_BITS:
             return w
-        q, scale = quantize(w, self.bits)
-        noise = dequantize(q, scale) - w
-        if self.training and self.p < 1.0:
-            shape = block_mask_shape(w, self.block, self.layer)
-            chosen = torch.rand(shape, device=w.device) < self.p
-            if len(shape) >= 2 and shape[1] != w.shape[1]:
-                chosen = chosen.repeat_interleave(self.block, dim=1)
-            noise = noise * chosen
-        return w + noise.detach()
+        # The noise is a constant for autograd (straight-through): computing it without
+        # building a graph, in place, keeps the step within a few percent of float.
+        with torch.no_grad():
+            scale = channel_scale(w, self.bits).view((-1,) + (1,) * (w.dim() - 1))
+            m = qmax(self.bits)
+            noise = torch.div(w, scale).round_().clamp_(-m, m).mul_(scale).sub_(w)
+            if self.training and self.p < 1.0:
+                shape = block_mask_shape(w, self.block, self.layer)
+                chosen = torch.rand(shape, device=w.device) < self.p
+                if shape[1] != w.shape[1]:  # runs of `block` inputs: broadcast, don't copy
+                    blocks = noise.view(w.shape[0], shape[1], self.block, -1)
+                    blocks.mul_(chosen.view(w.shape[0], shape[1], 1, -1))
+                else:
+                    noise.mul_(chosen)
+        return w + noise
 
 
 @dataclass(frozen=True)
@@ -139,13 +147,13 @@ class CompressedLayer:
 
 
 def compressible_layers(model: nn.Module) -> list[LayerInfo]:
-    """The Linear and Conv2d layers a policy can address, in module order."""
+    """The Linear, Conv2d and Embedding layers a policy can address, in module order."""
     from workers.sparsity import supported_kinds
 
     out = []
     for name, module in model.named_modules():
         if isinstance(module, COMPRESSIBLE):
-            kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+            kind = next(k for t, k in _KINDS.items() if isinstance(module, t))
             out.append(
                 LayerInfo(
                     name=name,

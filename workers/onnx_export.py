@@ -97,15 +97,30 @@ def _layer_codes(
     return out
 
 
-def _find(inits: dict[str, np.ndarray], w: np.ndarray, used: set[str]) -> tuple[str, int] | None:
-    """The initializer holding ``w`` (axis 0) or its transpose (axis 1)."""
+def _find(
+    inits: dict[str, np.ndarray], w: np.ndarray, used: set[str]
+) -> tuple[str, int, tuple[int, ...] | None] | None:
+    """The initializer holding ``w``: ``(name, channel axis, its shape)``, the shape
+    ``None`` when it is ``w`` transposed.
+
+    Either ``w`` itself, its transpose, or ``w`` behind leading unit dimensions (an
+    embedding looked up with every index, ``pos(arange(n)).unsqueeze(0)``, is folded
+    by the exporter into one such constant)."""
     for name, arr in inits.items():
         if name in used or arr.dtype != np.float32:
             continue
         if arr.shape == w.shape and np.array_equal(arr, w):
-            return name, 0
+            return name, 0, w.shape
         if w.ndim == 2 and arr.shape == w.T.shape and np.array_equal(arr, w.T):
-            return name, 1
+            return name, 1, None
+        lead = arr.ndim - w.ndim
+        if (
+            lead > 0
+            and arr.shape[:lead] == (1,) * lead
+            and arr.shape[lead:] == w.shape
+            and np.array_equal(arr.reshape(w.shape), w)
+        ):
+            return name, lead, arr.shape
     return None
 
 
@@ -131,7 +146,7 @@ def export_qdq(
     g = proto.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     used: set[str] = set()
-    matches: list[tuple[str, int, np.ndarray, np.ndarray]] = []
+    matches: list[tuple[str, int, np.ndarray, np.ndarray]] = []  # name, axis, codes, scale
     for name, codes, scale in _layer_codes(model, bits):
         weight = model.get_submodule(name).weight
         if not isinstance(weight, torch.Tensor):
@@ -140,6 +155,8 @@ def export_qdq(
         if found is None:
             continue  # folded into another op by the exporter: left float (not counted)
         used.add(found[0])
+        layout = found[2]  # the initializer's layout of the codes
+        codes = codes.T if layout is None else codes.reshape(layout)
         matches.append((found[0], found[1], codes, scale))
     act_inputs: list[str] = []
     if activations:
@@ -153,10 +170,9 @@ def export_qdq(
     new_nodes: list[Any] = []
     new_inits: list[Any] = []
     for init_name, axis, codes, scale in matches:
-        arr = codes if axis == 0 else codes.T
         safe = init_name.replace(":", "_")
         new_inits += [
-            numpy_helper.from_array(np.ascontiguousarray(arr), f"{safe}_q"),
+            numpy_helper.from_array(np.ascontiguousarray(codes), f"{safe}_q"),
             numpy_helper.from_array(scale, f"{safe}_scale"),
             numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{safe}_zp"),
         ]

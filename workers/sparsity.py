@@ -19,7 +19,7 @@ from search_spaces import LayerPolicy
 from search_spaces._policy import NM_KINDS
 from workers.engine import magnitude_mask
 
-__all__ = ["layer_mask", "nm_groups_view", "nm_mask", "supported_kinds"]
+__all__ = ["kind_mask", "layer_mask", "nm_groups_view", "nm_mask", "supported_kinds"]
 
 
 def nm_groups_view(weight: torch.Tensor, m: int) -> torch.Tensor:
@@ -55,24 +55,34 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def supported_kinds(module: nn.Module) -> list[str]:
-    """In-layer sparsity kinds a Linear/Conv2d supports (N:M needs M | reduction dim)."""
+    """In-layer sparsity kinds a layer supports (N:M needs M | reduction dim; an Embedding
+    takes unstructured only)."""
     weight = module.weight
     if not isinstance(weight, torch.Tensor):
         return []
     red = weight.shape[1]
     kinds = ["unstructured"]
+    if isinstance(module, nn.Embedding):
+        return kinds  # a lookup table has no reduction dimension to group along
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return kinds  # depthwise/grouped: the reduction runs are too short to group
     kinds += [k for k, (_, m) in NM_KINDS.items() if red % m == 0]
     return kinds
 
 
-def layer_mask(weight: torch.Tensor, lp: LayerPolicy, layer: str = "") -> torch.Tensor:
-    """The keep-mask a layer policy asks for, computed from the float weight."""
-    if lp.kind in NM_KINDS:
-        n, m = NM_KINDS[lp.kind]
+def kind_mask(
+    weight: torch.Tensor, sparsity: float, kind: str = "unstructured", layer: str = ""
+) -> torch.Tensor:
+    """The keep-mask of a sparsity kind: N:M groups, or unstructured magnitude top-k."""
+    if kind in NM_KINDS:
+        n, m = NM_KINDS[kind]
         try:
             return nm_mask(weight, n, m)
         except ValueError as e:
             raise ValueError(f"layer {layer!r}: {e}") from e
-    return magnitude_mask(weight, lp.sparsity)
+    return magnitude_mask(weight, sparsity)
+
+
+def layer_mask(weight: torch.Tensor, lp: LayerPolicy, layer: str = "") -> torch.Tensor:
+    """The keep-mask a layer policy asks for, computed from the float weight."""
+    return kind_mask(weight, lp.sparsity, lp.kind, layer)

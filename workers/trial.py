@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,18 +16,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from search_spaces import KnobSpace, policy_from_params
+from search_spaces import KnobSpace, Policy, policy_from_params
 from service.spec import JobSpec
 from workers import checkpoint as ckpt
-from workers import tracking
+from workers import quant, tracking
 from workers.data import build_datasets, example_input
-from workers.engine import apply_policy
 from workers.models import build_model
 from workers.scheduler import milestones
-from workers.train import EvalResult, evaluate, make_loader, train_epochs
+from workers.train import EvalResult, evaluate, make_loader
 
 CHECKPOINT_FILE = "model.sparq"
 REPORTED = frozenset({"accuracy", "loss", "size_bytes", "duration_s"})  # a trial's metrics
+ALSO_REPORTED = frozenset(  # when measured
+    {
+        "perplexity",
+        "info_bound_bytes",
+        "bytes_over_bound",
+        "params",
+        "bops",
+        "relative_bops",
+        "group_sparsity",
+    }
+)
+RUNG_METHODS = frozenset({"quant_noise", "mx", "bfp"})  # report at early-stopping rungs
 EVAL_BATCH = 512
 
 
@@ -79,6 +91,84 @@ def trial_number(name: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+def compress(
+    spec: JobSpec,
+    policy: Policy,
+    baseline_state: dict[str, np.ndarray],
+    device: torch.device,
+    *,
+    seed: int,
+    on_epoch: Callable[[int, float], None] | None = None,
+    on_model: Callable[[torch.nn.Module, Callable[[], bytes]], None] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> tuple[bytes, dict[str, float]]:
+    """A trial's work without Ray or MLflow: prune channels (structured, first), apply
+    the policy's method to the survivors, fine-tune as the method says, export, and
+    measure the decoded checkpoint. Returns the checkpoint bytes and the metrics
+    (accuracy, loss, perplexity, size_bytes, information bound, params, BOPs).
+
+    ``on_model(model, encode_now)`` sees the wrapped model before it is trained, with
+    a function that exports it as it stands."""
+    train, val = build_datasets(spec.dataset)
+    example = example_input(train)
+    model = load_baseline(spec, baseline_state)
+    pruning: list[dict[str, Any]] = []
+    if policy.channels:  # structured first: quantizers are attached to the survivors
+        from workers.pruning import prune_channels
+
+        # N:M groups, noise blocks and iPQ sub-vectors tile the surviving channels
+        multiple = math.lcm(4, policy.noise_block)
+        if policy.method == "ipq":
+            multiple = math.lcm(multiple, policy.ipq_block)
+        pruning = prune_channels(model, policy.channels, example, multiple_of=multiple)
+    model = quant.apply(model, policy)
+
+    def encode_now() -> bytes:
+        return ckpt.encode(
+            model.cpu(),
+            model_spec=spec.model,
+            dataset_spec=spec.dataset,
+            task=spec.task,
+            policy=policy,
+            meta=meta or {},
+            pruning=pruning,
+            example=example,
+        )
+
+    if on_model is not None:
+        on_model(model, encode_now)
+    ss = spec.search_space
+    learned = quant.finetune(
+        model,
+        policy,
+        make_loader(train, spec.baseline.batch_size, shuffle=True, seed=seed),
+        epochs=ss.finetune_epochs,
+        lr=ss.finetune_lr,
+        device=device,
+        on_epoch=on_epoch,
+        seed=seed,
+    )
+    cost = quant.count_bops(model, example)
+    data = encode_now()
+    decoded = ckpt.decode(data).model
+    result = evaluate(decoded, make_loader(val, EVAL_BATCH, shuffle=False), device)
+    bound = ckpt.size_report(data)
+    metrics = {
+        "accuracy": result.accuracy,
+        "loss": result.loss,
+        "perplexity": result.perplexity,
+        "size_bytes": len(data),
+        "info_bound_bytes": bound["bound_bytes"],
+        "bytes_over_bound": bound["ratio"],
+        "params": sum(p.numel() for p in decoded.parameters()),
+        "bops": cost.bops,
+        "relative_bops": cost.relative,
+    }
+    if "geta_trace" in learned:
+        metrics["group_sparsity"] = learned["geta_trace"].group_sparsity
+    return data, metrics
+
+
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable: reports once, with the checkpoint."""
     from ray import tune
@@ -101,7 +191,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             c.download_artifacts(run_id, CHECKPOINT_FILE, tmp)
             metrics = {k: run.data.metrics[k] for k in REPORTED}
+            metrics |= {k: run.data.metrics[k] for k in ALSO_REPORTED & run.data.metrics.keys()}
             metrics["size_bytes"] = int(metrics["size_bytes"])
+            if "params" in metrics:
+                metrics["params"] = int(metrics["params"])
             tune.report(
                 {**metrics, "mlflow_run_id": run_id, "replayed": True, "final": True},
                 checkpoint=tune.Checkpoint.from_directory(tmp),
@@ -113,40 +206,25 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     try:
         tracking.log_params(c, run_id, policy.summary())
         c.log_dict(run_id, policy.model_dump(mode="json"), "policy.json")  # the full policy
-        train, val = build_datasets(spec.dataset)
-        example = example_input(train)
-        model = load_baseline(spec, ctx.baseline_state)
-        pruning = []
-        if policy.channels:  # structured first: quantizers are attached to the survivors
-            from workers.pruning import prune_channels
-
-            multiple = math.lcm(4, policy.noise_block)  # N:M groups and noise blocks tile
-            pruning = prune_channels(model, policy.channels, example, multiple_of=multiple)
-        model = apply_policy(model, policy)
+        _, val = build_datasets(spec.dataset)
         ss = spec.search_space
-
-        def encode_now() -> bytes:
-            return ckpt.encode(
-                model.cpu(),
-                model_spec=spec.model,
-                dataset_spec=spec.dataset,
-                task=spec.task,
-                policy=policy,
-                meta={"job_id": ctx.job_id, "trial_id": trial_id},
-                pruning=pruning,
-                example=example,
-            )
-
         es = spec.search.early_stopping
         rungs = set(milestones(ss.finetune_epochs, es.grace_epochs, es.reduction_factor))
-        rungs = rungs if es.enabled else set()
-        # The policy fixes the checkpoint's size; fine-tuning changes values, not bytes.
-        size_now = len(encode_now()) if rungs else 0
+        # Rungs only where the model in eval mode is the model exported: iPQ quantizes
+        # after its fine-tuning epochs and GETA counts steps, so they report once.
+        rungs = rungs if es.enabled and policy.method in RUNG_METHODS else set()
         val_loader = make_loader(val, EVAL_BATCH, shuffle=False)
+        held: dict[str, Any] = {}
+
+        def on_model(model: torch.nn.Module, encode_now: Callable[[], bytes]) -> None:
+            held["model"] = model
+            if rungs:  # the policy fixes the checkpoint's size; fine-tuning changes values
+                held["size"] = len(encode_now())
 
         def on_epoch(epoch: int, loss: float) -> None:
             tracking.log_metrics(c, run_id, {"train_loss": loss}, epoch)
             if epoch + 1 in rungs:  # a rung of the early-stopping scheduler
+                model = held["model"]
                 r = evaluate(model, val_loader, device)  # eval: every block quantized
                 model.train()
                 tracking.log_metrics(c, run_id, {"rung_accuracy": r.accuracy}, epoch + 1)
@@ -154,7 +232,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                     {
                         "accuracy": r.accuracy,
                         "loss": r.loss,
-                        "size_bytes": size_now,
+                        "size_bytes": held["size"],
                         "epoch": epoch + 1,
                         "final": False,
                         "mlflow_run_id": run_id,
@@ -162,27 +240,18 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                     }
                 )
 
-        train_epochs(
-            model,
-            make_loader(train, spec.baseline.batch_size, shuffle=True, seed=number),
-            epochs=ss.finetune_epochs,
-            lr=ss.finetune_lr,
-            device=device,
+        meta = {"job_id": ctx.job_id, "trial_id": trial_id}
+        data, metrics = compress(
+            spec,
+            policy,
+            ctx.baseline_state,
+            device,
+            seed=number,
             on_epoch=on_epoch,
+            on_model=on_model,
+            meta=meta,
         )
-        data = encode_now()
-        result = evaluate_bytes(data, spec, device)
-        bound = ckpt.size_report(data)
-        metrics = {
-            "accuracy": result.accuracy,
-            "loss": result.loss,
-            "perplexity": result.perplexity,
-            "size_bytes": len(data),
-            "info_bound_bytes": bound["bound_bytes"],
-            "bytes_over_bound": bound["ratio"],
-            "params": sum(p.numel() for p in model.parameters()),
-            "duration_s": time.perf_counter() - started,
-        }
+        metrics["duration_s"] = time.perf_counter() - started
         tracking.log_metrics(c, run_id, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt.save(Path(tmp) / CHECKPOINT_FILE, data)

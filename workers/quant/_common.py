@@ -1,0 +1,117 @@
+"""Shared pieces of the quantization methods: the weight-quantizer base class, the
+straight-through round, and the bit-packed code blobs the checkpoint stores."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+# encoding name -> decoder(shape, bits, blob) -> float tensor; filled by each method module
+DECODERS: dict[str, Callable[[list[int], int, bytes], torch.Tensor]] = {}
+# encoding name -> information bound in bits(shape, bits, blob); filled likewise
+BOUNDS: dict[str, Callable[[list[int], int, bytes], float]] = {}
+
+
+def pattern_bound(decoded: torch.Tensor, bits: int) -> float:
+    """Value bits of the nonzero weights plus the entropy of where they are (the side
+    information, scales or exponents, is added by each method)."""
+    from workers.sparse_codec import log2_binomial
+
+    n = decoded.numel()
+    k = int((decoded != 0).sum())
+    return float(bits * k) + log2_binomial(n, k)
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """round() in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def rows(w: torch.Tensor) -> torch.Tensor:
+    """A weight as ``[out, fan_in]``: Linear/Embedding as is, Conv2d flattened per output."""
+    return w.reshape(w.shape[0], -1)
+
+
+class WeightQuantizer(nn.Module):
+    """Base of the parametrizations in ``workers.quant``: ``forward(weight)`` returns
+    the fake-quantized weight (a fresh tensor; the parameter is never written)."""
+
+    layer: str = ""
+
+    def weight_bits(self) -> float:
+        """Bits per weight used by the arithmetic (for BOPs)."""
+        raise NotImplementedError
+
+    def encode_weight(self, original: torch.Tensor) -> tuple[str, int, bytes]:
+        """``(encoding, bits, blob)`` of the exported weight; decodes to exactly the
+        eval-mode ``forward(original)``."""
+        raise NotImplementedError
+
+
+def _packed_len(n: int, bits: int) -> int:
+    return (n * bits + 7) // 8
+
+
+def pack_codes(codes: np.ndarray, bits: int, zero_code: int) -> bytes:
+    """Bit-pack unsigned codes; when smaller, as a 1-bit mask of non-zero codes plus the
+    packed non-zero codes (so sparse layers shrink). First byte says which."""
+    from workers.checkpoint import pack_bits
+
+    c = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    if not 0 <= zero_code <= 255:  # no single code stands for zero: always dense
+        return b"\x00" + pack_bits(c, bits)
+    nonzero = c != zero_code
+    dense = _packed_len(c.size, bits)
+    sparse = _packed_len(c.size, 1) + _packed_len(int(nonzero.sum()), bits)
+    if sparse < dense:
+        mask = np.packbits(nonzero, bitorder="little").tobytes()
+        return b"\x01" + mask + pack_bits(c[nonzero], bits)
+    return b"\x00" + pack_bits(c, bits)
+
+
+def unpack_codes(buf: bytes, bits: int, n: int, zero_code: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`."""
+    from workers.checkpoint import unpack_bits
+
+    if buf[:1] == b"\x00":
+        return unpack_bits(buf[1:], bits, n)
+    mask_len = _packed_len(n, 1)
+    nz = np.unpackbits(np.frombuffer(buf[1 : 1 + mask_len], np.uint8), count=n, bitorder="little")
+    nz = nz.astype(bool)
+    out = np.full(n, zero_code, dtype=np.uint8)
+    out[nz] = unpack_bits(buf[1 + mask_len :], bits, int(nz.sum()))
+    return out
+
+
+def parametrization(module: nn.Module) -> nn.Module | None:
+    """The first weight parametrization of ``module``, if it has one."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    plist: Any = getattr(module, "parametrizations").weight  # noqa: B009 (typed as Any)
+    first = plist[0]
+    return first if isinstance(first, nn.Module) else None
+
+
+def original(module: nn.Module) -> torch.Tensor:
+    """The stored float weight of a parametrized (or plain) layer."""
+    if parametrize.is_parametrized(module, "weight"):
+        plist: Any = getattr(module, "parametrizations").weight  # noqa: B009
+        t = plist.original
+    else:
+        t = module.weight
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return t
+
+
+def weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight tensor (checked, for the type checker and bad models)."""
+    w = module.weight
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return w
