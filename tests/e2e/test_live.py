@@ -202,12 +202,13 @@ def test_artifacts_child_runs_and_the_registered_model(live_job: LiveJob, tmp_pa
     mv = c.get_model_version_by_alias("sparq-live-views", "best")
     assert mv.run_id == live_job.run_id
     assert mv.tags["sparq.trial_id"] == job["best"]["trial_id"]
+    # As a user would, through the process-wide URIs. (MLflow exports them as
+    # MLFLOW_* variables; the stacks of later test modules start without those.)
+    mlflow.set_registry_uri(stack.mlflow)
+    mlflow.set_tracking_uri(stack.mlflow)
     got = Path(
         mlflow.artifacts.download_artifacts(
-            "models:/sparq-live-views@best",
-            dst_path=str(tmp_path / "m"),
-            tracking_uri=stack.mlflow,
-            registry_uri=stack.mlflow,
+            "models:/sparq-live-views@best", dst_path=str(tmp_path / "m")
         )
     )
     r = httpx.get(f"{stack.api}/v1/jobs/{job['id']}/checkpoint")
