@@ -41,7 +41,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -62,6 +61,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the project importable
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
+from bench import _doc  # noqa: E402
 from search_spaces import KnobSpace, policy_from_params, to_optuna  # noqa: E402
 from service import stack  # noqa: E402
 from service.spec import OBJECTIVE_MODES, JobSpec, SearchSpec  # noqa: E402
@@ -104,18 +104,7 @@ def make_spec(args: argparse.Namespace, finetune_epochs: int) -> JobSpec:
 
 def knob_space(spec: JobSpec, layers: list[dict[str, Any]]) -> KnobSpace:
     """The search space exactly as ``workers.driver.run_search`` builds it."""
-    ss = spec.search_space
-    return KnobSpace.model_validate(
-        {
-            "layers": layers,
-            "weight_bits": ss.weight_bits,
-            "sparsity_low": ss.sparsity.low,
-            "sparsity_high": ss.sparsity.high,
-            "noise_rate_low": ss.noise_rate.low,
-            "noise_rate_high": ss.noise_rate.high,
-            "noise_block": ss.noise_block,
-        }
-    )
+    return spec.search_space.knob_space(layers)
 
 
 def trial_work(
@@ -448,19 +437,7 @@ def _mean(xs: list[float]) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} cores ({cpu}), CPU only, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"optuna {optuna.__version__}"
-    )
+    return f"{_doc.machine()}, optuna {optuna.__version__}"
 
 
 def _load() -> float:
@@ -634,15 +611,7 @@ def record(text: str, figures: dict[str, Any], command: str) -> None:
             "",
         ]
     )
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + body
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + body + (old[nxt + 1 :] if nxt >= 0 else "")
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(new)
+    _doc.record_section(DOC, SECTION, body)
 
 
 # -- main ----------------------------------------------------------------------------

@@ -51,6 +51,7 @@ if str(ROOT) not in sys.path:
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
+from bench._doc import record_section  # noqa: E402
 from dashboards import FrontPoint, sparq_front  # noqa: E402
 from search_spaces import KnobSpace, policy_from_params, to_optuna  # noqa: E402
 from service.spec import JobSpec, SearchSpec  # noqa: E402
@@ -82,18 +83,7 @@ def make_spec(args: argparse.Namespace, seed: int, sampler: str) -> JobSpec:
 
 
 def knob_space(spec: JobSpec, layers: list[dict[str, Any]]) -> KnobSpace:
-    ss = spec.search_space
-    return KnobSpace.model_validate(
-        {
-            "layers": layers,
-            "weight_bits": ss.weight_bits,
-            "sparsity_low": ss.sparsity.low,
-            "sparsity_high": ss.sparsity.high,
-            "noise_rate_low": ss.noise_rate.low,
-            "noise_rate_high": ss.noise_rate.high,
-            "noise_block": ss.noise_block,
-        }
-    )
+    return spec.search_space.knob_space(layers)
 
 
 class Stopped(Exception):
@@ -291,14 +281,7 @@ def record(text: str, figures: dict[str, Any], command: str) -> None:
             "```json", json.dumps(figures), "```", "",
         ]
     )  # fmt: skip
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + body
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + body + (old[nxt + 1 :] if nxt >= 0 else "")
-    DOC.write_text(new)
+    record_section(DOC, SECTION, body)
 
 
 def main(argv: list[str] | None = None) -> int:

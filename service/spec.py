@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from search_spaces._policy import GetaSettings, Method
+from search_spaces._space import KnobSpace
 
 BUILTIN_MODELS = ("digits-mlp", "digits-cnn", "digits-dsconv", "digits-transformer", "char-lm")
 BUILTIN_DATASETS = ("digits", "python-text")
@@ -210,6 +211,39 @@ class SearchSpaceSpec(_Strict):
     @property
     def methods(self) -> list[str]:
         return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    def knob_space(
+        self, layers: list[dict[str, Any]], groups: list[dict[str, Any]] | None = None
+    ) -> KnobSpace:
+        """These knobs over a model's compressible ``layers`` (and prunable channel
+        ``groups``): the one place a job's search space is built."""
+        return KnobSpace.model_validate(
+            {
+                "sparsity_kinds": self.sparsity_kinds,
+                "groups": groups or [],
+                "channel_low": self.channel_sparsity.low,
+                "channel_high": self.channel_sparsity.high,
+                "layers": layers,
+                "weight_bits": self.weight_bits,
+                "sparsity_low": self.sparsity.low,
+                "sparsity_high": self.sparsity.high,
+                "noise_rate_low": self.noise_rate.low,
+                "noise_rate_high": self.noise_rate.high,
+                "noise_block": self.noise_block,
+                "methods": self.methods,
+                "granularities": self.granularity,
+                "symmetric": self.symmetric,
+                "ipq_blocks": self.ipq.block_sizes,
+                "ipq_centroids": self.ipq.centroids,
+                "mx_elements": self.mx_element,
+                "order": self.order,
+                "act_bits": self.activation.bits,
+                "act_range": self.activation.range,
+                "geta": self.geta.model_dump(),
+                "geta_sparsity_low": self.geta_sparsity_range.low,
+                "geta_sparsity_high": self.geta_sparsity_range.high,
+            }
+        )
 
     @property
     def geta_sparsity_range(self) -> Range:

@@ -428,33 +428,7 @@ def run_search(
             )
         ss = spec.search_space
         c.log_dict(parent_id, baseline["pruning_report"], "pruning_report.json")
-        space = KnobSpace.model_validate(
-            {
-                "sparsity_kinds": ss.sparsity_kinds,
-                "groups": baseline["pruning_report"]["groups"],
-                "channel_low": ss.channel_sparsity.low,
-                "channel_high": ss.channel_sparsity.high,
-                "layers": baseline["layers"],
-                "weight_bits": ss.weight_bits,
-                "sparsity_low": ss.sparsity.low,
-                "sparsity_high": ss.sparsity.high,
-                "noise_rate_low": ss.noise_rate.low,
-                "noise_rate_high": ss.noise_rate.high,
-                "noise_block": ss.noise_block,
-                "methods": ss.methods,
-                "granularities": ss.granularity,
-                "symmetric": ss.symmetric,
-                "ipq_blocks": ss.ipq.block_sizes,
-                "ipq_centroids": ss.ipq.centroids,
-                "mx_elements": ss.mx_element,
-                "order": ss.order,
-                "act_bits": ss.activation.bits,
-                "act_range": ss.activation.range,
-                "geta": ss.geta.model_dump(),
-                "geta_sparsity_low": ss.geta_sparsity_range.low,
-                "geta_sparsity_high": ss.geta_sparsity_range.high,
-            }
-        )
+        space = ss.knob_space(baseline["layers"], baseline["pruning_report"]["groups"])
         c.log_dict(parent_id, space.model_dump(mode="json"), "search_space.json")
 
         ctx = TrialContext(

@@ -7,9 +7,6 @@ parameters. One stack serves every job."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.stack import free_port, wait_http
 from tests import nets
-from tests.e2e.test_stack import Stack
+from tests.e2e.test_stack import Stack, sparq_up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,29 +47,9 @@ def gstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`sparq up` with PYTHONPATH set so `tests.nets` is importable on the workers, as a
     user's package would be. Jobs run one at a time on the stack's Ray head."""
     home = tmp_path_factory.mktemp("sparq-gen")
-    port, mlflow_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SPARQ_", "RAY_"))}
-    env.update(SPARQ_HOME=str(home), PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.pop("SPARQ_DATABASE_URL", None)
-    env.pop("SPARQ_RAY_ADDRESS", None)
-    log = (home / "up.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "up", "--port", str(port),
-         "--mlflow-port", str(mlflow_port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    api = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{api}/v1/health", timeout=180, proc=proc)
-        yield Stack(api=api, mlflow=f"http://127.0.0.1:{mlflow_port}", home=home, proc=proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(120)  # stops drivers, the Ray head and MLflow in turn
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    with sparq_up(home, PYTHONPATH=pythonpath) as s:
+        yield s
 
 
 def _front_points_reproduce(stack: Stack, job: dict[str, Any], tmp: Path) -> list[Any]:

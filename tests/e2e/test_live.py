@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from service.stack import free_port, wait_http
-from tests.e2e.test_stack import Stack
+from tests.e2e.test_stack import Stack, sparq_up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -78,22 +78,7 @@ def _observe(stack: Stack, run_id: str, artifact_root: str) -> Observation:
 
 @pytest.fixture(scope="module")
 def live_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveJob]:
-    home = tmp_path_factory.mktemp("sparq-live")
-    port, mlflow_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SPARQ_", "RAY_"))}
-    env.update(SPARQ_HOME=str(home), PYTHONUNBUFFERED="1")
-    env.setdefault("SPARQ_RAY_NUM_CPUS", "2")
-    env.pop("SPARQ_DATABASE_URL", None)
-    log = (home / "up.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "up", "--port", str(port),
-         "--mlflow-port", str(mlflow_port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    api = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{api}/v1/health", timeout=180, proc=proc)
-        stack = Stack(api=api, mlflow=f"http://127.0.0.1:{mlflow_port}", home=home, proc=proc)
+    with sparq_up(tmp_path_factory.mktemp("sparq-live"), SPARQ_RAY_NUM_CPUS="2") as stack:
         job = stack.post(TINY)
         live = LiveJob(stack, job)
         deadline = time.monotonic() + 400
@@ -114,13 +99,6 @@ def live_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveJob]:
             time.sleep(0.3)
         live.job = stack.wait(job["id"], timeout=30)
         yield live
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_parent_run_front_and_hypervolume_change_while_the_job_runs(live_job: LiveJob) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,13 @@ class Stack:
         raise AssertionError(f"job {job_id} did not finish in {timeout}s; driver log:\n{log}")
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("sparq-home")
+@contextmanager
+def sparq_up(home: Path, **extra_env: str) -> Iterator[Stack]:
+    """`sparq up` on free loopback ports under ``home``, in an environment without the
+    caller's MLFLOW_/SPARQ_/RAY_ variables (a test may have exported some)."""
     port, mlflow_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SPARQ_", "RAY_"))}
-    env.update(SPARQ_HOME=str(home), PYTHONUNBUFFERED="1")
-    env.pop("SPARQ_DATABASE_URL", None)
+    env.update(SPARQ_HOME=str(home), PYTHONUNBUFFERED="1", **extra_env)
     log = (home / "up.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "up", "--port", str(port),
@@ -79,6 +80,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with sparq_up(tmp_path_factory.mktemp("sparq-home")) as s:
+        yield s
 
 
 def test_job_runs_end_to_end(stack: Stack, tmp_path: Path) -> None:

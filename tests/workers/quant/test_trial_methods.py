@@ -46,28 +46,7 @@ SPEC: dict[str, Any] = {
 
 
 def _space(spec: JobSpec, model: torch.nn.Module) -> KnobSpace:
-    ss = spec.search_space
-    return KnobSpace.model_validate(
-        {
-            "layers": [i.model_dump() for i in compressible_layers(model)],
-            "weight_bits": ss.weight_bits,
-            "sparsity_low": ss.sparsity.low,
-            "sparsity_high": ss.sparsity.high,
-            "noise_rate_low": ss.noise_rate.low,
-            "noise_rate_high": ss.noise_rate.high,
-            "noise_block": ss.noise_block,
-            "methods": ss.methods,
-            "granularities": ss.granularity,
-            "symmetric": ss.symmetric,
-            "ipq_blocks": ss.ipq.block_sizes,
-            "ipq_centroids": ss.ipq.centroids,
-            "mx_elements": ss.mx_element,
-            "act_bits": ss.activation.bits,
-            "geta": ss.geta.model_dump(),
-            "geta_sparsity_low": ss.geta_sparsity_range.low,
-            "geta_sparsity_high": ss.geta_sparsity_range.high,
-        }
-    )
+    return spec.search_space.knob_space([i.model_dump() for i in compressible_layers(model)])
 
 
 @pytest.mark.parametrize("method", ["quant_noise", "ipq", "mx", "bfp", "geta"])
