@@ -66,12 +66,17 @@ from search_spaces import KnobSpace, policy_from_params, to_optuna  # noqa: E402
 from service import stack  # noqa: E402
 from service.spec import OBJECTIVE_MODES, JobSpec, SearchSpec  # noqa: E402
 from workers import checkpoint as ckpt  # noqa: E402
-from workers.baseline import train_baseline  # noqa: E402
+from workers.baseline import (  # noqa: E402
+    describe_model,
+    evaluate_bytes,
+    knob_space,
+    load_baseline,
+    train_baseline,
+)
 from workers.data import build_datasets  # noqa: E402
 from workers.engine import apply_policy  # noqa: E402
 from workers.sampling import make_sampler  # noqa: E402
-from workers.train import make_loader, train_epochs  # noqa: E402
-from workers.trial import evaluate_bytes, load_baseline, pick_device, set_threads  # noqa: E402
+from workers.train import make_loader, pick_device, set_threads, train_epochs  # noqa: E402  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 TARGET_RATIO = 1.25
@@ -100,11 +105,6 @@ def make_spec(args: argparse.Namespace, finetune_epochs: int) -> JobSpec:
             "resources": {"cpus": 1, "gpus": 0},
         }
     )
-
-
-def knob_space(spec: JobSpec, layers: list[dict[str, Any]]) -> KnobSpace:
-    """The search space exactly as ``workers.driver.run_search`` builds it."""
-    return spec.search_space.knob_space(layers)
 
 
 def trial_work(
@@ -145,13 +145,16 @@ def trial_work(
 
 
 def middle_params(space: KnobSpace) -> dict[str, Any]:
-    """A representative policy for calibration: middle bits, sparsity and noise."""
-    bits = sorted(space.weight_bits)[len(space.weight_bits) // 2]
+    """A representative policy for calibration: the middle of every knob (bits,
+    sparsity, noise rate), whatever the knobs are named."""
+    from optuna.distributions import CategoricalDistribution
+
     params: dict[str, Any] = {}
-    for layer in space.layers:
-        params[f"{layer.name}.bits"] = bits
-        params[f"{layer.name}.sparsity"] = (space.sparsity_low + space.sparsity_high) / 2
-    params["noise_rate"] = (space.noise_rate_low + space.noise_rate_high) / 2
+    for name, dist in to_optuna(space).items():
+        if isinstance(dist, CategoricalDistribution):
+            params[name] = dist.choices[len(dist.choices) // 2]
+        else:
+            params[name] = (dist.low + dist.high) / 2  # type: ignore[attr-defined]
     return params
 
 
@@ -167,7 +170,7 @@ def calibrate(args: argparse.Namespace) -> Calibration:
     """Pick fine-tune epochs so one trial takes about ``--trial-seconds`` alone."""
     spec = make_spec(args, finetune_epochs=1)
     base = train_baseline(spec.model_dump(mode="json"))  # also warms imports and caches
-    space = knob_space(spec, base["layers"])
+    space = knob_space(spec, describe_model(spec))
     params = middle_params(space)
     trial_work(spec, space, base["state"], params, 1, epochs=1)  # warm-up
     t0 = time.perf_counter()
@@ -209,10 +212,10 @@ def suggest(trial: optuna.Trial, dists: dict[str, Any]) -> dict[str, Any]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(spec_json: dict[str, Any], layers: list[dict[str, Any]], state: Any) -> None:
+def _init_worker(spec_json: dict[str, Any], model: dict[str, Any], state: Any) -> None:
     torch.set_num_threads(1)
     spec = JobSpec.model_validate(spec_json)
-    _WORKER.update(spec=spec, space=knob_space(spec, layers), state=state)
+    _WORKER.update(spec=spec, space=knob_space(spec, model), state=state)
 
 
 def _work_in_worker(params: dict[str, Any], number: int) -> tuple[float, int]:
@@ -227,8 +230,9 @@ def run_bare(spec: JobSpec, *, processes: bool = False) -> BareRun:
     spec_json = spec.model_dump(mode="json")
     t0 = time.perf_counter()
     base = train_baseline(spec_json)
+    model = describe_model(spec)  # as the driver does (there, while the baseline trains)
     baseline_s = time.perf_counter() - t0
-    space = knob_space(spec, base["layers"])
+    space = knob_space(spec, model)
     dists = to_optuna(space)
     durations: list[float] = []
     lock = threading.Lock()
@@ -238,7 +242,7 @@ def run_bare(spec: JobSpec, *, processes: bool = False) -> BareRun:
             max_workers=spec.search.concurrency,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(spec_json, base["layers"], base["state"]),
+            initargs=(spec_json, model, base["state"]),
         )
 
     def objective(trial: optuna.Trial) -> tuple[float, int]:

@@ -56,13 +56,18 @@ from dashboards import FrontPoint, sparq_front  # noqa: E402
 from search_spaces import KnobSpace, policy_from_params, to_optuna  # noqa: E402
 from service.spec import JobSpec, SearchSpec  # noqa: E402
 from workers import checkpoint as ckpt  # noqa: E402
-from workers.baseline import train_baseline  # noqa: E402
+from workers.baseline import (  # noqa: E402
+    describe_model,
+    evaluate_bytes,
+    knob_space,
+    load_baseline,
+    train_baseline,
+)
 from workers.data import build_datasets  # noqa: E402
 from workers.engine import apply_policy  # noqa: E402
 from workers.sampling import make_sampler, resolve_sampler  # noqa: E402
 from workers.scheduler import ParetoHalving  # noqa: E402
 from workers.train import evaluate, make_loader, train_epochs  # noqa: E402
-from workers.trial import evaluate_bytes, load_baseline  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Search efficiency (bench/search_efficiency.py)"
@@ -80,10 +85,6 @@ def make_spec(args: argparse.Namespace, seed: int, sampler: str) -> JobSpec:
             "search": {"trials": args.trials, "concurrency": 1, "seed": seed, "sampler": sampler},
         }
     )
-
-
-def knob_space(spec: JobSpec, layers: list[dict[str, Any]]) -> KnobSpace:
-    return spec.search_space.knob_space(layers)
 
 
 class Stopped(Exception):
@@ -151,7 +152,7 @@ def _decide(es: ParetoHalving, trial_id: str, epoch: int, accuracy: float, size:
 def search(args: argparse.Namespace, seed: int, name: str, base: dict[str, Any]) -> Run:
     sampler = "random" if name == "random" else args.sampler
     spec = make_spec(args, seed, sampler)
-    space = knob_space(spec, base["layers"])
+    space = knob_space(spec, base)
     dists = to_optuna(space)
     study = optuna.create_study(
         directions=["maximize", "minimize"], sampler=make_sampler(spec, len(dists))
@@ -185,7 +186,8 @@ def search(args: argparse.Namespace, seed: int, name: str, base: dict[str, Any])
 def one_seed(args: argparse.Namespace, seed: int) -> list[Run]:
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    base = train_baseline(make_spec(args, seed, args.sampler).model_dump(mode="json"))
+    spec = make_spec(args, seed, args.sampler)
+    base = train_baseline(spec.model_dump(mode="json")) | describe_model(spec)
     return [search(args, seed, name, base) for name in ("random", "default", "default+es")]
 
 

@@ -149,3 +149,21 @@ def tiny_transformer(dim: int = 24, heads: int = 4) -> nn.Module:
 
 
 GENERALITY = ["residual_cnn", "concat_cnn", "se_cnn", "dsconv_net", "tiny_transformer"]
+
+
+class _Untrainable(nn.Module):
+    """An MLP that runs in eval mode (so it can be traced, described and exported) but
+    raises in training mode: its float baseline cannot be trained."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError("this model refuses to train")
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def untrainable() -> nn.Module:
+    return _Untrainable()

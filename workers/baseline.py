@@ -1,19 +1,54 @@
-"""Work the search driver hands to Ray besides the trials: train the float baseline
-once, and re-measure an exported checkpoint. A module of its own so that the Ray
-worker running it imports only what it needs (torch and the engine), not Tune or
-MLflow."""
+"""Work the search driver does besides the trials: describe the model, train the
+float baseline once, re-measure an exported checkpoint, export it to ONNX. A module
+of its own so that the Ray worker running it imports only what it needs (torch and
+the engine), never Tune or MLflow: those cost a cold worker about 3 s, on the path
+of every job."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.spec import JobSpec, front_quality
 
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
-def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
-    """Ray task: train the float model once; return its weights and measurements."""
+    from search_spaces import KnobSpace
+    from workers.train import EvalResult
+
+EVAL_BATCH = 512
+
+
+def load_baseline(spec: JobSpec, state: dict[str, np.ndarray]) -> torch.nn.Module:
+    """The job's model with the baseline's weights."""
+    import numpy as np
+    import torch
+
+    from workers.models import build_model
+
+    model = build_model(spec.model)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return model
+
+
+def evaluate_bytes(data: bytes, spec: JobSpec, device: torch.device) -> EvalResult:
+    """Decode checkpoint bytes and evaluate the model they hold."""
+    from workers import checkpoint as ckpt
+    from workers.data import build_datasets
+    from workers.train import evaluate, make_loader
+
+    _, val = build_datasets(spec.dataset)
+    return evaluate(ckpt.decode(data).model, make_loader(val, EVAL_BATCH, shuffle=False), device)
+
+
+def describe_model(spec: JobSpec) -> dict[str, Any]:
+    """What the search space is built from, known before any training: the model's
+    compressible layers, its prunable channel groups (and the layers left dense, with
+    why) and the size of its float checkpoint. None of it depends on the weights, so
+    the driver computes it on the untrained model while the baseline trains."""
     import torch
 
     from workers import checkpoint as ckpt
@@ -21,8 +56,33 @@ def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
     from workers.engine import compressible_layers
     from workers.models import build_model
     from workers.pruning import analyze
-    from workers.train import evaluate, make_loader, train_epochs
-    from workers.trial import pick_device, set_threads
+
+    torch.manual_seed(spec.search.seed)
+    model = build_model(spec.model)
+    train, _ = build_datasets(spec.dataset)
+    report = analyze(model, example_input(train))  # prunable groups; layers left dense, why
+    data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
+    return {
+        "layers": [info.model_dump() for info in compressible_layers(model)],
+        "pruning_report": report.as_dict(),
+        "size_bytes": len(data),  # float32 payload: the same bytes trained or not
+    }
+
+
+def knob_space(spec: JobSpec, model: dict[str, Any]) -> KnobSpace:
+    """The job's search space over a :func:`describe_model` description: what the
+    driver searches (and the benches too, to search the same space)."""
+    return spec.search_space.knob_space(model["layers"], model["pruning_report"]["groups"])
+
+
+def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
+    """Ray task: train the float model once; return its weights and measurements."""
+    import torch
+
+    from workers import checkpoint as ckpt
+    from workers.data import build_datasets
+    from workers.models import build_model
+    from workers.train import evaluate, make_loader, pick_device, set_threads, train_epochs
 
     spec = JobSpec.model_validate(spec_json)
     set_threads(spec.resources.cpus)
@@ -40,23 +100,20 @@ def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
     model.cpu()
     data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
     result = evaluate(ckpt.decode(data).model, make_loader(val, 512, shuffle=False), device)
-    report = analyze(model, example_input(train))  # prunable groups; layers left dense, why
     return {
         "state": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
         "accuracy": result.accuracy,
         "quality": front_quality(spec.task, result.accuracy, result.loss),
-        "pruning_report": report.as_dict(),
         "loss": result.loss,
         "train_loss": losses[-1],
         "size_bytes": len(data),
-        "layers": [info.model_dump() for info in compressible_layers(model)],
     }
 
 
 def reevaluate(path: str, spec_json: dict[str, Any]) -> dict[str, float]:
     """Ray task: reload an exported checkpoint from disk and measure it again."""
     from workers import checkpoint as ckpt
-    from workers.trial import evaluate_bytes, pick_device, set_threads
+    from workers.train import pick_device, set_threads
 
     spec = JobSpec.model_validate(spec_json)
     set_threads(spec.resources.cpus)
@@ -66,6 +123,27 @@ def reevaluate(path: str, spec_json: dict[str, Any]) -> dict[str, float]:
     out = {"accuracy": result.accuracy, "loss": result.loss, "size_bytes": len(data)}
     out.update({f"info_{k}": float(v) for k, v in ckpt.size_report(data).items()})
     return out
+
+
+def export_onnx(path: str, out: str, spec_json: dict[str, Any]) -> dict[str, float]:
+    """Ray task: the exported checkpoint as an int8 QDQ ONNX model, checked against torch
+    in onnxruntime on validation inputs."""
+    from workers import checkpoint as ckpt
+    from workers.data import build_datasets
+    from workers.onnx_export import export_qdq
+
+    spec = JobSpec.model_validate(spec_json)
+    _, val = build_datasets(spec.dataset)
+    xs = [val[i][0] for i in range(min(64, len(val)))]  # type: ignore[arg-type]
+    import torch
+
+    report = export_qdq(ckpt.load_checkpoint(path), out, torch.stack(xs))
+    return {
+        "rel_diff": report.rel_diff,
+        "rel_diff_optimized": report.rel_diff_optimized,
+        "top1_agreement": report.top1_agreement,
+        "bytes": float(report.size_bytes),
+    }
 
 
 _STATE, _META = "baseline.npz", "baseline.json"

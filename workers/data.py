@@ -17,22 +17,42 @@ from workers.models import import_entrypoint
 SPLIT_SEED = 0  # fixed: every job and every trial sees the same split
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 images and labels from the CSV bundled with scikit-learn, read with
+    numpy: ``find_spec`` locates the package without importing it."""
+    import importlib.util
+    from pathlib import Path
+
+    found = importlib.util.find_spec("sklearn")
+    if found is None or found.origin is None:
+        raise SpecError("dataset 'digits' needs scikit-learn installed (it ships the images)")
+    data = np.loadtxt(Path(found.origin).parent / "datasets/data/digits.csv.gz", delimiter=",")
+    return data[:, :-1], data[:, -1].astype(np.int64)
+
+
 def digits(val_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
     """scikit-learn's bundled 8x8 digits (1797 images), scaled to [0, 1], as 1x8x8.
 
-    The split is stratified and seeded, so it is the same on every machine.
+    The split is stratified and seeded, so it is the same on every machine. The
+    default split is stored (``workers/_digits_split.py``); another fraction is
+    computed with scikit-learn.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from workers import _digits_split
 
-    x, y = load_digits(return_X_y=True)
+    x, y = _digits_arrays()
     x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    x_tr, x_va, y_tr, y_va = train_test_split(
-        x, y, test_size=val_fraction, random_state=SPLIT_SEED, stratify=y
-    )
+    if val_fraction == 0.2:
+        order = np.asarray(_digits_split.ORDER)
+        train_idx, val_idx = order[: -_digits_split.N_VAL], order[-_digits_split.N_VAL :]
+    else:
+        from sklearn.model_selection import train_test_split
+
+        train_idx, val_idx = train_test_split(
+            np.arange(len(y)), test_size=val_fraction, random_state=SPLIT_SEED, stratify=y
+        )
     return (
-        TensorDataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr).long()),
-        TensorDataset(torch.from_numpy(x_va), torch.from_numpy(y_va).long()),
+        TensorDataset(torch.from_numpy(x[train_idx]), torch.from_numpy(y[train_idx])),
+        TensorDataset(torch.from_numpy(x[val_idx]), torch.from_numpy(y[val_idx])),
     )
 
 

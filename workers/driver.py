@@ -1,10 +1,17 @@
 """The per-job search driver: ``python -m workers.driver JOB_ID``.
 
 One process per job, started by the service's launcher. It joins (or starts) Ray,
-trains the float baseline once in a Ray task, runs ``Tuner`` + ``OptunaSearch``
-over both objectives, keeps the job store and MLflow current as trials finish,
-then exports, reloads and re-evaluates the chosen point. It is the only writer of
-a job's progress, trials and outcome; it never imports FastAPI.
+hands the float baseline to a Ray task first, then, while the baseline trains,
+imports Tune and MLflow, describes the model, builds the search space and starts
+``Tuner`` + ``OptunaSearch`` over both objectives: the first trials start their
+workers at once and wait for the baseline in Ray's object store. It keeps the job
+store and MLflow current as trials finish, then exports, reloads and re-evaluates
+the chosen point. It is the only writer of a job's progress, trials and outcome; it
+never imports FastAPI.
+
+Start-up is on the path of every job (``bench/overhead.py`` measures it), so this
+module imports only the store, the spec and Ray's core before the baseline is
+submitted; everything heavier is imported inside :func:`run_search` after.
 """
 
 from __future__ import annotations
@@ -14,26 +21,27 @@ import logging
 import os
 import shutil
 import sys
-import time
+import threading
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ray import tune
-
-from dashboards import FrontPoint, choose, non_dominated_ranks, sparq_front
-from search_spaces import KnobSpace, policy_from_params, to_optuna
 from service import store as st
 from service.settings import Settings, get_settings
-from service.spec import OBJECTIVE_MODES, JobSpec, front_quality
-from workers import live, tracking
-from workers.baseline import load_saved_baseline, reevaluate, save_baseline, train_baseline
-from workers.sampling import ConstrainedOptunaSearch, make_sampler, resolve_sampler
-from workers.scheduler import ParetoHalving
-from workers.trial import CHECKPOINT_FILE, TrialContext, run_trial, trial_name, trial_number
+from service.spec import JobSpec, front_quality
+from workers.baseline import (
+    describe_model,
+    export_onnx,
+    knob_space,
+    load_saved_baseline,
+    reevaluate,
+    save_baseline,
+    train_baseline,
+)
 
-__all__ = ["main", "make_sampler", "reevaluate", "run_search", "train_baseline"]
+__all__ = ["main", "reevaluate", "run_search", "train_baseline"]
 
 log = logging.getLogger("sparq.driver")
 BEST_FILE = "best.sparq"
@@ -43,297 +51,6 @@ BEST_ONNX_FILE = "best.onnx"
 
 def _quality(task: str, accuracy: float | None, loss: float | None) -> float:
     return front_quality(task, accuracy, loss)
-
-
-def export_onnx(path: str, out: str, spec_json: dict[str, Any]) -> dict[str, float]:
-    """Ray task: the exported checkpoint as an int8 QDQ ONNX model, checked against torch
-    in onnxruntime on validation inputs."""
-    from workers import checkpoint as ckpt
-    from workers.data import build_datasets
-    from workers.onnx_export import export_qdq
-
-    spec = JobSpec.model_validate(spec_json)
-    _, val = build_datasets(spec.dataset)
-    xs = [val[i][0] for i in range(min(64, len(val)))]  # type: ignore[arg-type]
-    import torch
-
-    report = export_qdq(ckpt.load_checkpoint(path), out, torch.stack(xs))
-    return {
-        "rel_diff": report.rel_diff,
-        "rel_diff_optimized": report.rel_diff_optimized,
-        "top1_agreement": report.top1_agreement,
-        "bytes": float(report.size_bytes),
-    }
-
-
-class _Lazy:
-    """Ray pickles the run config (stopper, callbacks) with the experiment state, so
-    these hold only plain values and open their store and MLflow client lazily."""
-
-    _unpicklable: tuple[str, ...] = ("_store", "_client")
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in self._unpicklable}
-
-    @property
-    def store(self) -> st.JobStore:
-        if getattr(self, "_store", None) is None:
-            self._store = st.JobStore(self.db_url)
-        return self._store
-
-    @property
-    def client(self) -> Any:
-        if getattr(self, "_client", None) is None:
-            self._client = tracking.client(self.tracking_uri)
-        return self._client
-
-    db_url: str
-    tracking_uri: str
-
-
-class CancelStopper(_Lazy, tune.Stopper):
-    """Ends the whole search once a cancel is requested (checked twice a second)."""
-
-    def __init__(self, db_url: str, job_id: str) -> None:
-        self.db_url, self.job_id = db_url, job_id
-        self.last, self.seen = 0.0, False
-
-    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return self.stop_all()
-
-    def stop_all(self) -> bool:
-        now = time.monotonic()
-        if not self.seen and now - self.last > 0.5:
-            self.last = now
-            self.seen = self.store.get(self.job_id).cancel_requested
-        return self.seen
-
-
-class JobProgress(_Lazy, tune.Callback):
-    """Records each finished trial and keeps the front, the job store and MLflow
-    current. Runs in the driver process."""
-
-    def __init__(
-        self,
-        *,
-        db_url: str,
-        job_id: str,
-        space: KnobSpace,
-        baseline_size_bytes: int,
-        baseline_accuracy: float,
-        tracking_uri: str,
-        parent_run_id: str,
-        task: str = "classification",
-    ) -> None:
-        self.task = task
-        self.db_url, self.job_id, self.space = db_url, job_id, space
-        self.baseline_size_bytes, self.baseline_accuracy = baseline_size_bytes, baseline_accuracy
-        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
-        self.tagged: dict[str, tuple[bool, int]] = {}  # run id -> (on front, rank) as tagged
-
-    _unpicklable = (*_Lazy._unpicklable, "_live")
-
-    @property
-    def views(self) -> live.LiveViews:
-        """Plots on the parent run, rendered off the Tune loop (workers/live.py)."""
-        if getattr(self, "_live", None) is None:
-            self._live = live.LiveViews(self.tracking_uri, self.parent_run_id)
-        return self._live
-
-    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        if getattr(self, "_live", None) is not None:
-            self._live.close()
-
-    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        result = trial.last_result or {}
-        if "accuracy" not in result:  # ended without reporting: count it as failed
-            self.failed(
-                trial.trial_id,
-                trial_name(trial),
-                trial.config,
-                "trial ended without reporting a result",
-            )
-            return
-        if result.get("final") is False:  # stopped early by the scheduler at a rung
-            self.stopped(trial.trial_id, trial_name(trial), trial.config, result)
-            return
-        ck = trial.checkpoint
-        self.completed(
-            trial.trial_id, trial_name(trial), trial.config, result, ck.path if ck else None
-        )
-
-    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.failed(trial.trial_id, trial_name(trial), trial.config, _trial_error(trial))
-
-    def completed(
-        self,
-        trial_id: str,
-        name: str,
-        config: dict[str, Any],
-        result: dict[str, Any],
-        ckpt_dir: str | None,
-    ) -> None:
-        policy = policy_from_params(self.space, config)
-        self.store.upsert_trial(
-            self.job_id,
-            trial_id,
-            number=trial_number(name),
-            status=st.TRIAL_COMPLETED,
-            policy=policy.model_dump(mode="json"),
-            accuracy=float(result["accuracy"]),
-            loss=float(result["loss"]),
-            size_bytes=int(result["size_bytes"]),
-            bops=result.get("bops"),
-            relative_bops=result.get("relative_bops"),
-            duration_s=float(result.get("duration_s", 0.0)),
-            checkpoint=str(Path(ckpt_dir) / CHECKPOINT_FILE) if ckpt_dir else None,
-            mlflow_run_id=result.get("mlflow_run_id"),
-            finished_at=st.utcnow(),
-        )
-        self._refresh()
-
-    def stopped(
-        self, trial_id: str, name: str, config: dict[str, Any], result: dict[str, Any]
-    ) -> None:
-        """A trial early stopping ended: kept with what it measured at its last rung,
-        but never a point of the front nor a candidate for export."""
-        self.store.upsert_trial(
-            self.job_id,
-            trial_id,
-            number=trial_number(name),
-            status=st.TRIAL_STOPPED,
-            policy=policy_from_params(self.space, config).model_dump(mode="json"),
-            accuracy=float(result["accuracy"]),
-            loss=float(result["loss"]),
-            size_bytes=int(result["size_bytes"]),
-            duration_s=float(result.get("duration_s", 0.0)),
-            error=f"stopped early after fine-tune epoch {result['epoch']} (not fully trained)",
-            mlflow_run_id=result.get("mlflow_run_id"),
-            finished_at=st.utcnow(),
-        )
-        if result.get("mlflow_run_id"):
-            run_id = str(result["mlflow_run_id"])
-            tracking.set_tags(self.client, run_id, {"sparq.stopped_early": result["epoch"]})
-            self.client.set_terminated(run_id, "KILLED")
-        self._refresh()
-
-    def failed(self, trial_id: str, name: str, config: dict[str, Any], error: str) -> None:
-        try:
-            policy = policy_from_params(self.space, config).model_dump(mode="json")
-        except (KeyError, ValueError):  # the config itself may be what failed
-            policy = None
-        self.store.upsert_trial(
-            self.job_id,
-            trial_id,
-            number=trial_number(name),
-            status=st.TRIAL_FAILED,
-            policy=policy,
-            error=error,
-            finished_at=st.utcnow(),
-        )
-        self._refresh()
-
-    def _refresh(self) -> None:
-        trials = self.store.trials(self.job_id)
-        done = [t for t in trials if t.status == st.TRIAL_COMPLETED]
-        points = [
-            FrontPoint(t.trial_id, _quality(self.task, t.accuracy, t.loss), t.size_bytes or 0)
-            for t in done
-        ]
-        front = sparq_front(points, self.baseline_size_bytes)
-        self.store.update(
-            self.job_id,
-            trials_completed=len(done),
-            trials_failed=sum(t.status == st.TRIAL_FAILED for t in trials),
-            trials_stopped=sum(t.status == st.TRIAL_STOPPED for t in trials),
-            front_size=len(front.points),
-            hypervolume=front.hypervolume,
-        )
-        self._log_front(done, front.points, front.hypervolume, len(trials))
-        if done:
-            self.views.submit(
-                live.snapshot(
-                    self.store.get(self.job_id),
-                    trials,
-                    baseline_accuracy=self.baseline_accuracy,
-                    baseline_size_bytes=self.baseline_size_bytes,
-                )
-            )
-
-    def _log_front(self, done: list[st.Trial], front: list[FrontPoint], hv: float, n: int) -> None:
-        c = self.client
-        metrics = {"hypervolume": hv, "front_size": len(front)}
-        tracking.log_metrics(c, self.parent_run_id, metrics, step=n)
-        rows = [
-            {
-                "trial_id": p.trial_id,
-                "accuracy": p.accuracy,
-                "size_bytes": p.size_bytes,
-                "compression": self.baseline_size_bytes / p.size_bytes,
-            }
-            for p in front
-        ]
-        baseline = {"accuracy": self.baseline_accuracy, "size_bytes": self.baseline_size_bytes}
-        by_id = {t.trial_id: t for t in done}
-        table = [{**row, **_policy_columns(by_id[str(row["trial_id"])].policy)} for row in rows]
-        tracking.replace_table(c, self.parent_run_id, _frame(table), "pareto/front_table.json")
-        c.log_dict(
-            self.parent_run_id,
-            {
-                "baseline": baseline,
-                "trials_finished": n,
-                "hypervolume": hv,
-                "hypervolume_reference": _HV_REFERENCE,
-                "front": rows,
-            },
-            "pareto/front.json",
-        )
-        ranks = non_dominated_ranks(
-            [(t.size_bytes or 0, -_quality(self.task, t.accuracy, t.loss)) for t in done]
-        )
-        members = {p.trial_id for p in front}
-        for t, rank in zip(done, ranks, strict=True):
-            state = (t.trial_id in members, rank)
-            if t.mlflow_run_id and self.tagged.get(t.mlflow_run_id) != state:
-                tags = {"pareto": str(state[0]).lower(), "rank": rank}
-                tracking.set_tags(c, t.mlflow_run_id, tags)  # only what changed: O(changes)
-                self.tagged[t.mlflow_run_id] = state
-
-
-_HV_REFERENCE = {
-    "objectives": ["size_bytes / baseline size_bytes", "1 - accuracy"],
-    "minimized": True,
-    "point": [1.0, 1.0],
-}
-
-
-def _policy_columns(policy: dict[str, Any] | None) -> dict[str, Any]:
-    """A policy as flat table columns: one bits and one sparsity column per layer."""
-    if not policy:
-        return {}
-    cols: dict[str, Any] = {"noise_rate": policy.get("noise_rate")}
-    for name, lp in policy.get("layers", {}).items():
-        cols[f"{name}.bits"] = lp["bits"]
-        cols[f"{name}.sparsity"] = round(lp["sparsity"], 4)
-    return cols
-
-
-def _frame(rows: list[dict[str, Any]]) -> Any:
-    import pandas as pd
-
-    return pd.DataFrame(rows)
-
-
-def _trial_error(trial: Any) -> str:
-    """The last line of the trial's exception (the full traceback is in its log)."""
-    text = ""
-    try:
-        if trial.error_file and os.path.exists(trial.error_file):
-            text = Path(trial.error_file).read_text()
-    except OSError:
-        pass
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else "trial failed without an error message")[:2000]
 
 
 def _init_ray(settings: Settings, spec: JobSpec) -> None:
@@ -375,16 +92,110 @@ def _label_study(storage: Any, study_name: str, spec: JobSpec, job_id: str) -> N
     study.set_user_attr("sparq_job_name", spec.name)
 
 
+class BaselineWatch:
+    """Waits for the float baseline off the Tune loop. When it is trained: keeps it
+    (``on_ready``: disk, job store, MLflow) and frees the resources reserved for it.
+    When it fails: records why (``on_error``), which stops the search, and
+    :meth:`result` raises, which fails the job with the baseline's error rather than
+    with each trial's."""
+
+    def __init__(
+        self,
+        ref: Any,
+        *,
+        reserved: Any = None,
+        on_ready: Callable[[dict[str, Any]], None],
+        on_error: Callable[[str], Any],
+    ) -> None:
+        self.ref, self.reserved = ref, reserved
+        self.on_ready, self.on_error = on_ready, on_error
+        self._result: dict[str, Any] | None = None
+        self._error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="sparq-baseline", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import ray
+
+        try:
+            result = dict(ray.get(self.ref))
+            self.on_ready(result)
+            self._result = result
+        except BaseException as e:
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            self._error = f"training the float baseline failed: {lines[-1] if lines else repr(e)}"
+            log.error("%s", self._error)
+            try:
+                self.on_error(self._error)
+            except Exception:  # pragma: no cover - the error is still raised by result()
+                log.exception("could not record the baseline's failure")
+        finally:
+            if self.reserved is not None:
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(self.reserved)  # its CPUs go to the trials
+
+    def result(self) -> dict[str, Any]:
+        self._thread.join()
+        if self._result is None:
+            raise RuntimeError(self._error or "the float baseline is missing")
+        return self._result
+
+
+def _submit_baseline(spec: JobSpec, spec_json: dict[str, Any]) -> tuple[Any, Any]:
+    """The baseline task, in a placement group of its own: the search starts while it
+    trains and its first trials wait for it holding their CPUs, so the baseline's
+    resources are reserved first (never taken by a waiting trial: no deadlock)."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {"CPU": spec.resources.cpus}
+    if spec.resources.gpus:
+        bundle["GPU"] = spec.resources.gpus
+    pg = placement_group([bundle])
+    ref = (
+        ray.remote(train_baseline)
+        .options(
+            num_cpus=spec.resources.cpus,
+            num_gpus=spec.resources.gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
+        )
+        .remote(spec_json)
+    )
+    return ref, pg
+
+
 def run_search(
     store: st.JobStore, settings: Settings, job_id: str, *, resume: bool = False
 ) -> None:
     import ray
-    from ray import tune
 
     job = store.get(job_id)
     spec = JobSpec.model_validate(job.spec)
+    spec_json = spec.model_dump(mode="json")
     job_dir = settings.job_dir(job_id)
     job_dir.mkdir(parents=True, exist_ok=True)
+
+    # The baseline goes to Ray first; all that follows overlaps with its training.
+    _init_ray(settings, spec)
+    saved = load_saved_baseline(job_dir) if resume else None
+    reserved = None
+    if saved is None:
+        log.info("training the float baseline")
+        baseline_ref, reserved = _submit_baseline(spec, spec_json)
+    else:
+        baseline_ref = ray.put(saved)  # a resumed driver starts from it, not again
+
+    from ray import tune
+
+    from search_spaces import to_optuna
+    from service.spec import OBJECTIVE_MODES
+    from workers import tracking
+    from workers.progress import JobProgress, JobStopper
+    from workers.sampling import ConstrainedOptunaSearch, make_sampler, resolve_sampler
+    from workers.scheduler import ParetoHalving
+    from workers.trial import TrialContext, run_trial, trial_name
 
     c = tracking.client(settings.mlflow_tracking_uri)
     tune_dir = job_dir / "tune"
@@ -402,18 +213,22 @@ def run_search(
         store.update(job_id, mlflow_experiment_id=experiment_id, mlflow_run_id=parent_id)
 
     try:
-        _init_ray(settings, spec)
-        baseline = load_saved_baseline(job_dir) if resume else None
-        if baseline is None:
-            log.info("training the float baseline")
-            baseline_ref = (
-                ray.remote(train_baseline)
-                .options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
-                .remote(spec.model_dump(mode="json"))
-            )
-            # While the baseline trains in a Ray worker:
-            tracking.log_params(c, parent_id, tracking.flatten(spec.model_dump(mode="json")))
-            baseline = ray.get(baseline_ref)
+        if saved is None:
+            tracking.log_params(c, parent_id, tracking.flatten(spec_json))
+        model = describe_model(spec)  # the untrained model: layers, groups, float size
+        ss = spec.search_space
+        c.log_dict(parent_id, model["pruning_report"], "pruning_report.json")
+        space = knob_space(spec, model)
+        c.log_dict(parent_id, space.model_dump(mode="json"), "search_space.json")
+
+        def keep(baseline: dict[str, Any]) -> None:
+            if baseline["size_bytes"] != model["size_bytes"]:
+                raise RuntimeError(
+                    f"the trained float checkpoint has {baseline['size_bytes']} bytes, the "
+                    f"untrained one {model['size_bytes']}: the model's structure changed"
+                )
+            if saved is not None:
+                return
             save_baseline(job_dir, baseline)  # a resumed driver starts from it, not again
             store.update(
                 job_id,
@@ -426,16 +241,21 @@ def run_search(
                 parent_id,
                 {f"baseline_{k}": baseline[k] for k in ("accuracy", "loss", "size_bytes")},
             )
-        ss = spec.search_space
-        c.log_dict(parent_id, baseline["pruning_report"], "pruning_report.json")
-        space = ss.knob_space(baseline["layers"], baseline["pruning_report"]["groups"])
-        c.log_dict(parent_id, space.model_dump(mode="json"), "search_space.json")
+
+        watch = BaselineWatch(
+            baseline_ref,
+            reserved=reserved,
+            on_ready=keep,
+            on_error=lambda why: store.update(job_id, error=why),  # JobStopper sees it
+        )
+        if reserved is not None:
+            _wait_reserved(reserved, store, job_id)
 
         ctx = TrialContext(
             job_id=job_id,
-            spec=spec.model_dump(mode="json"),
+            spec=spec_json,
             space=space.model_dump(mode="json"),
-            baseline_state=baseline["state"],
+            baseline=baseline_ref,
             tracking_uri=settings.mlflow_tracking_uri,
             experiment_id=experiment_id,
             parent_run_id=parent_id,
@@ -444,8 +264,7 @@ def run_search(
             db_url=settings.db_url,
             job_id=job_id,
             space=space,
-            baseline_size_bytes=baseline["size_bytes"],
-            baseline_accuracy=baseline["accuracy"],
+            baseline_size_bytes=model["size_bytes"],
             tracking_uri=settings.mlflow_tracking_uri,
             parent_run_id=parent_id,
             task=spec.task,
@@ -463,7 +282,6 @@ def run_search(
             mode=[OBJECTIVE_MODES[o] for o in spec.objectives],
             sampler=make_sampler(spec, len(dists)),
             spec=spec,
-            baseline_accuracy=baseline["accuracy"],
             study_name=f"sparq-{job_id}",
             storage=storage,
         )
@@ -478,7 +296,7 @@ def run_search(
                 epochs=ss.finetune_epochs,
                 grace=es.grace_epochs,
                 eta=es.reduction_factor,
-                baseline_size_bytes=baseline["size_bytes"],
+                baseline_size_bytes=model["size_bytes"],
             )
             if es.enabled
             else None
@@ -506,13 +324,14 @@ def run_search(
                 run_config=tune.RunConfig(
                     name="tune",
                     storage_path=str(job_dir),
-                    stop=CancelStopper(settings.db_url, job_id),
+                    stop=JobStopper(settings.db_url, job_id),
                     callbacks=[progress],
                     failure_config=tune.FailureConfig(max_failures=0),
                     verbose=0,
                 ),
             )
         tuner.fit()
+        baseline = watch.result()  # a failed baseline fails the job, with its own error
         known = {t.trial_id for t in store.trials(job_id)}
         orphans = tracking.delete_orphan_runs(c, experiment_id, parent_id, known)
         if orphans:
@@ -527,6 +346,17 @@ def run_search(
     )
 
 
+def _wait_reserved(pg: Any, store: st.JobStore, job_id: str) -> None:
+    """Start the search only once the baseline's resources are reserved (at once on a
+    free cluster); a cancel meanwhile is honoured by the search's stopper."""
+    waited = 0
+    while not pg.wait(timeout_seconds=5):
+        waited += 5
+        log.info("waiting %d s for resources to train the baseline", waited)
+        if store.get(job_id).cancel_requested:
+            return
+
+
 def _finish(
     store: st.JobStore,
     job_id: str,
@@ -537,6 +367,9 @@ def _finish(
     parent_id: str,
 ) -> None:
     import ray
+
+    from dashboards import FrontPoint, choose
+    from workers import live, tracking
 
     cancelled = store.get(job_id).cancel_requested
     done = [t for t in store.trials(job_id) if t.status == st.TRIAL_COMPLETED]

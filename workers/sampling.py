@@ -71,9 +71,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that records, before telling Optuna a trial's values, how far
     the trial is from the job's constraints, so constrained samplers steer away."""
 
-    def __init__(self, *args: Any, spec: JobSpec, baseline_accuracy: float, **kw: Any) -> None:
+    def __init__(self, *args: Any, spec: JobSpec, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self._sparq_spec, self._sparq_baseline = spec, baseline_accuracy
+        self._sparq_spec = spec
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
@@ -83,6 +83,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
             super().on_trial_complete(trial_id, None, error=False)
             return
         if ot_trial is not None and result and "accuracy" in result:
-            for key, value in constraint_values(result, spec, self._sparq_baseline).items():
+            # every trial reports the float baseline it started from (the search starts
+            # while the baseline trains, so the driver does not know it up front)
+            baseline = float(result["baseline_accuracy"])
+            for key, value in constraint_values(result, spec, baseline).items():
                 ot_trial.set_constraint(key, value)  # Optuna >= 5: samplers read these
         super().on_trial_complete(trial_id, result, error)

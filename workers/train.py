@@ -10,6 +10,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 
+def pick_device(gpus: float) -> torch.device:
+    """A worker given a GPU by Ray trains on it (Ray sets CUDA_VISIBLE_DEVICES)."""
+    if gpus > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"resources.gpus={gpus} but CUDA is not available on this worker")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def set_threads(cpus: float) -> None:
+    """Torch's intra-op threads match the CPUs Ray gave the worker."""
+    torch.set_num_threads(max(1, int(cpus)))
+
+
 @dataclass(frozen=True)
 class EvalResult:
     accuracy: float  # fraction of correct top-1 predictions (per token for LMs), in [0, 1]

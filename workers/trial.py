@@ -20,10 +20,10 @@ from search_spaces import KnobSpace, Policy, policy_from_params
 from service.spec import JobSpec
 from workers import checkpoint as ckpt
 from workers import quant, tracking
+from workers.baseline import EVAL_BATCH, load_baseline
 from workers.data import build_datasets, example_input
-from workers.models import build_model
 from workers.scheduler import milestones
-from workers.train import EvalResult, evaluate, make_loader
+from workers.train import evaluate, make_loader, pick_device, set_threads
 
 CHECKPOINT_FILE = "model.sparq"
 REPORTED = frozenset({"accuracy", "loss", "size_bytes", "duration_s"})  # a trial's metrics
@@ -39,7 +39,6 @@ ALSO_REPORTED = frozenset(  # when measured
     }
 )
 RUNG_METHODS = frozenset({"quant_noise", "mx", "bfp"})  # report at early-stopping rungs
-EVAL_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -49,35 +48,10 @@ class TrialContext:
     job_id: str
     spec: dict[str, Any]
     space: dict[str, Any]
-    baseline_state: dict[str, np.ndarray]
+    baseline: Any  # ObjectRef of workers.baseline.train_baseline's result (may be training)
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-
-
-def pick_device(gpus: float) -> torch.device:
-    """A trial given a GPU by Ray trains on it (Ray sets CUDA_VISIBLE_DEVICES)."""
-    if gpus > 0:
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"resources.gpus={gpus} but CUDA is not available on this worker")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def set_threads(cpus: float) -> None:
-    torch.set_num_threads(max(1, int(cpus)))
-
-
-def load_baseline(spec: JobSpec, state: dict[str, np.ndarray]) -> torch.nn.Module:
-    model = build_model(spec.model)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-    return model
-
-
-def evaluate_bytes(data: bytes, spec: JobSpec, device: torch.device) -> EvalResult:
-    """Decode checkpoint bytes and evaluate the model they hold."""
-    _, val = build_datasets(spec.dataset)
-    return evaluate(ckpt.decode(data).model, make_loader(val, EVAL_BATCH, shuffle=False), device)
 
 
 def trial_name(trial: Any) -> str:
@@ -169,10 +143,32 @@ def compress(
     return data, metrics
 
 
+class BaselineUnavailable(RuntimeError):
+    """The float baseline every trial starts from failed to train."""
+
+
+def fetch_baseline(ref: Any) -> dict[str, Any]:
+    """The shared float baseline, from Ray's object store. The search starts while it
+    trains, so the first trials wait here for it (holding their CPUs: the driver has
+    reserved the baseline's own before starting the search)."""
+    import ray
+
+    try:
+        return dict(ray.get(ref))
+    except ray.exceptions.RayError as e:
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise BaselineUnavailable(
+            f"the float baseline failed to train: {lines[-1] if lines else e!r}"
+        ) from None
+
+
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Ray Tune function trainable: reports once, with the checkpoint."""
+    """Ray Tune function trainable: reports at early-stopping rungs, then once with the
+    checkpoint. Every report carries the baseline's accuracy for the driver."""
     from ray import tune
 
+    baseline = fetch_baseline(ctx.baseline)
+    told = {"baseline_accuracy": float(baseline["accuracy"])}
     spec = JobSpec.model_validate(ctx.spec)
     set_threads(spec.resources.cpus)
     device = pick_device(spec.resources.gpus)
@@ -196,7 +192,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             if "params" in metrics:
                 metrics["params"] = int(metrics["params"])
             tune.report(
-                {**metrics, "mlflow_run_id": run_id, "replayed": True, "final": True},
+                {**metrics, **told, "mlflow_run_id": run_id, "replayed": True, "final": True},
                 checkpoint=tune.Checkpoint.from_directory(tmp),
             )
         return
@@ -237,6 +233,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                         "final": False,
                         "mlflow_run_id": run_id,
                         "duration_s": time.perf_counter() - started,
+                        **told,
                     }
                 )
 
@@ -244,7 +241,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         data, metrics = compress(
             spec,
             policy,
-            ctx.baseline_state,
+            baseline["state"],
             device,
             seed=number,
             on_epoch=on_epoch,
@@ -258,7 +255,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             c.log_artifact(run_id, str(Path(tmp) / CHECKPOINT_FILE))
             c.set_terminated(run_id, "FINISHED")
             tune.report(
-                {**metrics, "mlflow_run_id": run_id, "final": True},
+                {**metrics, **told, "mlflow_run_id": run_id, "final": True},
                 checkpoint=tune.Checkpoint.from_directory(tmp),
             )
     except BaseException as e:

@@ -170,6 +170,21 @@ def test_failing_trials_are_recorded_with_their_reason(stack: Stack) -> None:
     assert all("block size 3 must divide" in t["error"] for t in trials)
 
 
+def test_a_baseline_that_fails_to_train_fails_the_job_with_its_error(stack: Stack) -> None:
+    """The search starts while the baseline trains; when the baseline fails, the job
+    fails with the baseline's error, the search stops, and no trial is completed."""
+    spec = {**SMALL, "model": {"entrypoint": "tests.nets:untrainable"},
+            "search": {"trials": 6, "concurrency": 2}}  # fmt: skip
+    job = stack.wait(stack.post(spec)["id"], timeout=240)
+    assert job["status"] == "failed"
+    assert "training the float baseline failed" in job["error"]
+    assert "this model refuses to train" in job["error"]
+    assert job["trials_completed"] == 0
+    trials = httpx.get(f"{stack.api}/v1/jobs/{job['id']}/trials").json()
+    assert len(trials) < 6  # stopped, not run through
+    assert all("the float baseline failed to train" in t["error"] for t in trials)
+
+
 def _driver(stack: Stack, job_id: str, *, not_pid: int | None = None, timeout: float = 180) -> int:
     """The pid of the job's running driver (a new one when ``not_pid`` is given)."""
     from service.store import JobStore

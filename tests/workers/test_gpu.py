@@ -11,8 +11,7 @@ from workers import checkpoint as ckpt
 from workers.data import digits
 from workers.engine import apply_policy, compressible_layers
 from workers.models import build_model
-from workers.train import evaluate, make_loader, train_epochs
-from workers.trial import pick_device
+from workers.train import evaluate, make_loader, pick_device, train_epochs
 
 pytestmark = [
     pytest.mark.gpu,

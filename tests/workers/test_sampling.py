@@ -93,12 +93,12 @@ def test_the_searcher_tells_optuna_which_trials_break_constraints() -> None:
         mode=["max", "min"],
         sampler=make_sampler(spec, len(dists)),
         spec=spec,
-        baseline_accuracy=0.95,
     )
     assert searcher.suggest("a") is not None
     assert searcher.suggest("b") is not None
-    searcher.on_trial_complete("a", {"accuracy": 0.80, "size_bytes": 100})  # 15 points lost
-    searcher.on_trial_complete("b", {"accuracy": 0.95, "size_bytes": 100})
+    base = {"size_bytes": 100, "baseline_accuracy": 0.95}
+    searcher.on_trial_complete("a", {"accuracy": 0.80, **base})  # 15 points lost
+    searcher.on_trial_complete("b", {"accuracy": 0.95, **base})
     a, b = searcher._ot_study.trials
     # what Optuna's samplers read to rank infeasible trials behind feasible ones
     assert a.constraints == pytest.approx({"max_accuracy_drop": 0.14})

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.trial import pick_device, trial_number
+from workers.train import pick_device
+from workers.trial import trial_number
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")

@@ -13,9 +13,10 @@ import torch
 from search_spaces import KnobSpace, LayerPolicy, Policy, policy_from_params, to_optuna
 from service.spec import JobSpec
 from workers import checkpoint as ckpt
+from workers.baseline import evaluate_bytes
 from workers.engine import compressible_layers
 from workers.models import build_model
-from workers.trial import compress, evaluate_bytes
+from workers.trial import compress
 
 pytestmark = pytest.mark.slow
 
