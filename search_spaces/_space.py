@@ -328,15 +328,15 @@ def tie_layers(
             if a != b:
                 root[b] = a
 
-    for group in groups:
-        union([n for n in group.layers if n in root])
+    for g in groups:
+        union([n for n in g.layers if n in root])
     if coarsen in ("block", "type"):
         by_key: dict[str, list[str]] = {}
         for layer in layers:
             key = _parent(layer.name) if coarsen == "block" else layer.kind
             by_key.setdefault(key, []).append(layer.name)
-        for members in by_key.values():
-            union(members)
+        for same in by_key.values():
+            union(same)
     components: dict[str, list[LayerInfo]] = {}
     for layer in layers:
         components.setdefault(find(layer.name), []).append(layer)
@@ -345,8 +345,8 @@ def tie_layers(
     for members in components.values():
         member_names = {m.name for m in members}
         if coarsen == "group":
-            group = next((g for g in groups if member_names & set(g.layers)), None)
-            knob = members[0].name if len(members) == 1 or group is None else f"group:{group.name}"
+            first = next((g for g in groups if member_names & set(g.layers)), None)
+            knob = members[0].name if len(members) == 1 or first is None else f"group:{first.name}"
         elif coarsen == "block":
             knob = f"block:{_parent(members[0].name)}"
         else:
