@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from search_spaces._policy import GetaSettings, Method
-from search_spaces._space import KnobSpace
+from search_spaces._presets import load_preset, merge_preset, preset_names
+from search_spaces._space import Coarsen, KnobSpace
 
 BUILTIN_MODELS = ("digits-mlp", "digits-cnn", "digits-dsconv", "digits-transformer", "char-lm")
 BUILTIN_DATASETS = ("digits", "python-text")
@@ -143,8 +144,21 @@ def _default_kinds() -> list[SparsityKind]:
 
 
 class SearchSpaceSpec(_Strict):
-    """Knobs of the joint search; each layer gets its own bits and sparsity."""
+    """Knobs of the search: a preset's values (``preset``, default ``joint``, today's
+    joint search) overridden knob by knob by the ones written here; ``coarsen`` says
+    which layers share one bits / sparsity / kind knob."""
 
+    preset: str = Field(
+        default="joint",
+        description="a preset from search_spaces/presets/ applied first; every knob "
+        "written here overrides it (nested ipq/activation/geta key by key)",
+    )
+    coarsen: Coarsen = Field(
+        default="group",
+        description="knob tying: `layer` (one knob set per layer), `group` (coupled "
+        "layers of a dependency group share one), `block` (plus same parent module), "
+        "`type` (plus same layer kind)",
+    )
     weight_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
     sparsity: Range = Field(default_factory=lambda: Range(low=0.0, high=0.9))
     noise_rate: Range = Field(default_factory=lambda: Range(low=0.1, high=1.0))
@@ -179,6 +193,25 @@ class SearchSpaceSpec(_Strict):
         default_factory=lambda: Range(low=0.0, high=0.5),
         description="fraction of a group's channels removed when `channel` is searched",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """The preset's values first, then the written knobs on top. A dump of a
+        validated spec holds every knob, so re-validating it changes nothing."""
+        if not isinstance(data, dict):
+            return data
+        name = data.get("preset", "joint")
+        if not isinstance(name, str) or name not in preset_names():
+            return data  # `_known_preset` names the value and the presets
+        return merge_preset(load_preset(name), data)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in preset_names():
+            raise ValueError(f"preset {v!r} is not known; choose one of {list(preset_names())}")
+        return v
 
     @field_validator("sparsity_kinds")
     @classmethod
@@ -219,6 +252,7 @@ class SearchSpaceSpec(_Strict):
         ``groups``): the one place a job's search space is built."""
         return KnobSpace.model_validate(
             {
+                "coarsen": self.coarsen,
                 "sparsity_kinds": self.sparsity_kinds,
                 "groups": groups or [],
                 "channel_low": self.channel_sparsity.low,
