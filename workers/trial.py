@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from search_spaces import KnobSpace, Policy, policy_from_params
-from service.spec import JobSpec
+from service.spec import JobSpec, front_quality
 from workers import checkpoint as ckpt
 from workers import quant, tracking
 from workers.baseline import EVAL_BATCH, load_baseline
@@ -227,6 +227,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 tune.report(
                     {
                         "accuracy": r.accuracy,
+                        "quality": front_quality(spec.task, r.accuracy, r.loss),
                         "loss": r.loss,
                         "size_bytes": held["size"],
                         "epoch": epoch + 1,
