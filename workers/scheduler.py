@@ -4,9 +4,10 @@ non-dominated rank, as a Ray Tune trial scheduler.
 Neither Ray Tune's schedulers nor Optuna's pruners handle two objectives, so this is
 ours. A trial reports its ``quality`` (the front's quality axis: accuracy, or
 ``1/perplexity`` for language modelling; ``accuracy`` when absent) and ``size_bytes``
-at the end of each fine-tune epoch; at each rung (epochs ``grace * eta**k``) it is compared with every trial that
-reached the same rung before it (asynchronous successive halving: no trial waits for
-others). It goes on if it is among the best ``1/eta`` of the rung, ordered by
+at the end of each fine-tune epoch; at each rung (epochs ``grace * eta**k``) it is
+compared with every trial that reached the same rung before it (asynchronous
+successive halving: no trial waits for others). It goes on if it is among the best
+``1/eta`` of the rung, ordered by
 non-dominated rank and, within a rank, by its hypervolume contribution (in the
 objectives the front uses: size over the baseline's, and 1 - quality). A rung with fewer
 than ``eta`` trials promotes everyone: there is nothing yet to compare with.

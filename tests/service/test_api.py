@@ -62,7 +62,8 @@ def test_warm_start_weights_must_be_a_readable_file(client: TestClient, tmp_path
     r = client.post("/v1/jobs", json={**MINIMAL, "baseline": {"weights": missing}})
     assert r.status_code == 422
     [d] = r.json()["detail"]
-    assert d["field"] == "baseline.weights" and d["value"] == missing
+    assert d["field"] == "baseline.weights"
+    assert d["value"] == missing
     assert "no readable file" in d["rule"]
     r = client.post("/v1/jobs", json={**MINIMAL, "baseline": {"weights": "w.pt"}})
     assert r.status_code == 422

@@ -36,7 +36,8 @@ def test_given_weights_are_the_baseline_as_they_are(trained: dict, tmp_path: Pat
     warm = train_baseline(_with(path))  # epochs default to 0 with weights
     assert warm["accuracy"] == trained["accuracy"]
     assert warm["size_bytes"] == trained["size_bytes"]
-    assert warm["train_loss"] is None and warm["warm_start"] == str(path)
+    assert warm["train_loss"] is None
+    assert warm["warm_start"] == str(path)
     for k, v in trained["state"].items():
         assert np.array_equal(warm["state"][k], v)
 
@@ -65,7 +66,8 @@ def test_weights_that_do_not_fit_name_the_field_and_the_keys(tmp_path: Path) -> 
     torch.save({"1.weight": torch.zeros(3, 3)}, tmp_path / "bad.pt")
     with pytest.raises(SpecError, match=r"baseline.weights=.*does not fit the model") as e:
         train_baseline(_with(tmp_path / "bad.pt"))
-    assert "missing ['1.bias'" in str(e.value) and "1.weight: (3, 3) given" in str(e.value)
+    assert "missing ['1.bias'" in str(e.value)
+    assert "1.weight: (3, 3) given" in str(e.value)
 
 
 def test_weights_holding_objects_are_refused_not_unpickled(tmp_path: Path) -> None:
