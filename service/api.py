@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -157,7 +158,11 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         return Health(status="ok", version=VERSION, tracking_uri=uri)
 
     @app.post("/v1/jobs", status_code=201, response_model=JobView, dependencies=[auth])
-    def create_job(spec: JobSpec) -> JobView:
+    def create_job(spec: JobSpec) -> Any:
+        weights = spec.baseline.weights
+        if weights and not (os.path.isfile(weights) and os.access(weights, os.R_OK)):
+            rule = "no readable file at this path on the service (the workers read it too)"
+            return _unprocessable([{"loc": ("baseline", "weights"), "input": weights, "msg": rule}])
         job = store.create(spec.model_dump(mode="json"))
         launcher.poke()
         return JobView.of(job, uri)

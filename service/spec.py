@@ -79,12 +79,59 @@ class DatasetSpec(_Source):
     builtins = BUILTIN_DATASETS
 
 
-class BaselineSpec(_Strict):
-    """The float model every trial starts from, trained once per job."""
+WEIGHT_SUFFIXES = (".pt", ".pth", ".npz")
+DEFAULT_BASELINE_EPOCHS = 40
 
-    epochs: int = Field(default=40, ge=1, le=10_000)
+
+class BaselineSpec(_Strict):
+    """The float model every trial starts from: trained once per job, or the user's
+    own weights (``weights``), optionally trained further for ``epochs`` first."""
+
+    epochs: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        description=f"epochs of float training: {DEFAULT_BASELINE_EPOCHS} by default, 0 by "
+        "default with `weights` (the given weights are the baseline as they are)",
+    )
     lr: float = Field(default=2e-3, gt=0, le=10)
     batch_size: int = Field(default=64, ge=1, le=1 << 20)
+    weights: str | None = Field(
+        default=None,
+        description="absolute path of a state dict for the model (.pt/.pth, read with "
+        "torch.load(weights_only=True), or .npz), readable by the service and the Ray "
+        "workers; the baseline starts from it instead of from scratch",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith("/"):
+            raise ValueError(f"weights must be an absolute path, but got {v!r}")
+        if not v.endswith(WEIGHT_SUFFIXES):
+            raise ValueError(
+                f"weights must be a state dict file ending in one of {list(WEIGHT_SUFFIXES)}, "
+                f"but got {v!r}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _something_to_start_from(self) -> BaselineSpec:
+        if self.epochs == 0 and self.weights is None:
+            raise ValueError(
+                "epochs=0 needs `weights`: without given weights the baseline is trained "
+                "from scratch, for at least 1 epoch"
+            )
+        return self
+
+    @property
+    def train_epochs(self) -> int:
+        """Epochs the baseline task trains for (0: the given weights as they are)."""
+        if self.epochs is not None:
+            return self.epochs
+        return 0 if self.weights else DEFAULT_BASELINE_EPOCHS
 
 
 class Range(_Strict):

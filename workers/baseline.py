@@ -75,6 +75,49 @@ def knob_space(spec: JobSpec, model: dict[str, Any]) -> KnobSpace:
     return spec.search_space.knob_space(model["layers"], model["pruning_report"]["groups"])
 
 
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a user's state dict into ``model`` (strictly: every key, every shape), from
+    ``.pt``/``.pth`` (``torch.load(weights_only=True)``: tensors only, never arbitrary
+    objects) or ``.npz`` (no pickle). A checkpoint dict holding the state dict under
+    ``state_dict`` or ``model`` is accepted too."""
+    import numpy as np
+    import torch
+
+    from workers.errors import SpecError
+
+    field = f"baseline.weights={path!r}"
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                state: Any = {k: torch.from_numpy(z[k]) for k in z.files}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SpecError(f"{field}: no such file on this worker") from None
+    except Exception as e:  # unreadable, not a state dict, or holding non-tensor objects
+        raise SpecError(f"{field}: cannot be read as a state dict: {e}") from None
+    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        state = next((state[k] for k in ("state_dict", "model") if k in state), state)
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise SpecError(f"{field}: must hold a mapping of parameter names to tensors")
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} given, {tuple(want[k].shape)} expected"
+        for k in sorted(set(want) & set(state))
+        if state[k].shape != want[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise SpecError(
+            f"{field} does not fit the model: missing {missing[:8]}, unexpected "
+            f"{unexpected[:8]}, shape mismatches {shapes[:8]}"
+        )
+    model.load_state_dict(state)
+
+
 def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
     """Ray task: train the float model once; return its weights and measurements."""
     import torch
@@ -89,11 +132,13 @@ def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
     device = pick_device(spec.resources.gpus)
     torch.manual_seed(spec.search.seed)
     model = build_model(spec.model)
+    if spec.baseline.weights:  # warm start: the user's trained weights
+        load_weights(model, spec.baseline.weights)
     train, val = build_datasets(spec.dataset)
     losses = train_epochs(
         model,
         make_loader(train, spec.baseline.batch_size, shuffle=True, seed=spec.search.seed),
-        epochs=spec.baseline.epochs,
+        epochs=spec.baseline.train_epochs,
         lr=spec.baseline.lr,
         device=device,
     )
@@ -105,7 +150,8 @@ def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
         "accuracy": result.accuracy,
         "quality": front_quality(spec.task, result.accuracy, result.loss),
         "loss": result.loss,
-        "train_loss": losses[-1],
+        "train_loss": losses[-1] if losses else None,
+        "warm_start": spec.baseline.weights,
         "size_bytes": len(data),
     }
 

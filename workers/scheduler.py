@@ -2,12 +2,14 @@
 non-dominated rank, as a Ray Tune trial scheduler.
 
 Neither Ray Tune's schedulers nor Optuna's pruners handle two objectives, so this is
-ours. A trial reports ``accuracy`` and ``size_bytes`` at the end of each fine-tune
-epoch; at each rung (epochs ``grace * eta**k``) it is compared with every trial that
-reached the same rung before it (asynchronous successive halving: no trial waits for
-others). It goes on if it is among the best ``1/eta`` of the rung, ordered by
+ours. A trial reports its ``quality`` (the front's quality axis: accuracy, or
+``1/perplexity`` for language modelling; ``accuracy`` when absent) and ``size_bytes``
+at the end of each fine-tune epoch; at each rung (epochs ``grace * eta**k``) it is
+compared with every trial that reached the same rung before it (asynchronous
+successive halving: no trial waits for others). It goes on if it is among the best
+``1/eta`` of the rung, ordered by
 non-dominated rank and, within a rank, by its hypervolume contribution (in the
-objectives the front uses: size over the baseline's, and error). A rung with fewer
+objectives the front uses: size over the baseline's, and 1 - quality). A rung with fewer
 than ``eta`` trials promotes everyone: there is nothing yet to compare with.
 
 Stopped trials are never fully trained points: the driver records them as
@@ -24,7 +26,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from dashboards import hypervolume_2d, non_dominated_ranks
 
-Point = tuple[float, float]  # (size / baseline size, 1 - accuracy): both minimized
+Point = tuple[float, float]  # (size / baseline size, 1 - quality): both minimized
 
 
 def milestones(epochs: int, grace: int, eta: int) -> list[int]:
@@ -68,12 +70,12 @@ class ParetoHalving(FIFOScheduler):
         self.rungs: dict[int, dict[str, Point]] = {m: {} for m in milestones(epochs, grace, eta)}
         self.stopped: dict[str, int] = {}  # trial id -> the rung it was stopped at
 
-    def decide(self, trial_id: str, epoch: int, accuracy: float, size_bytes: int) -> bool:
+    def decide(self, trial_id: str, epoch: int, quality: float, size_bytes: int) -> bool:
         """Record the trial at rung ``epoch``; True if it goes on."""
         rung = self.rungs.get(epoch)
         if rung is None:
             return True
-        rung[trial_id] = (size_bytes / self.baseline, 1.0 - accuracy)
+        rung[trial_id] = (size_bytes / self.baseline, 1.0 - quality)
         if len(rung) < self.eta:
             return True
         keep = max(1, math.floor(len(rung) / self.eta))
@@ -88,7 +90,7 @@ class ParetoHalving(FIFOScheduler):
         go_on = self.decide(
             trial.trial_id,
             int(result["epoch"]),
-            float(result["accuracy"]),
+            float(result.get("quality", result["accuracy"])),
             int(result["size_bytes"]),
         )
         return TrialScheduler.CONTINUE if go_on else TrialScheduler.STOP

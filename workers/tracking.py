@@ -43,9 +43,20 @@ def log_params(c: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
         c.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+def log_metrics(
+    c: MlflowClient,
+    run_id: str,
+    metrics: Mapping[str, float],
+    step: int = 0,
+    *,
+    synchronous: bool = True,
+) -> Any:
+    """Log metrics at ``step``. ``synchronous=False`` queues them on MLflow's async
+    logging thread and returns its ``RunOperations`` (``.wait()`` before ending the
+    run): a trial's per-epoch metrics then cost its training loop no HTTP round trip."""
     now = int(time.time() * 1000)
-    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    return c.log_batch(run_id, metrics=batch, synchronous=synchronous)
 
 
 def set_tags(c: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:

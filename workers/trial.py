@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from search_spaces import KnobSpace, Policy, policy_from_params
-from service.spec import JobSpec
+from service.spec import JobSpec, front_quality
 from workers import checkpoint as ckpt
 from workers import quant, tracking
 from workers.baseline import EVAL_BATCH, load_baseline
@@ -217,8 +217,12 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             if rungs:  # the policy fixes the checkpoint's size; fine-tuning changes values
                 held["size"] = len(encode_now())
 
+        queued: list[Any] = []  # per-epoch metrics in flight on MLflow's async thread
+
         def on_epoch(epoch: int, loss: float) -> None:
-            tracking.log_metrics(c, run_id, {"train_loss": loss}, epoch)
+            queued.append(
+                tracking.log_metrics(c, run_id, {"train_loss": loss}, epoch, synchronous=False)
+            )
             if epoch + 1 in rungs:  # a rung of the early-stopping scheduler
                 model = held["model"]
                 r = evaluate(model, val_loader, device)  # eval: every block quantized
@@ -227,6 +231,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 tune.report(
                     {
                         "accuracy": r.accuracy,
+                        "quality": front_quality(spec.task, r.accuracy, r.loss),
                         "loss": r.loss,
                         "size_bytes": held["size"],
                         "epoch": epoch + 1,
@@ -249,6 +254,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             meta=meta,
         )
         metrics["duration_s"] = time.perf_counter() - started
+        for ops in queued:
+            ops.wait()  # every epoch's metric is on the server before the run ends
         tracking.log_metrics(c, run_id, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt.save(Path(tmp) / CHECKPOINT_FILE, data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -54,6 +55,24 @@ def test_invalid_spec_is_422_naming_field_value_and_rule(client: TestClient) -> 
     ]
     assert "search.trials=0" in body["message"]
     assert client.get("/v1/jobs").json() == []  # nothing half-written
+
+
+def test_warm_start_weights_must_be_a_readable_file(client: TestClient, tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.pt")
+    r = client.post("/v1/jobs", json={**MINIMAL, "baseline": {"weights": missing}})
+    assert r.status_code == 422
+    [d] = r.json()["detail"]
+    assert d["field"] == "baseline.weights"
+    assert d["value"] == missing
+    assert "no readable file" in d["rule"]
+    r = client.post("/v1/jobs", json={**MINIMAL, "baseline": {"weights": "w.pt"}})
+    assert r.status_code == 422
+    assert "absolute path" in r.json()["detail"][0]["rule"]
+    assert client.get("/v1/jobs").json() == []  # nothing half-written
+    present = tmp_path / "w.pt"
+    present.write_bytes(b"x")  # read by the baseline task, not here
+    r = client.post("/v1/jobs", json={**MINIMAL, "baseline": {"weights": str(present)}})
+    assert r.status_code == 201
 
 
 def test_malformed_json_is_422_not_500(client: TestClient) -> None:

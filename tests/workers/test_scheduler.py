@@ -53,12 +53,12 @@ def test_within_the_front_the_larger_hypervolume_contribution_goes_first() -> No
 def test_halving_keeps_the_best_third_and_stops_the_rest() -> None:
     s = ParetoHalving(epochs=9, grace=1, eta=3, baseline_size_bytes=1000)
     assert s.rungs.keys() == {1, 3}
-    assert s.decide("a", 1, accuracy=0.90, size_bytes=100)  # fewer than eta: go on
-    assert s.decide("b", 1, accuracy=0.95, size_bytes=100)
-    assert not s.decide("c", 1, accuracy=0.50, size_bytes=200)  # dominated by a and b
+    assert s.decide("a", 1, quality=0.90, size_bytes=100)  # fewer than eta: go on
+    assert s.decide("b", 1, quality=0.95, size_bytes=100)
+    assert not s.decide("c", 1, quality=0.50, size_bytes=200)  # dominated by a and b
     assert s.stopped == {"c": 1}
-    assert s.decide("d", 1, accuracy=0.99, size_bytes=50)  # dominates everyone: best
-    assert s.decide("e", 2, accuracy=0.0, size_bytes=10**6)  # not a rung: never stopped
+    assert s.decide("d", 1, quality=0.99, size_bytes=50)  # dominates everyone: best
+    assert s.decide("e", 2, quality=0.0, size_bytes=10**6)  # not a rung: never stopped
 
 
 def test_the_scheduler_reads_tune_results() -> None:
@@ -75,6 +75,22 @@ def test_the_scheduler_reads_tune_results() -> None:
     assert s.on_trial_result(None, T("b"), worse) == TrialScheduler.STOP
     final = {"accuracy": 0.1, "size_bytes": 999, "final": True}
     assert s.on_trial_result(None, T("c"), final) == TrialScheduler.CONTINUE
+
+
+def test_the_scheduler_ranks_by_the_fronts_quality_not_token_accuracy() -> None:
+    """Language models report ``quality`` (1/perplexity, the front's axis): the rung
+    ranks by it even where token accuracy would order the trials the other way."""
+    from ray.tune.schedulers import TrialScheduler
+
+    class T:
+        def __init__(self, trial_id: str) -> None:
+            self.trial_id = trial_id
+
+    s = ParetoHalving(epochs=4, grace=1, eta=2, baseline_size_bytes=1000)
+    a = {"accuracy": 0.40, "quality": 0.30, "size_bytes": 100, "epoch": 1}
+    b = {"accuracy": 0.45, "quality": 0.20, "size_bytes": 100, "epoch": 1}  # better acc only
+    assert s.on_trial_result(None, T("a"), a) == TrialScheduler.CONTINUE
+    assert s.on_trial_result(None, T("b"), b) == TrialScheduler.STOP
 
 
 def test_bad_parameters_are_refused() -> None:

@@ -1,0 +1,92 @@
+"""Warm start: the float baseline from the user's own weights instead of trained from
+scratch (``baseline.weights``), through the baseline task itself (no Ray: the same
+function Ray runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.spec import JobSpec
+from workers.baseline import load_baseline, train_baseline
+from workers.errors import SpecError
+
+SPEC = {
+    "model": {"builtin": "digits-mlp", "kwargs": {"hidden": 32}},
+    "dataset": {"builtin": "digits"},
+    "baseline": {"epochs": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict[str, object]:
+    return train_baseline(SPEC)
+
+
+def _with(weights: Path, **baseline: object) -> dict[str, object]:
+    return {**SPEC, "baseline": {"weights": str(weights), **baseline}}
+
+
+def test_given_weights_are_the_baseline_as_they_are(trained: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    path = tmp_path / "w.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in trained["state"].items()}, path)
+    warm = train_baseline(_with(path))  # epochs default to 0 with weights
+    assert warm["accuracy"] == trained["accuracy"]
+    assert warm["size_bytes"] == trained["size_bytes"]
+    assert warm["train_loss"] is None
+    assert warm["warm_start"] == str(path)
+    for k, v in trained["state"].items():
+        assert np.array_equal(warm["state"][k], v)
+
+
+def test_weights_in_a_checkpoint_dict_or_npz(trained: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    state = {k: torch.from_numpy(v) for k, v in trained["state"].items()}
+    torch.save({"state_dict": state, "epoch": 7}, tmp_path / "ckpt.pth")
+    np.savez(tmp_path / "w.npz", **trained["state"])
+    for name in ("ckpt.pth", "w.npz"):
+        assert train_baseline(_with(tmp_path / name))["accuracy"] == trained["accuracy"]
+
+
+def test_given_weights_can_be_trained_further(trained: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    path = tmp_path / "w.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in trained["state"].items()}, path)
+    more = train_baseline(_with(path, epochs=2))
+    assert more["train_loss"] is not None
+    spec = JobSpec.model_validate(_with(path, epochs=2))
+    start = load_baseline(spec, trained["state"])  # type: ignore[arg-type]
+    moved = load_baseline(spec, more["state"])  # type: ignore[arg-type]
+    first = next(iter(trained["state"]))  # type: ignore[call-overload]
+    assert not torch.equal(start.state_dict()[first], moved.state_dict()[first])
+
+
+def test_weights_that_do_not_fit_name_the_field_and_the_keys(tmp_path: Path) -> None:
+    torch.save({"1.weight": torch.zeros(3, 3)}, tmp_path / "bad.pt")
+    with pytest.raises(SpecError, match=r"baseline.weights=.*does not fit the model") as e:
+        train_baseline(_with(tmp_path / "bad.pt"))
+    assert "missing ['1.bias'" in str(e.value)
+    assert "1.weight: (3, 3) given" in str(e.value)
+
+
+def test_weights_holding_objects_are_refused_not_unpickled(tmp_path: Path) -> None:
+    import pickle
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (print, ("unpickled!",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(SpecError, match="cannot be read as a state dict"):
+        train_baseline(_with(tmp_path / "evil.pt"))
+
+
+def test_spec_rules() -> None:
+    with pytest.raises(ValueError, match="epochs=0 needs `weights`"):
+        JobSpec.model_validate({**SPEC, "baseline": {"epochs": 0}})
+    with pytest.raises(ValueError, match="absolute path"):
+        JobSpec.model_validate({**SPEC, "baseline": {"weights": "rel/w.pt"}})
+    with pytest.raises(ValueError, match="ending in one of"):
+        JobSpec.model_validate({**SPEC, "baseline": {"weights": "/w.bin"}})
+    assert JobSpec.model_validate({**SPEC, "baseline": {}}).baseline.train_epochs == 40
