@@ -418,7 +418,7 @@ class SearchSpec(_Strict):
     concurrency: int = Field(default=2, ge=1, le=1024)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     sampler: Literal["auto", "tpe", "nsga2", "gp", "random"] = Field(
-        default="tpe",
+        default="auto",
         description="auto: GP for <= 64 trials over <= 24 knobs, NSGA-II from 500 trials, "
         "else TPE (multivariate, constant liar)",
     )
