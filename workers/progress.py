@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +91,28 @@ class JobProgress(_Lazy, tune.Callback):
         self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
         self.tagged: dict[str, tuple[bool, int]] = {}  # run id -> (on front, rank) as tagged
 
-    _unpicklable = (*_Lazy._unpicklable, "_live")
+    _unpicklable = (*_Lazy._unpicklable, "_live", "_writer", "_pending")
+
+    def _write(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run an MLflow write on the job's writer thread: in order, off the Tune loop,
+        which only updates the job store (SQLite, milliseconds) and goes on to start
+        the next trial. :meth:`on_experiment_end` waits for every write and raises the
+        first that failed, so nothing is lost or failed silently."""
+        if getattr(self, "_writer", None) is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparq-mlflow")
+            self._pending: list[Future[None]] = []
+        self._pending = [f for f in self._pending if not f.done() or f.exception()]
+        self._pending.append(self._writer.submit(fn, *args))
+
+    def drain(self) -> None:
+        """Wait for the MLflow writes handed to the writer thread; raise the first error."""
+        if getattr(self, "_writer", None) is None:
+            return
+        self._writer.shutdown(wait=True)
+        del self._writer
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
 
     @property
     def views(self) -> live.LiveViews:
@@ -101,6 +124,7 @@ class JobProgress(_Lazy, tune.Callback):
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         if getattr(self, "_live", None) is not None:
             self._live.close()
+        self.drain()
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
@@ -172,10 +196,12 @@ class JobProgress(_Lazy, tune.Callback):
             finished_at=st.utcnow(),
         )
         if result.get("mlflow_run_id"):
-            run_id = str(result["mlflow_run_id"])
-            tracking.set_tags(self.client, run_id, {"sparq.stopped_early": result["epoch"]})
-            self.client.set_terminated(run_id, "KILLED")
+            self._write(self._mark_stopped, str(result["mlflow_run_id"]), result["epoch"])
         self._refresh()
+
+    def _mark_stopped(self, run_id: str, epoch: int) -> None:
+        tracking.set_tags(self.client, run_id, {"sparq.stopped_early": epoch})
+        self.client.set_terminated(run_id, "KILLED")
 
     def _learn_baseline(self, result: dict[str, Any]) -> None:
         """The float baseline's accuracy, which every trial reports: the search starts
@@ -215,7 +241,8 @@ class JobProgress(_Lazy, tune.Callback):
             front_size=len(front.points),
             hypervolume=front.hypervolume,
         )
-        self._log_front(done, front.points, front.hypervolume, len(trials))
+        baseline = {"accuracy": self.baseline_accuracy, "size_bytes": self.baseline_size_bytes}
+        self._write(self._log_front, done, front.points, front.hypervolume, len(trials), baseline)
         if done and self.baseline_accuracy is not None:
             self.views.submit(
                 live.snapshot(
@@ -226,7 +253,14 @@ class JobProgress(_Lazy, tune.Callback):
                 )
             )
 
-    def _log_front(self, done: list[st.Trial], front: list[FrontPoint], hv: float, n: int) -> None:
+    def _log_front(
+        self,
+        done: list[st.Trial],
+        front: list[FrontPoint],
+        hv: float,
+        n: int,
+        baseline: dict[str, Any],
+    ) -> None:
         c = self.client
         metrics = {"hypervolume": hv, "front_size": len(front)}
         tracking.log_metrics(c, self.parent_run_id, metrics, step=n)
@@ -239,7 +273,6 @@ class JobProgress(_Lazy, tune.Callback):
             }
             for p in front
         ]
-        baseline = {"accuracy": self.baseline_accuracy, "size_bytes": self.baseline_size_bytes}
         by_id = {t.trial_id: t for t in done}
         table = [{**row, **_policy_columns(by_id[str(row["trial_id"])].policy)} for row in rows]
         tracking.replace_table(c, self.parent_run_id, _frame(table), "pareto/front_table.json")
