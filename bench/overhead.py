@@ -65,18 +65,10 @@ from bench import _doc  # noqa: E402
 from search_spaces import KnobSpace, policy_from_params, to_optuna  # noqa: E402
 from service import stack  # noqa: E402
 from service.spec import OBJECTIVE_MODES, JobSpec, SearchSpec  # noqa: E402
-from workers import checkpoint as ckpt  # noqa: E402
-from workers.baseline import (  # noqa: E402
-    describe_model,
-    evaluate_bytes,
-    knob_space,
-    load_baseline,
-    train_baseline,
-)
-from workers.data import build_datasets  # noqa: E402
-from workers.engine import apply_policy  # noqa: E402
+from workers.baseline import describe_model, knob_space, train_baseline  # noqa: E402
 from workers.sampling import make_sampler  # noqa: E402
-from workers.train import make_loader, pick_device, set_threads, train_epochs  # noqa: E402  # noqa: E402
+from workers.train import pick_device, set_threads  # noqa: E402
+from workers.trial import compress  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 TARGET_RATIO = 1.25
@@ -116,32 +108,22 @@ def trial_work(
     *,
     epochs: int | None = None,
 ) -> tuple[float, int]:
-    """What ``workers.trial.run_trial`` does, minus Ray and MLflow; returns
-    (accuracy, size_bytes)."""
+    """What ``workers.trial.run_trial`` does, minus Ray and MLflow: the same
+    ``workers.trial.compress``, seeded the same way; returns (accuracy, size_bytes)."""
+    if epochs is not None:
+        ss = spec.search_space.model_copy(update={"finetune_epochs": epochs})
+        spec = spec.model_copy(update={"search_space": ss})
     set_threads(spec.resources.cpus)
-    device = pick_device(spec.resources.gpus)
     torch.manual_seed(spec.search.seed * 100_003 + number)
-    policy = policy_from_params(space, params)
-    model = apply_policy(load_baseline(spec, state), policy)
-    train, _ = build_datasets(spec.dataset)
-    ss = spec.search_space
-    train_epochs(
-        model,
-        make_loader(train, spec.baseline.batch_size, shuffle=True, seed=number),
-        epochs=ss.finetune_epochs if epochs is None else epochs,
-        lr=ss.finetune_lr,
-        device=device,
-    )
-    data = ckpt.encode(
-        model.cpu(),
-        model_spec=spec.model,
-        dataset_spec=spec.dataset,
-        task=spec.task,
-        policy=policy,
+    data, metrics = compress(
+        spec,
+        policy_from_params(space, params),
+        state,
+        pick_device(spec.resources.gpus),
+        seed=number,
         meta={"job_id": "bare", "trial_id": str(number)},
     )
-    result = evaluate_bytes(data, spec, device)
-    return result.accuracy, len(data)
+    return float(metrics["accuracy"]), len(data)
 
 
 def middle_params(space: KnobSpace) -> dict[str, Any]:

@@ -55,19 +55,12 @@ from bench._doc import record_section  # noqa: E402
 from dashboards import FrontPoint, sparq_front  # noqa: E402
 from search_spaces import KnobSpace, policy_from_params, to_optuna  # noqa: E402
 from service.spec import JobSpec, SearchSpec  # noqa: E402
-from workers import checkpoint as ckpt  # noqa: E402
-from workers.baseline import (  # noqa: E402
-    describe_model,
-    evaluate_bytes,
-    knob_space,
-    load_baseline,
-    train_baseline,
-)
+from workers.baseline import describe_model, knob_space, train_baseline  # noqa: E402
 from workers.data import build_datasets  # noqa: E402
-from workers.engine import apply_policy  # noqa: E402
 from workers.sampling import make_sampler, resolve_sampler  # noqa: E402
 from workers.scheduler import ParetoHalving  # noqa: E402
-from workers.train import evaluate, make_loader, train_epochs  # noqa: E402
+from workers.train import evaluate, make_loader  # noqa: E402
+from workers.trial import compress  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Search efficiency (bench/search_efficiency.py)"
@@ -99,40 +92,30 @@ def trial(
     number: int,
     at_rung: Callable[[int, float, int], bool] | None,
 ) -> tuple[float, int]:
-    """The service's trial work; ``at_rung(epoch, accuracy, size)`` may stop it."""
+    """The service's trial work (``workers.trial.compress``, seeded as a trial is);
+    ``at_rung(epoch, accuracy, size)`` may stop it after any fine-tune epoch."""
+    cpu = torch.device("cpu")
     torch.manual_seed(spec.search.seed * 100_003 + number)
-    policy = policy_from_params(space, params)
-    model = apply_policy(load_baseline(spec, state), policy)
-    train, val = build_datasets(spec.dataset)
-
-    def encode() -> bytes:
-        return ckpt.encode(
-            model.cpu(), model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task,
-            policy=policy,
-        )  # fmt: skip
-
-    size = len(encode())
+    _, val = build_datasets(spec.dataset)
     val_loader = make_loader(val, 512, shuffle=False)
+    held: dict[str, Any] = {}
+
+    def on_model(model: torch.nn.Module, encode_now: Callable[[], bytes]) -> None:
+        held["model"], held["size"] = model, len(encode_now())  # the policy fixes the size
 
     def on_epoch(epoch: int, _loss: float) -> None:
         if at_rung is None:
             return
-        r = evaluate(model, val_loader, torch.device("cpu"))
-        model.train()
-        if not at_rung(epoch + 1, r.accuracy, size):
+        r = evaluate(held["model"], val_loader, cpu)  # eval: every block quantized
+        held["model"].train()
+        if not at_rung(epoch + 1, r.accuracy, held["size"]):
             raise Stopped
 
-    ss = spec.search_space
-    train_epochs(
-        model,
-        make_loader(train, spec.baseline.batch_size, shuffle=True, seed=number),
-        epochs=ss.finetune_epochs,
-        lr=ss.finetune_lr,
-        device=torch.device("cpu"),
-        on_epoch=on_epoch,
+    policy = policy_from_params(space, params)
+    data, metrics = compress(
+        spec, policy, state, cpu, seed=number, on_epoch=on_epoch, on_model=on_model
     )
-    data = encode()
-    return evaluate_bytes(data, spec, torch.device("cpu")).accuracy, len(data)
+    return float(metrics["accuracy"]), len(data)
 
 
 @dataclass

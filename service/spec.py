@@ -14,7 +14,14 @@ import re
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from search_spaces._policy import GetaSettings, Method
 from search_spaces._presets import load_preset, merge_preset, preset_names
@@ -269,11 +276,17 @@ class SearchSpaceSpec(_Strict):
             raise ValueError(f"sparsity_kinds must not repeat a value, but got {v}")
         return v
 
-    @field_validator("channel_sparsity")
+    @field_validator("sparsity", "channel_sparsity", "geta_group_sparsity", "noise_rate")
     @classmethod
-    def _channel(cls, v: Range) -> Range:
-        if not (0.0 <= v.low and v.high < 1.0):
-            raise ValueError(f"channel_sparsity must lie in [0, 1), but got ({v.low}, {v.high})")
+    def _fraction(cls, v: Range | None, info: ValidationInfo) -> Range | None:
+        """Fractions: a sparsity of 1 would prune everything, a noise rate of 1 (every
+        block quantized while fine-tuning) is plain quantization-aware training."""
+        closed = info.field_name == "noise_rate"
+        if v is not None and not (0.0 <= v.low and (v.high <= 1.0 if closed else v.high < 1.0)):
+            interval = "[0, 1]" if closed else "[0, 1)"
+            raise ValueError(
+                f"{info.field_name} must lie in {interval}, but got ({v.low}, {v.high})"
+            )
         return v
 
     @field_validator("weight_bits")
@@ -342,24 +355,7 @@ class SearchSpaceSpec(_Strict):
                     "MX float elements exist for 4, 6 and 8 bits only (FP4 E2M1, FP6 E2M3, "
                     f"FP8 E4M3), but weight_bits has {bad}; drop them or use mx_element ['int']"
                 )
-        g = self.geta_group_sparsity
-        if g is not None and not (0.0 <= g.low and g.high < 1.0):
-            raise ValueError(f"geta_group_sparsity must lie in [0, 1), but got ({g.low}, {g.high})")
         return self
-
-    @field_validator("sparsity")
-    @classmethod
-    def _sparsity(cls, v: Range) -> Range:
-        if not (0.0 <= v.low and v.high < 1.0):
-            raise ValueError(f"sparsity must lie in [0, 1), but got ({v.low}, {v.high})")
-        return v
-
-    @field_validator("noise_rate")
-    @classmethod
-    def _rate(cls, v: Range) -> Range:
-        if not (0.0 <= v.low and v.high <= 1.0):
-            raise ValueError(f"noise_rate must lie in [0, 1], but got ({v.low}, {v.high})")
-        return v
 
 
 Objective = Literal["accuracy", "perplexity", "size_bytes"]

@@ -135,12 +135,17 @@ def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
     if spec.baseline.weights:  # warm start: the user's trained weights
         load_weights(model, spec.baseline.weights)
     train, val = build_datasets(spec.dataset)
-    losses = train_epochs(
-        model,
-        make_loader(train, spec.baseline.batch_size, shuffle=True, seed=spec.search.seed),
-        epochs=spec.baseline.train_epochs,
-        lr=spec.baseline.lr,
-        device=device,
+    epochs = spec.baseline.train_epochs  # 0: the given weights as they are
+    losses = (
+        train_epochs(
+            model,
+            make_loader(train, spec.baseline.batch_size, shuffle=True, seed=spec.search.seed),
+            epochs=epochs,
+            lr=spec.baseline.lr,
+            device=device,
+        )
+        if epochs
+        else []
     )
     model.cpu()
     data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)

@@ -40,6 +40,7 @@ from workers.baseline import (
     save_baseline,
     train_baseline,
 )
+from workers.errors import last_line
 
 __all__ = ["main", "reevaluate", "run_search", "train_baseline"]
 
@@ -47,10 +48,6 @@ log = logging.getLogger("sparq.driver")
 BEST_FILE = "best.sparq"
 OPTUNA_JOURNAL = "optuna.journal"  # optuna-dashboard opens it (see the README)
 BEST_ONNX_FILE = "best.onnx"
-
-
-def _quality(task: str, accuracy: float | None, loss: float | None) -> float:
-    return front_quality(task, accuracy, loss)
 
 
 def _init_ray(settings: Settings, spec: JobSpec) -> None:
@@ -122,8 +119,7 @@ class BaselineWatch:
             self.on_ready(result)
             self._result = result
         except BaseException as e:
-            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-            self._error = f"training the float baseline failed: {lines[-1] if lines else repr(e)}"
+            self._error = f"training the float baseline failed: {last_line(str(e), repr(e))}"
             log.error("%s", self._error)
             try:
                 self.on_error(self._error)
@@ -374,7 +370,7 @@ def _finish(
     cancelled = store.get(job_id).cancel_requested
     done = [t for t in store.trials(job_id) if t.status == st.TRIAL_COMPLETED]
     points = [
-        FrontPoint(t.trial_id, _quality(spec.task, t.accuracy, t.loss), t.size_bytes or 0)
+        FrontPoint(t.trial_id, front_quality(spec.task, t.accuracy, t.loss), t.size_bytes or 0)
         for t in done
     ]
     best = choose(
@@ -422,7 +418,7 @@ def _finish(
         )
     else:  # a CPU job: here, without starting a Ray worker for a second's work
         again = reevaluate(str(out), spec.model_dump(mode="json"))
-    again_quality = _quality(spec.task, again["accuracy"], again["loss"])
+    again_quality = front_quality(spec.task, again["accuracy"], again["loss"])
     if again["size_bytes"] != best.size_bytes or abs(again_quality - best.accuracy) > 1e-9:
         raise RuntimeError(
             f"exported checkpoint does not reproduce trial {best.trial_id}: reported "

@@ -21,6 +21,7 @@ from search_spaces import KnobSpace, policy_from_params
 from service import store as st
 from service.spec import front_quality
 from workers import live, tracking
+from workers.errors import last_line
 from workers.trial import CHECKPOINT_FILE, trial_name, trial_number
 
 
@@ -331,5 +332,4 @@ def _trial_error(trial: Any) -> str:
             text = Path(trial.error_file).read_text()
     except OSError:
         pass
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else "trial failed without an error message")[:2000]
+    return last_line(text, "trial failed without an error message")[:2000]

@@ -22,6 +22,7 @@ from workers import checkpoint as ckpt
 from workers import quant, tracking
 from workers.baseline import EVAL_BATCH, load_baseline
 from workers.data import build_datasets, example_input
+from workers.errors import last_line
 from workers.scheduler import milestones
 from workers.train import evaluate, make_loader, pick_device, set_threads
 
@@ -156,10 +157,8 @@ def fetch_baseline(ref: Any) -> dict[str, Any]:
     try:
         return dict(ray.get(ref))
     except ray.exceptions.RayError as e:
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        raise BaselineUnavailable(
-            f"the float baseline failed to train: {lines[-1] if lines else e!r}"
-        ) from None
+        why = last_line(str(e), repr(e))
+        raise BaselineUnavailable(f"the float baseline failed to train: {why}") from None
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
