@@ -255,6 +255,7 @@ def run_search(
             tracking_uri=settings.mlflow_tracking_uri,
             experiment_id=experiment_id,
             parent_run_id=parent_id,
+            resumed=resume,
         )
         progress = JobProgress(
             db_url=settings.db_url,
@@ -300,6 +301,9 @@ def run_search(
         # Save the experiment state (trials, Optuna's study) every second rather than
         # Tune's adaptive >= 10 s, so a resumed search loses at most a second of it.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+        # No CSV/JSON/TensorBoard result files per trial: JobProgress records every
+        # result in the job store and MLflow, and nothing reads Tune's copies.
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         if restore:
             tuner = tune.Tuner.restore(
                 str(tune_dir), trainable, resume_unfinished=True, resume_errored=False

@@ -138,10 +138,13 @@ class LiveViews:
                 self._thread.start()
             self._cond.notify()
 
-    def close(self, timeout: float = 120.0) -> None:
-        """Draw the last pending snapshot, then stop the thread."""
+    def close(self, timeout: float = 120.0, *, draw_pending: bool = True) -> None:
+        """Draw the last pending snapshot (unless ``draw_pending`` is false: the caller
+        publishes the final views itself), then stop the thread."""
         with self._cond:
             self._closed = True
+            if not draw_pending:
+                self._pending = None
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)

@@ -124,7 +124,8 @@ class JobProgress(_Lazy, tune.Callback):
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         if getattr(self, "_live", None) is not None:
-            self._live.close()
+            # the driver publishes the final views (with the exported point) next
+            self._live.close(draw_pending=False)
         self.drain()
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:

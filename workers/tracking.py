@@ -5,8 +5,9 @@ Everything goes over HTTP to the MLflow server."""
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
@@ -43,20 +44,97 @@ def log_params(c: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
         c.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(
-    c: MlflowClient,
-    run_id: str,
-    metrics: Mapping[str, float],
-    step: int = 0,
-    *,
-    synchronous: bool = True,
-) -> Any:
-    """Log metrics at ``step``. ``synchronous=False`` queues them on MLflow's async
-    logging thread and returns its ``RunOperations`` (``.wait()`` before ending the
-    run): a trial's per-epoch metrics then cost its training loop no HTTP round trip."""
+def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Log metrics at ``step`` in one request."""
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    return c.log_batch(run_id, metrics=batch, synchronous=synchronous)
+    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+class RunLogger:
+    """A run's metrics, params and small JSON artifacts, sent from a background thread
+    in batches.
+
+    Whatever was logged since the last send goes in one ``log_batch`` request, at most
+    every ``interval_s``: a training loop never waits on HTTP, and a trial of N epochs
+    costs a few requests rather than N. :meth:`close` sends the rest and raises the
+    first error, so nothing is lost or dropped silently; close it before ending the run.
+
+    (MLflow's own ``synchronous=False`` logging sends one request per call, and ending
+    a run waits up to a second for its queue thread to notice: a second per trial.)
+    """
+
+    def __init__(self, c: MlflowClient, run_id: str, *, interval_s: float = 1.0) -> None:
+        self.c, self.run_id, self.interval_s = c, run_id, interval_s
+        self._cond = threading.Condition()
+        self._metrics: list[Metric] = []
+        self._params: list[Param] = []
+        self._dicts: list[tuple[Any, str]] = []
+        self._closed = False
+        self._error: BaseException | None = None
+        self.requests = 0  # log_batch calls made
+        self._thread = threading.Thread(target=self._run, name="sparq-run-logger", daemon=True)
+        self._thread.start()
+
+    def metrics(self, values: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self._add(metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def params(self, values: Mapping[str, Any]) -> None:
+        self._add(params=[Param(k, str(v)[:_MAX_PARAM]) for k, v in values.items()])
+
+    def dict(self, obj: Any, artifact_file: str) -> None:
+        """``MlflowClient.log_dict``, from the thread."""
+        self._add(dicts=[(obj, artifact_file)])
+
+    def _add(
+        self,
+        *,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[Param] = (),
+        dicts: Sequence[tuple[Any, str]] = (),
+    ) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"RunLogger of run {self.run_id} used after close()")
+            self._metrics.extend(metrics)
+            self._params.extend(params)
+            self._dicts.extend(dicts)
+
+    def close(self) -> None:
+        """Send everything logged so far; raise the first error of any send."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._closed:
+                    self._cond.wait(self.interval_s)
+                metrics, self._metrics = self._metrics, []
+                params, self._params = self._params, []
+                dicts, self._dicts = self._dicts, []
+                closed = self._closed
+            if self._error is None:
+                try:
+                    self._send(metrics, params)
+                    for obj, artifact_file in dicts:
+                        self.c.log_dict(self.run_id, obj, artifact_file)
+                except Exception as e:  # raised by close()
+                    self._error = e
+            if closed:
+                return
+
+    def _send(self, metrics: list[Metric], params: list[Param]) -> None:
+        # MLflow takes at most 1000 items, 100 of them params, per request
+        while metrics or params:
+            p, params = params[:100], params[100:]
+            m, metrics = metrics[: 1000 - len(p)], metrics[1000 - len(p) :]
+            self.c.log_batch(self.run_id, metrics=m, params=p)
+            self.requests += 1
 
 
 def set_tags(c: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
@@ -86,19 +164,28 @@ def child_runs(c: MlflowClient, experiment_id: str, parent_id: str) -> list[Any]
 
 
 def trial_run(
-    c: MlflowClient, experiment_id: str, parent_id: str, trial_id: str, name: str, job_id: str
+    c: MlflowClient,
+    experiment_id: str,
+    parent_id: str,
+    trial_id: str,
+    name: str,
+    job_id: str,
+    *,
+    resumed: bool = False,
 ) -> Any:
-    """The child run of a trial: the one a previous attempt created (a trial rerun after
-    its driver was resumed), or a new one. Never two runs for one trial."""
-    found = c.search_runs(
-        [experiment_id],
-        filter_string=(
-            f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`sparq.trial_id` = '{trial_id}'"
-        ),
-        max_results=1,
-    )
-    if found:
-        return found[0]
+    """The child run of a trial: in a resumed job, the one a previous attempt created
+    (a trial rerun after its driver died), if any; else a new one. Never two runs for
+    one trial. A job that was never resumed has no earlier attempt to look for."""
+    if resumed:
+        found = c.search_runs(
+            [experiment_id],
+            filter_string=(
+                f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`sparq.trial_id` = '{trial_id}'"
+            ),
+            max_results=1,
+        )
+        if found:
+            return found[0]
     tags = {PARENT_TAG: parent_id, "sparq.job_id": job_id, "sparq.trial_id": trial_id}
     return c.create_run(experiment_id, run_name=name, tags=tags)
 

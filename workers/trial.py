@@ -5,6 +5,7 @@ its exact size in bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -53,6 +54,7 @@ class TrialContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    resumed: bool = False  # the job's driver died and this one resumed it
 
 
 def trial_name(trial: Any) -> str:
@@ -178,7 +180,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     policy = policy_from_params(KnobSpace.model_validate(ctx.space), config)
 
     c = tracking.client(ctx.tracking_uri)
-    run = tracking.trial_run(c, ctx.experiment_id, ctx.parent_run_id, trial_id, name, ctx.job_id)
+    run = tracking.trial_run(
+        c, ctx.experiment_id, ctx.parent_run_id, trial_id, name, ctx.job_id, resumed=ctx.resumed
+    )
     run_id = run.info.run_id
     if run.info.status == "FINISHED" and REPORTED <= run.data.metrics.keys():
         # Rerun of a trial that had finished when its driver died: report what it
@@ -198,9 +202,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     if run.info.status != "RUNNING":
         c.update_run(run_id, status="RUNNING")
     started = time.perf_counter()
+    logger = tracking.RunLogger(c, run_id)  # params and metrics off the training loop
     try:
-        tracking.log_params(c, run_id, policy.summary())
-        c.log_dict(run_id, policy.model_dump(mode="json"), "policy.json")  # the full policy
+        logger.params(policy.summary())
+        logger.dict(policy.model_dump(mode="json"), "policy.json")  # the full policy
         _, val = build_datasets(spec.dataset)
         ss = spec.search_space
         es = spec.search.early_stopping
@@ -216,17 +221,13 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             if rungs:  # the policy fixes the checkpoint's size; fine-tuning changes values
                 held["size"] = len(encode_now())
 
-        queued: list[Any] = []  # per-epoch metrics in flight on MLflow's async thread
-
         def on_epoch(epoch: int, loss: float) -> None:
-            queued.append(
-                tracking.log_metrics(c, run_id, {"train_loss": loss}, epoch, synchronous=False)
-            )
+            logger.metrics({"train_loss": loss}, epoch)
             if epoch + 1 in rungs:  # a rung of the early-stopping scheduler
                 model = held["model"]
                 r = evaluate(model, val_loader, device)  # eval: every block quantized
                 model.train()
-                tracking.log_metrics(c, run_id, {"rung_accuracy": r.accuracy}, epoch + 1)
+                logger.metrics({"rung_accuracy": r.accuracy}, epoch + 1)
                 tune.report(
                     {
                         "accuracy": r.accuracy,
@@ -253,9 +254,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             meta=meta,
         )
         metrics["duration_s"] = time.perf_counter() - started
-        for ops in queued:
-            ops.wait()  # every epoch's metric is on the server before the run ends
-        tracking.log_metrics(c, run_id, metrics)
+        logger.metrics(metrics)
+        logger.close()  # every metric is on the server before the run ends
         with tempfile.TemporaryDirectory() as tmp:
             ckpt.save(Path(tmp) / CHECKPOINT_FILE, data)
             c.log_artifact(run_id, str(Path(tmp) / CHECKPOINT_FILE))
@@ -265,6 +265,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 checkpoint=tune.Checkpoint.from_directory(tmp),
             )
     except BaseException as e:
+        with contextlib.suppress(Exception):  # what failed is ``e``: it is raised below
+            logger.close()
         if isinstance(e, SystemExit) and e.code in (0, None):
             # Tune ends a trial it stopped (early stopping, cancel) with sys.exit(0)
             # in the trial's next report: not a failure.

@@ -4,6 +4,7 @@ is always drawn, and what lands on the run is the newest state."""
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,24 @@ def test_snapshots_coalesce_and_the_last_one_is_published(tmp_path: Path) -> Non
     assert "snapshot 7" in html
     with pytest.raises(RuntimeError, match="after close"):
         views.submit(_snap(2, "late"))
+
+
+def test_close_without_drawing_the_pending_snapshot(tmp_path: Path) -> None:
+    """The driver publishes the final views itself: closing drops what is pending."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    exp = c.create_experiment("live", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = c.create_run(exp).info.run_id
+    views = LiveViews(uri, run_id, min_interval_s=60.0)
+    views.submit(_snap(3, "snapshot 3"))
+    deadline = time.monotonic() + 60
+    while views.published < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    views.submit(_snap(4, "snapshot 4"))  # within the interval: pending
+    views.close(draw_pending=False)
+    assert (views.submitted, views.published) == (2, 1)
+    html = Path(
+        c.download_artifacts(run_id, f"{ARTIFACT_DIR}/front.html", str(tmp_path))
+    ).read_text()
+    assert "snapshot 3" in html
+    assert "snapshot 4" not in html
