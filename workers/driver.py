@@ -26,7 +26,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service import store as st
 from service.settings import Settings, get_settings
@@ -41,6 +41,9 @@ from workers.baseline import (
     train_baseline,
 )
 from workers.errors import last_line
+
+if TYPE_CHECKING:  # imported at run time only once the baseline is on its way
+    from workers.progress import JobProgress
 
 __all__ = ["main", "reevaluate", "run_search", "train_baseline"]
 
@@ -208,6 +211,7 @@ def run_search(
         parent_id = parent.info.run_id
         store.update(job_id, mlflow_experiment_id=experiment_id, mlflow_run_id=parent_id)
 
+    progress: JobProgress | None = None
     try:
         if saved is None:
             tracking.log_params(c, parent_id, tracking.flatten(spec_json))
@@ -336,11 +340,14 @@ def run_search(
         orphans = tracking.delete_orphan_runs(c, experiment_id, parent_id, known)
         if orphans:
             log.info("deleted %d MLflow runs of trials lost with the dead driver", len(orphans))
-        _finish(store, job_id, spec, baseline, job_dir, c, parent_id)
+        _finish(store, job_id, spec, baseline, job_dir, c, parent_id, progress)
     except BaseException as e:
         c.set_tag(parent_id, "sparq.error", f"{type(e).__name__}: {e}"[:5000])
         c.set_terminated(parent_id, "FAILED")
         raise
+    finally:
+        if progress is not None:
+            progress.close_views()  # stops the renderer process; a no-op once closed
     c.set_terminated(
         parent_id, "KILLED" if store.get(job_id).status == st.CANCELLED else "FINISHED"
     )
@@ -365,6 +372,7 @@ def _finish(
     job_dir: Path,
     c: Any,
     parent_id: str,
+    progress: JobProgress,
 ) -> None:
     import ray
 
@@ -396,7 +404,7 @@ def _finish(
             chosen_trial_id=best.trial_id if best else None,
             final=True,
         )
-        live.publish(c, parent_id, views)
+        progress.end_views(views)  # drawn while the point is exported; waited for below
     if not done and failed and not cancelled:
         raise RuntimeError(f"all {len(failed)} trials failed; the first: {failed[0].error}")
     if best is None:
@@ -405,6 +413,7 @@ def _finish(
             if done
             else "no trial completed"
         )
+        progress.close_views()
         store.update(job_id, status=final, message=msg, finished_at=st.utcnow())
         return
     trial = next(t for t in done if t.trial_id == best.trial_id)
@@ -464,6 +473,7 @@ def _finish(
         description=f"sparq job {job_id}: trial {best.trial_id} ({spec.export.choose} rule)",
     )
     tracking.set_tags(c, parent_id, {"sparq.model_version": version.version})
+    progress.close_views()
     store.update(
         job_id,
         status=final,

@@ -3,21 +3,28 @@ interactive HTML page), hypervolume against trials and the chosen point's policy
 under the ``pareto/`` artifact folder, so the MLflow UI shows the current front
 without any other tool.
 
-Rendering and uploading take a second or more (matplotlib, plotly.js embedded in
-the HTML page), so it happens on one background thread: the Tune loop only hands
-over the newest snapshot and returns. Snapshots arriving while a render is running
-or within ``min_interval_s`` of the last upload replace each other (only the newest
-is drawn), and the final one is always drawn. A failed upload is logged, never
+Rendering takes a second of CPU or more (matplotlib, plotly.js embedded in the HTML
+page), so it happens in a renderer process at the lowest CPU priority (nice 19),
+driven by one background thread that uploads what it drew: the Tune loop only hands
+over the newest snapshot and returns, and the views draw with CPU the trials leave
+idle rather than slowing them down (on a machine whose cores are all busy training,
+they lag). A process, not a thread, so that a starved renderer never holds the
+driver's GIL. Snapshots arriving while a render is running or within
+``min_interval_s`` of the last upload replace each other (only the newest is drawn),
+and the final one is always drawn. A failed render or upload is logged, never
 raised: the views must not fail the search.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any, NamedTuple
 
 from dashboards import FrontPoint, PlotPoint, choose, front_plot, hypervolume_plot, render_views
@@ -84,12 +91,9 @@ def snapshot(
     )
 
 
-def publish(c: Any, run_id: str, snap: Snapshot) -> float:
-    """Render every view of ``snap`` and upload them to ``run_id``; returns seconds."""
-    started = time.perf_counter()
+def render(snap: Snapshot, out_dir: str) -> list[str]:
+    """Every view of ``snap`` into ``out_dir`` (front, hypervolume, chosen policy)."""
     done = [p for p in snap.finished if p is not None]
-    if not done:
-        return 0.0
     fp = front_plot(
         done,
         baseline_accuracy=snap.baseline_accuracy,
@@ -100,10 +104,35 @@ def publish(c: Any, run_id: str, snap: Snapshot) -> float:
     hv = hypervolume_plot(
         snap.finished, baseline_size_bytes=snap.baseline_size_bytes, title="hypervolume vs trials"
     )
+    return [str(p) for p in render_views(fp, hv, out_dir)]
+
+
+def publish(c: Any, run_id: str, snap: Snapshot, *, renderer: Executor | None = None) -> float:
+    """Render every view of ``snap`` (here, or in ``renderer``) and upload them to
+    ``run_id``; returns seconds."""
+    started = time.perf_counter()
+    if not any(p is not None for p in snap.finished):
+        return 0.0
     with tempfile.TemporaryDirectory(prefix="sparq-views-") as tmp:
-        render_views(fp, hv, tmp)
+        if renderer is None:
+            render(snap, tmp)
+        else:
+            renderer.submit(render, snap, tmp).result()
         c.log_artifacts(run_id, tmp, ARTIFACT_DIR)
     return time.perf_counter() - started
+
+
+def _lowest_priority() -> None:
+    os.nice(19)
+
+
+def renderer_process() -> ProcessPoolExecutor:
+    """One fresh process (spawned: the driver has Ray's threads) at nice 19."""
+    return ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_lowest_priority,
+    )
 
 
 class LiveViews:
@@ -120,9 +149,10 @@ class LiveViews:
         self._pending: Snapshot | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._joined = False
         self.submitted = 0  # snapshots handed over
         self.published = 0  # renders uploaded
-        self.busy_s = 0.0  # seconds spent rendering and uploading (on the thread)
+        self.busy_s = 0.0  # seconds from handing a snapshot to the renderer to uploaded
 
     def submit(self, snap: Snapshot) -> None:
         """Hand over a snapshot; never blocks on rendering."""
@@ -132,31 +162,45 @@ class LiveViews:
             self._pending = snap
             self.submitted += 1
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="sparq-live-views", daemon=True
-                )
-                self._thread.start()
+                self._start()
             self._cond.notify()
 
-    def close(self, timeout: float = 120.0, *, draw_pending: bool = True) -> None:
-        """Draw the last pending snapshot (unless ``draw_pending`` is false: the caller
-        publishes the final views itself), then stop the thread."""
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sparq-live-views", daemon=True)
+        self._thread.start()
+
+    def end(self, final: Snapshot | None = None) -> None:
+        """Take no more snapshots: draw ``final`` if given, else the last pending one,
+        without waiting for it (:meth:`close` waits). Idempotent."""
         with self._cond:
+            if final is not None and not self._closed:
+                self._pending = final
+                self.submitted += 1
+                if self._thread is None:
+                    self._start()
             self._closed = True
-            if not draw_pending:
-                self._pending = None
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+
+    def close(self, timeout: float = 120.0) -> None:
+        """:meth:`end`, then wait for the last views to be uploaded and stop the renderer."""
+        self.end()
+        if self._thread is None or self._joined:
+            return
+        self._thread.join(timeout)
+        self._joined = True
         log.info(
-            "live views: %d snapshots, %d published, %.1f s rendering and uploading off the "
-            "Tune loop",
+            "live views: %d snapshots, %d published, %.1f s rendering (at nice 19) and "
+            "uploading off the Tune loop",
             self.submitted,
             self.published,
             self.busy_s,
         )
 
     def _run(self) -> None:
+        with renderer_process() as renderer:
+            self._loop(renderer)
+
+    def _loop(self, renderer: Executor) -> None:
         last = -float("inf")
         while True:
             with self._cond:
@@ -170,7 +214,7 @@ class LiveViews:
                     continue
                 snap, self._pending = self._pending, None
             try:
-                self.busy_s += publish(self.c, self.run_id, snap)
+                self.busy_s += publish(self.c, self.run_id, snap, renderer=renderer)
                 self.published += 1
             except Exception:  # the views must never fail the search
                 log.exception("could not publish the live views to MLflow run %s", self.run_id)

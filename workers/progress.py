@@ -122,10 +122,17 @@ class JobProgress(_Lazy, tune.Callback):
             self._live = live.LiveViews(self.tracking_uri, self.parent_run_id)
         return self._live
 
-    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+    def end_views(self, final: live.Snapshot) -> None:
+        """Draw ``final`` as the last views, without waiting (:meth:`close_views` waits)."""
+        self.views.end(final)
+
+    def close_views(self) -> None:
+        """Wait for the last views and stop the renderer; a no-op if none was started."""
         if getattr(self, "_live", None) is not None:
-            # the driver publishes the final views (with the exported point) next
-            self._live.close(draw_pending=False)
+            self._live.close()
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        # The views stay open: the driver draws the final ones, with the exported point.
         self.drain()
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:

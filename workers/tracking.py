@@ -63,7 +63,7 @@ class RunLogger:
     a run waits up to a second for its queue thread to notice: a second per trial.)
     """
 
-    def __init__(self, c: MlflowClient, run_id: str, *, interval_s: float = 1.0) -> None:
+    def __init__(self, c: MlflowClient, run_id: str, *, interval_s: float = 2.0) -> None:
         self.c, self.run_id, self.interval_s = c, run_id, interval_s
         self._cond = threading.Condition()
         self._metrics: list[Metric] = []

@@ -3,6 +3,7 @@ is always drawn, and what lands on the run is the newest state."""
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from dashboards import PlotPoint
 from workers import tracking
-from workers.live import ARTIFACT_DIR, LiveViews, Snapshot
+from workers.live import ARTIFACT_DIR, LiveViews, Snapshot, renderer_process
 
 pytestmark = pytest.mark.slow  # renders plots and starts an MLflow store
 
@@ -54,8 +55,9 @@ def test_snapshots_coalesce_and_the_last_one_is_published(tmp_path: Path) -> Non
         views.submit(_snap(2, "late"))
 
 
-def test_close_without_drawing_the_pending_snapshot(tmp_path: Path) -> None:
-    """The driver publishes the final views itself: closing drops what is pending."""
+def test_the_final_snapshot_replaces_the_pending_one(tmp_path: Path) -> None:
+    """The driver ends the views with the final snapshot (the exported point marked):
+    it is drawn at once, even within the interval, instead of what was pending."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = tracking.client(uri)
     exp = c.create_experiment("live", artifact_location=(tmp_path / "artifacts").as_uri())
@@ -66,10 +68,17 @@ def test_close_without_drawing_the_pending_snapshot(tmp_path: Path) -> None:
     while views.published < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     views.submit(_snap(4, "snapshot 4"))  # within the interval: pending
-    views.close(draw_pending=False)
-    assert (views.submitted, views.published) == (2, 1)
+    views.end(_snap(5, "final snapshot"))
+    views.close()
+    assert (views.submitted, views.published) == (3, 2)
     html = Path(
         c.download_artifacts(run_id, f"{ARTIFACT_DIR}/front.html", str(tmp_path))
     ).read_text()
-    assert "snapshot 3" in html
+    assert "final snapshot" in html
     assert "snapshot 4" not in html
+
+
+def test_the_renderer_is_another_process_at_the_lowest_priority() -> None:
+    with renderer_process() as r:
+        assert r.submit(os.getpid).result() != os.getpid()
+        assert r.submit(os.nice, 0).result() == 19
