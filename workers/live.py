@@ -9,7 +9,8 @@ driven by one background thread that uploads what it drew: the Tune loop only ha
 over the newest snapshot and returns, and the views draw with CPU the trials leave
 idle rather than slowing them down (on a machine whose cores are all busy training,
 they lag). A process, not a thread, so that a starved renderer never holds the
-driver's GIL. Snapshots arriving while a render is running or within
+driver's GIL; in a session of its own, so that the kernel's per-session scheduling
+groups do not undo its priority. Snapshots arriving while a render is running or within
 ``min_interval_s`` of the last upload replace each other (only the newest is drawn),
 and the final one is always drawn. A failed render or upload is logged, never
 raised: the views must not fail the search.
@@ -17,6 +18,7 @@ raised: the views must not fail the search.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -25,6 +27,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from dashboards import FrontPoint, PlotPoint, choose, front_plot, hypervolume_plot, render_views
@@ -123,7 +126,24 @@ def publish(c: Any, run_id: str, snap: Snapshot, *, renderer: Executor | None = 
 
 
 def _lowest_priority() -> None:
+    """The renderer's initializer: the lowest CPU priority. Where the kernel groups
+    processes by session for scheduling (autogroups, common on Linux), nice orders only
+    the processes of one session, and a session's group gets as much CPU as all of
+    Ray's workers together; so the renderer starts a session of its own and sets that
+    group's nice too."""
     os.nice(19)
+    os.setsid()
+    with contextlib.suppress(OSError):  # no autogroups here: nice alone is enough
+        Path("/proc/self/autogroup").write_text("19")
+
+
+def priority() -> tuple[int, str | None]:
+    """This process's nice and its autogroup's line (None without autogroups)."""
+    try:
+        group: str | None = Path("/proc/self/autogroup").read_text().strip()
+    except OSError:
+        group = None
+    return os.nice(0), group
 
 
 def renderer_process() -> ProcessPoolExecutor:

@@ -12,7 +12,7 @@ import pytest
 
 from dashboards import PlotPoint
 from workers import tracking
-from workers.live import ARTIFACT_DIR, LiveViews, Snapshot, renderer_process
+from workers.live import ARTIFACT_DIR, LiveViews, Snapshot, priority, renderer_process
 
 pytestmark = pytest.mark.slow  # renders plots and starts an MLflow store
 
@@ -81,4 +81,8 @@ def test_the_final_snapshot_replaces_the_pending_one(tmp_path: Path) -> None:
 def test_the_renderer_is_another_process_at_the_lowest_priority() -> None:
     with renderer_process() as r:
         assert r.submit(os.getpid).result() != os.getpid()
-        assert r.submit(os.nice, 0).result() == 19
+        nice, group = r.submit(priority).result()
+        assert nice == 19
+        if group is not None:  # autogroups: its own session's group, at nice 19 too
+            assert group.endswith("nice 19")
+            assert group != Path("/proc/self/autogroup").read_text().strip()
