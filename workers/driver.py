@@ -404,7 +404,7 @@ def _finish(
             chosen_trial_id=best.trial_id if best else None,
             final=True,
         )
-        progress.end_views(views)  # drawn while the point is exported; waited for below
+        progress.views.end(views)  # drawn while the point is exported; waited for below
     if not done and failed and not cancelled:
         raise RuntimeError(f"all {len(failed)} trials failed; the first: {failed[0].error}")
     if best is None:

@@ -110,17 +110,14 @@ def render(snap: Snapshot, out_dir: str) -> list[str]:
     return [str(p) for p in render_views(fp, hv, out_dir)]
 
 
-def publish(c: Any, run_id: str, snap: Snapshot, *, renderer: Executor | None = None) -> float:
-    """Render every view of ``snap`` (here, or in ``renderer``) and upload them to
-    ``run_id``; returns seconds."""
+def publish(c: Any, run_id: str, snap: Snapshot, renderer: Executor) -> float:
+    """Have ``renderer`` draw every view of ``snap`` and upload them to ``run_id``;
+    returns seconds."""
     started = time.perf_counter()
     if not any(p is not None for p in snap.finished):
         return 0.0
     with tempfile.TemporaryDirectory(prefix="sparq-views-") as tmp:
-        if renderer is None:
-            render(snap, tmp)
-        else:
-            renderer.submit(render, snap, tmp).result()
+        renderer.submit(render, snap, tmp).result()
         c.log_artifacts(run_id, tmp, ARTIFACT_DIR)
     return time.perf_counter() - started
 
@@ -234,7 +231,7 @@ class LiveViews:
                     continue
                 snap, self._pending = self._pending, None
             try:
-                self.busy_s += publish(self.c, self.run_id, snap, renderer=renderer)
+                self.busy_s += publish(self.c, self.run_id, snap, renderer)
                 self.published += 1
             except Exception:  # the views must never fail the search
                 log.exception("could not publish the live views to MLflow run %s", self.run_id)

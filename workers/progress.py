@@ -122,10 +122,6 @@ class JobProgress(_Lazy, tune.Callback):
             self._live = live.LiveViews(self.tracking_uri, self.parent_run_id)
         return self._live
 
-    def end_views(self, final: live.Snapshot) -> None:
-        """Draw ``final`` as the last views, without waiting (:meth:`close_views` waits)."""
-        self.views.end(final)
-
     def close_views(self) -> None:
         """Wait for the last views and stop the renderer; a no-op if none was started."""
         if getattr(self, "_live", None) is not None:

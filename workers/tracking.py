@@ -38,10 +38,26 @@ def experiment_for(c: MlflowClient, job_name: str) -> str:
         return str(exp.experiment_id)
 
 
+def _params(values: Mapping[str, Any]) -> list[Param]:
+    return [Param(k, str(v)[:_MAX_PARAM]) for k, v in values.items()]
+
+
+def log_batches(
+    c: MlflowClient, run_id: str, metrics: Sequence[Metric] = (), params: Sequence[Param] = ()
+) -> int:
+    """``log_batch`` as many times as MLflow's limits ask (at most 1000 items, 100 of
+    them params, per request); returns the number of requests."""
+    requests = 0
+    while metrics or params:
+        p, params = params[:100], params[100:]
+        m, metrics = metrics[: 1000 - len(p)], metrics[1000 - len(p) :]
+        c.log_batch(run_id, metrics=list(m), params=list(p))
+        requests += 1
+    return requests
+
+
 def log_params(c: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
-    items = [Param(k, str(v)[:_MAX_PARAM]) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        c.log_batch(run_id, params=items[i : i + 100])
+    log_batches(c, run_id, params=_params(params))
 
 
 def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
@@ -80,7 +96,7 @@ class RunLogger:
         self._add(metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
 
     def params(self, values: Mapping[str, Any]) -> None:
-        self._add(params=[Param(k, str(v)[:_MAX_PARAM]) for k, v in values.items()])
+        self._add(params=_params(values))
 
     def dict(self, obj: Any, artifact_file: str) -> None:
         """``MlflowClient.log_dict``, from the thread."""
@@ -120,21 +136,13 @@ class RunLogger:
                 closed = self._closed
             if self._error is None:
                 try:
-                    self._send(metrics, params)
+                    self.requests += log_batches(self.c, self.run_id, metrics, params)
                     for obj, artifact_file in dicts:
                         self.c.log_dict(self.run_id, obj, artifact_file)
                 except Exception as e:  # raised by close()
                     self._error = e
             if closed:
                 return
-
-    def _send(self, metrics: list[Metric], params: list[Param]) -> None:
-        # MLflow takes at most 1000 items, 100 of them params, per request
-        while metrics or params:
-            p, params = params[:100], params[100:]
-            m, metrics = metrics[: 1000 - len(p)], metrics[1000 - len(p) :]
-            self.c.log_batch(self.run_id, metrics=m, params=p)
-            self.requests += 1
 
 
 def set_tags(c: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
