@@ -25,6 +25,10 @@ class MlflowLinks(BaseModel):
     experiment_id: str | None
     run_id: str | None
     ui_url: str | None
+    # MLflow's copy: bytes of the job's outbox not sent yet (None: not known yet), and
+    # whether everything the job wrote has reached MLflow
+    pending_bytes: int | None = None
+    synced: bool = False
 
 
 class JobView(BaseModel):
@@ -47,6 +51,7 @@ class JobView(BaseModel):
     message: str | None
     cancel_requested: bool
     restarts: int
+    warnings: list[str] = []  # what to know that did not change the outcome
     spec: dict[str, Any]
 
     @classmethod
@@ -84,10 +89,13 @@ class JobView(BaseModel):
                 experiment_id=job.mlflow_experiment_id,
                 run_id=job.mlflow_run_id,
                 ui_url=ui,
+                pending_bytes=job.mlflow_pending,
+                synced=bool(job.mlflow_synced),
             ),
             error=job.error,
             message=job.message,
             cancel_requested=job.cancel_requested,
+            warnings=list(job.warnings or []),
             restarts=job.restarts or 0,
             spec=job.spec,
         )

@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     driver_restarts: int = Field(
         default=2, ge=0, description="times a dead search driver is relaunched to resume its job"
     )
+    mlflow_drain_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="seconds a finished job's driver waits for MLflow to take its last "
+        "records; what is left is sent by the service when MLflow is back",
+    )
     public_url: str = Field(default="http://127.0.0.1:8000", description="how clients reach us")
 
     @field_validator("api_tokens", mode="before")

@@ -80,6 +80,10 @@ class Job(Base):
     best_checkpoint: Mapped[str | None] = mapped_column(Text)
     mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    # MLflow's copy of the job: outbox bytes not yet sent, and whether all was sent
+    mlflow_pending: Mapped[int | None] = mapped_column(Integer)
+    mlflow_synced: Mapped[bool] = mapped_column(Boolean, default=False)
+    warnings: Mapped[list[str] | None] = mapped_column(JSON, default=list)
 
 
 class Trial(Base):
@@ -129,6 +133,9 @@ _ADDED_COLUMNS = {
     ("jobs", "trials_stopped"): "INTEGER NOT NULL DEFAULT 0",
     ("trials", "bops"): "FLOAT",
     ("trials", "relative_bops"): "FLOAT",
+    ("jobs", "mlflow_pending"): "INTEGER",
+    ("jobs", "mlflow_synced"): "BOOLEAN NOT NULL DEFAULT FALSE",
+    ("jobs", "warnings"): "JSON",
 }
 
 
@@ -218,6 +225,16 @@ class JobStore:
                 for k, v in fields.items():
                     setattr(trial, k, v)
             return trial
+
+    def update_trial(self, job_id: str, trial_id: str, **fields: Any) -> bool:
+        """Set fields of a trial if it is recorded; returns whether it was."""
+        with self.session() as s:
+            trial = s.get(Trial, (job_id, trial_id))
+            if trial is None:
+                return False
+            for k, v in fields.items():
+                setattr(trial, k, v)
+            return True
 
     def trials(self, job_id: str) -> list[Trial]:
         with self.session() as s:

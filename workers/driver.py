@@ -40,6 +40,7 @@ from workers.baseline import (
     save_baseline,
     train_baseline,
 )
+from workers.envguard import harden
 from workers.errors import last_line
 
 if TYPE_CHECKING:  # imported at run time only once the baseline is on its way
@@ -51,6 +52,8 @@ log = logging.getLogger("sparq.driver")
 BEST_FILE = "best.sparq"
 OPTUNA_JOURNAL = "optuna.journal"  # optuna-dashboard opens it (see the README)
 BEST_ONNX_FILE = "best.onnx"
+OUTBOX_DIR = "outbox"  # as workers.trial.OUTBOX_DIR (not imported: it imports torch)
+SYSTEM_RETRIES = 3  # runs of a trial whose worker or node died, before it counts failed
 
 
 def _init_ray(settings: Settings, spec: JobSpec) -> None:
@@ -62,13 +65,30 @@ def _init_ray(settings: Settings, spec: JobSpec) -> None:
     else:
         # address='local': a new local Ray even when `ray start` left a cluster on this host
         ray.init(address="local", num_cpus=settings.ray_num_cpus or os.cpu_count() or 1, **kwargs)
-    res = ray.cluster_resources()
-    need = {"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}
-    for key, field in (("CPU", "resources.cpus"), ("GPU", "resources.gpus")):
-        if need[key] > res.get(key, 0.0):
+    check_fits(spec.resources.cpus, spec.resources.gpus, _node_resources(ray.nodes()))
+
+
+def _node_resources(nodes: list[dict[str, Any]]) -> list[dict[str, float]]:
+    return [dict(n.get("Resources", {})) for n in nodes if n.get("Alive")]
+
+
+def check_fits(cpus: float, gpus: float, nodes: list[dict[str, float]]) -> None:
+    """A trial (and the baseline) runs on one node: refuse at once a request that no
+    single node of the cluster can ever hold, rather than wait for it forever."""
+    for key, field, need in (("CPU", "resources.cpus", cpus), ("GPU", "resources.gpus", gpus)):
+        if need <= 0:
+            continue
+        have = [n.get(key, 0.0) for n in nodes]
+        largest = max(have, default=0.0)
+        if largest <= 0:
             raise ValueError(
-                f"{field}={need[key]} but the Ray cluster has {res.get(key, 0.0)} {key}s in all; "
-                "no trial could ever be scheduled"
+                f"{field}={need} but the Ray cluster ({len(nodes)} nodes) has no {key}s"
+            )
+        if need > largest:
+            raise ValueError(
+                f"{field}={need} fits no node of the Ray cluster: a trial runs on one node, "
+                f"and the largest has {largest:g} {key}s ({len(nodes)} nodes, "
+                f"{sum(have):g} {key}s in all)"
             )
 
 
@@ -165,6 +185,74 @@ def _submit_baseline(spec: JobSpec, spec_json: dict[str, Any]) -> tuple[Any, Any
     return ref, pg
 
 
+def _process_env() -> None:
+    """The driver's environment, set before any thread starts (writes later would race
+    readers on other threads; see workers/envguard.py)."""
+    harden()
+    # Save the experiment state (trials, Optuna's study) every second rather than
+    # Tune's adaptive >= 10 s, so a resumed search loses at most a second of it.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # No CSV/JSON/TensorBoard result files per trial: JobProgress records every
+    # result in the job store and MLflow, and nothing reads Tune's copies.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # A failed trial reports {"failed": True, "error": ...} without the metrics.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # The outbox's sender retries with its own backoff: one MLflow request must fail
+    # fast rather than retry for minutes inside the client.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+class Tracking:
+    """The job's MLflow side: the driver's outbox stream and the one sender of the
+    job's outbox (which tells the job store the MLflow ids as they exist)."""
+
+    def __init__(self, store: st.JobStore, settings: Settings, job_id: str, job_dir: Path) -> None:
+        from workers import outbox, tracking
+
+        self.root = job_dir / OUTBOX_DIR
+        self.rec = tracking.Recorder(self.root, outbox.DRIVER_STREAM)
+        self.store, self.job_id = store, job_id
+        self._lock = outbox.sender_lock(self.root)
+        if not self._lock.__enter__():
+            # an earlier driver of this job still sending (being stopped): it lets go
+            # when it exits; until then the records wait in the outbox
+            log.warning("another process holds the outbox of job %s; records wait", job_id)
+            self.sender: tracking.MlflowSender | None = None
+            return
+        self.sender = tracking.MlflowSender(
+            self.root, settings.mlflow_tracking_uri, on_id=self._on_id, on_pending=self._on_pending
+        )
+        self.sender.watch(self.rec)
+        self.sender.start()
+
+    def _on_id(self, key: str, value: str) -> None:
+        from workers import tracking
+
+        if key == tracking.EXPERIMENT:
+            self.store.update(self.job_id, mlflow_experiment_id=value)
+        elif key == tracking.PARENT:
+            self.store.update(self.job_id, mlflow_run_id=value)
+        elif key.startswith("trial:"):
+            self.store.update_trial(self.job_id, key.split(":", 1)[1], mlflow_run_id=value)
+
+    def _on_pending(self, left: int) -> None:
+        self.store.update(self.job_id, mlflow_pending=left)
+
+    def close(self, drain_s: float) -> int:
+        """Send what is left for at most ``drain_s`` seconds; returns the bytes unsent
+        (they wait in the outbox for the service, which sends them when MLflow is back)."""
+        from workers import outbox
+
+        if self.sender is None:
+            return outbox.pending(self.root)
+        left = self.sender.drain(drain_s)
+        self.sender.close()
+        self._lock.__exit__(None, None, None)
+        self.store.update(self.job_id, mlflow_pending=left, mlflow_synced=left == 0)
+        return left
+
+
 def run_search(
     store: st.JobStore, settings: Settings, job_id: str, *, resume: bool = False
 ) -> None:
@@ -190,36 +278,32 @@ def run_search(
 
     from search_spaces import to_optuna
     from service.spec import OBJECTIVE_MODES
-    from workers import tracking
+    from workers import outbox, tracking
     from workers.progress import JobProgress, JobStopper
     from workers.sampling import ConstrainedOptunaSearch, make_sampler, resolve_sampler
     from workers.scheduler import ParetoHalving
     from workers.trial import TrialContext, run_trial, trial_name
 
-    c = tracking.client(settings.mlflow_tracking_uri)
+    tr = Tracking(store, settings, job_id, job_dir)
+    rec, parent = tr.rec, tracking.PARENT
     tune_dir = job_dir / "tune"
     restore = resume and tune.Tuner.can_restore(str(tune_dir))
-    if resume and job.mlflow_run_id:  # the same parent run, baseline and Tune experiment
-        experiment_id, parent_id = str(job.mlflow_experiment_id), str(job.mlflow_run_id)
-        c.update_run(parent_id, status="RUNNING")
+    # Said again by a resumed driver: the sender creates each once (by key).
+    rec.experiment(f"sparq/{spec.name}")
+    rec.run(parent, f"job-{job_id}", {"sparq.job_id": job_id})
+    rec.status(parent, "RUNNING")
+    if resume:
         log.info("resuming job %s (%s)", job_id, f"from {tune_dir}" if restore else "afresh")
-    else:
-        experiment_id = tracking.experiment_for(c, spec.name)
-        parent = c.create_run(
-            experiment_id, run_name=f"job-{job_id}", tags={"sparq.job_id": job_id}
-        )
-        parent_id = parent.info.run_id
-        store.update(job_id, mlflow_experiment_id=experiment_id, mlflow_run_id=parent_id)
 
     progress: JobProgress | None = None
     try:
         if saved is None:
-            tracking.log_params(c, parent_id, tracking.flatten(spec_json))
+            rec.params(parent, tracking.flatten(spec_json))
         model = describe_model(spec)  # the untrained model: layers, groups, float size
         ss = spec.search_space
-        c.log_dict(parent_id, model["pruning_report"], "pruning_report.json")
+        rec.log_dict(parent, model["pruning_report"], "pruning_report.json")
         space = knob_space(spec, model)
-        c.log_dict(parent_id, space.model_dump(mode="json"), "search_space.json")
+        rec.log_dict(parent, space.model_dump(mode="json"), "search_space.json")
 
         def keep(baseline: dict[str, Any]) -> None:
             if baseline["size_bytes"] != model["size_bytes"]:
@@ -236,10 +320,8 @@ def run_search(
                 baseline_loss=baseline["loss"],
                 baseline_size_bytes=baseline["size_bytes"],
             )
-            tracking.log_metrics(
-                c,
-                parent_id,
-                {f"baseline_{k}": baseline[k] for k in ("accuracy", "loss", "size_bytes")},
+            rec.metrics(
+                parent, {f"baseline_{k}": baseline[k] for k in ("accuracy", "loss", "size_bytes")}
             )
 
         watch = BaselineWatch(
@@ -256,18 +338,14 @@ def run_search(
             spec=spec_json,
             space=space.model_dump(mode="json"),
             baseline=baseline_ref,
-            tracking_uri=settings.mlflow_tracking_uri,
-            experiment_id=experiment_id,
-            parent_run_id=parent_id,
-            resumed=resume,
+            job_dir=str(job_dir),
         )
         progress = JobProgress(
             db_url=settings.db_url,
             job_id=job_id,
             space=space,
             baseline_size_bytes=model["size_bytes"],
-            tracking_uri=settings.mlflow_tracking_uri,
-            parent_run_id=parent_id,
+            job_dir=str(job_dir),
             task=spec.task,
         )
         storage = _optuna_storage(job_dir / OPTUNA_JOURNAL)
@@ -276,7 +354,7 @@ def run_search(
         log.info(
             "sampler %s (search.sampler=%s, %d knobs)", sampler, spec.search.sampler, len(dists)
         )
-        tracking.log_params(c, parent_id, {"sampler.resolved": sampler})
+        rec.params(parent, {"sampler.resolved": sampler})
         searcher = ConstrainedOptunaSearch(
             space=dists,
             metric=list(spec.objectives),
@@ -302,15 +380,11 @@ def run_search(
             if es.enabled
             else None
         )
-        # Save the experiment state (trials, Optuna's study) every second rather than
-        # Tune's adaptive >= 10 s, so a resumed search loses at most a second of it.
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-        # No CSV/JSON/TensorBoard result files per trial: JobProgress records every
-        # result in the job store and MLflow, and nothing reads Tune's copies.
-        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         if restore:
+            # trials that errored did so by a failure of the system (their own failures
+            # are results): run them again
             tuner = tune.Tuner.restore(
-                str(tune_dir), trainable, resume_unfinished=True, resume_errored=False
+                str(tune_dir), trainable, resume_unfinished=True, resume_errored=True
             )
         else:
             tuner = tune.Tuner(
@@ -330,27 +404,59 @@ def run_search(
                     storage_path=str(job_dir),
                     stop=JobStopper(settings.db_url, job_id),
                     callbacks=[progress],
-                    failure_config=tune.FailureConfig(max_failures=0),
+                    # a worker or node that died: the trial runs again elsewhere
+                    failure_config=tune.FailureConfig(max_failures=SYSTEM_RETRIES),
                     verbose=0,
                 ),
             )
         tuner.fit()
         baseline = watch.result()  # a failed baseline fails the job, with its own error
         known = {t.trial_id for t in store.trials(job_id)}
-        orphans = tracking.delete_orphan_runs(c, experiment_id, parent_id, known)
-        if orphans:
-            log.info("deleted %d MLflow runs of trials lost with the dead driver", len(orphans))
-        _finish(store, job_id, spec, baseline, job_dir, c, parent_id, progress)
+        for stream in outbox.streams(tr.root):  # runs of trials the resumed search lost
+            trial_id = stream.removeprefix("trial-")
+            if stream.startswith("trial-") and trial_id not in known:
+                rec.delete(tracking.trial_key(trial_id))
+        _finish(store, job_id, spec, baseline, job_dir, rec, progress)
+        status = "KILLED" if store.get(job_id).status == st.CANCELLED else "FINISHED"
+        rec.status(parent, status)
     except BaseException as e:
-        c.set_tag(parent_id, "sparq.error", f"{type(e).__name__}: {e}"[:5000])
-        c.set_terminated(parent_id, "FAILED")
+        rec.tags(parent, {"sparq.error": f"{type(e).__name__}: {e}"[:5000]})
+        rec.status(parent, "FAILED")
         raise
     finally:
         if progress is not None:
             progress.close_views()  # stops the renderer process; a no-op once closed
-    c.set_terminated(
-        parent_id, "KILLED" if store.get(job_id).status == st.CANCELLED else "FINISHED"
-    )
+        _settle_tracking(store, job_id, tr, settings.mlflow_drain_s)
+
+
+def _settle_tracking(store: st.JobStore, job_id: str, tr: Tracking, drain_s: float) -> None:
+    """Send what MLflow has not taken yet, for a bounded time. What is left waits in
+    the outbox (the service sends it when MLflow is back) and the job says so; it
+    never changes the job's outcome."""
+    try:
+        left = tr.close(drain_s)
+    except Exception as e:  # the outcome is recorded already: tracking must not undo it
+        log.exception("could not settle the job's MLflow records")
+        left, why = -1, f"{type(e).__name__}: {e}"
+    else:
+        held = "another process held the outbox"
+        why = (tr.sender.last_error if tr.sender is not None else held) or "MLflow was slow"
+    if left:
+        add_warning(
+            store,
+            job_id,
+            f"MLflow has not taken every record of this job yet ({why}); they wait in "
+            f"{tr.root} and the service sends them, in order, when MLflow is back",
+        )
+
+
+def add_warning(store: st.JobStore, job_id: str, text: str) -> None:
+    """A warning on the job: something to know that did not change its outcome."""
+    try:
+        job = store.get(job_id)
+        store.update(job_id, warnings=[*(job.warnings or []), text])
+    except Exception:  # pragma: no cover - a warning must never fail the job
+        log.exception("could not record a warning on job %s: %s", job_id, text)
 
 
 def _wait_reserved(pg: Any, store: st.JobStore, job_id: str) -> None:
@@ -370,15 +476,18 @@ def _finish(
     spec: JobSpec,
     baseline: dict[str, Any],
     job_dir: Path,
-    c: Any,
-    parent_id: str,
+    rec: Any,
     progress: JobProgress,
 ) -> None:
+    """Choose, export, reload and re-measure the point: then the job's outcome is
+    recorded. MLflow's copy (the model, its registration, the final views) follows
+    through the outbox and never changes the outcome."""
     import ray
 
     from dashboards import FrontPoint, choose
     from workers import live, tracking
 
+    parent = tracking.PARENT
     cancelled = store.get(job_id).cancel_requested
     done = [t for t in store.trials(job_id) if t.status == st.TRIAL_COMPLETED]
     points = [
@@ -395,16 +504,20 @@ def _finish(
     )
     final = st.CANCELLED if cancelled else st.SUCCEEDED
     failed = [t for t in store.trials(job_id) if t.status == st.TRIAL_FAILED]
-    if done:  # the views' last state, with the point being exported marked
-        views = live.snapshot(
-            store.get(job_id),
-            store.trials(job_id),
-            baseline_accuracy=baseline["accuracy"],
-            baseline_size_bytes=baseline["size_bytes"],
-            chosen_trial_id=best.trial_id if best else None,
-            final=True,
-        )
-        progress.views.end(views)  # drawn while the point is exported; waited for below
+
+    def final_views() -> None:  # the views' last state, with the exported point marked
+        if done:
+            progress.views.end(
+                live.snapshot(
+                    store.get(job_id),
+                    store.trials(job_id),
+                    baseline_accuracy=baseline["accuracy"],
+                    baseline_size_bytes=baseline["size_bytes"],
+                    chosen_trial_id=best.trial_id if best else None,
+                    final=True,
+                )
+            )
+
     if not done and failed and not cancelled:
         raise RuntimeError(f"all {len(failed)} trials failed; the first: {failed[0].error}")
     if best is None:
@@ -413,8 +526,8 @@ def _finish(
             if done
             else "no trial completed"
         )
-        progress.close_views()
         store.update(job_id, status=final, message=msg, finished_at=st.utcnow())
+        final_views()
         return
     trial = next(t for t in done if t.trial_id == best.trial_id)
     if not trial.checkpoint or not Path(trial.checkpoint).exists():
@@ -437,43 +550,13 @@ def _finish(
             f"exported checkpoint does not reproduce trial {best.trial_id}: reported "
             f"(accuracy={best.accuracy}, size_bytes={best.size_bytes}), reloaded {again}"
         )
-    tracking.log_metrics(
-        c,
-        parent_id,
-        {
-            "best_accuracy": again["accuracy"],
-            "best_size_bytes": again["size_bytes"],
-            "best_compression": baseline["size_bytes"] / again["size_bytes"],
-            "best_info_bound_bytes": again["info_bound_bytes"],
-            "best_bytes_over_bound": again["info_ratio"],
-        },
-    )
+    onnx_out = None
     if "onnx" in spec.export.formats:
         onnx_out = ray.get(
             ray.remote(export_onnx)
             .options(num_cpus=spec.resources.cpus)
             .remote(str(out), str(job_dir / BEST_ONNX_FILE), spec.model_dump(mode="json"))
         )
-        tracking.log_metrics(c, parent_id, {f"onnx_{k}": v for k, v in onnx_out.items()})
-        c.log_artifact(parent_id, str(job_dir / BEST_ONNX_FILE))
-    tracking.set_tags(c, parent_id, {"sparq.best_trial_id": best.trial_id})
-    c.log_artifact(parent_id, str(out), "model")
-    c.log_dict(parent_id, trial.policy or {}, "model/policy.json")
-    version = tracking.register_model(
-        c,
-        parent_id,
-        "model",
-        name=f"sparq-{spec.name}",
-        tags={
-            "sparq.job_id": job_id,
-            "sparq.trial_id": best.trial_id,
-            "accuracy": again["accuracy"],
-            "size_bytes": again["size_bytes"],
-        },
-        description=f"sparq job {job_id}: trial {best.trial_id} ({spec.export.choose} rule)",
-    )
-    tracking.set_tags(c, parent_id, {"sparq.model_version": version.version})
-    progress.close_views()
     store.update(
         job_id,
         status=final,
@@ -484,6 +567,35 @@ def _finish(
         finished_at=st.utcnow(),
         message="search cancelled; exported the best of the finished trials" if cancelled else None,
     )
+    final_views()
+    rec.metrics(
+        parent,
+        {
+            "best_accuracy": again["accuracy"],
+            "best_size_bytes": again["size_bytes"],
+            "best_compression": baseline["size_bytes"] / again["size_bytes"],
+            "best_info_bound_bytes": again["info_bound_bytes"],
+            "best_bytes_over_bound": again["info_ratio"],
+        },
+    )
+    if onnx_out is not None:
+        rec.metrics(parent, {f"onnx_{k}": v for k, v in onnx_out.items()})
+        rec.artifact(parent, job_dir / BEST_ONNX_FILE)
+    rec.tags(parent, {"sparq.best_trial_id": best.trial_id})
+    rec.artifact(parent, out, "model")
+    rec.log_dict(parent, trial.policy or {}, "model/policy.json")
+    rec.register(
+        parent,
+        "model",
+        name=f"sparq-{spec.name}",
+        tags={
+            "sparq.job_id": job_id,
+            "sparq.trial_id": best.trial_id,
+            "accuracy": again["accuracy"],
+            "size_bytes": again["size_bytes"],
+        },
+        description=f"sparq job {job_id}: trial {best.trial_id} ({spec.export.choose} rule)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", action="store_true", help="continue a running job whose driver died"
     )
     args = parser.parse_args(argv)
+    _process_env()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = get_settings()
     store = st.JobStore(settings.db_url)

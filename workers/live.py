@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from dashboards import FrontPoint, PlotPoint, choose, front_plot, hypervolume_plot, render_views
 from service import store as st
@@ -37,6 +37,7 @@ from workers import tracking
 
 log = logging.getLogger("sparq.live")
 ARTIFACT_DIR = "pareto"
+VIEWS_DIR = "views"  # jobs/JOB/views: the newest drawings, uploaded through the outbox
 MIN_INTERVAL_S = 10.0
 
 
@@ -110,15 +111,19 @@ def render(snap: Snapshot, out_dir: str) -> list[str]:
     return [str(p) for p in render_views(fp, hv, out_dir)]
 
 
-def publish(c: Any, run_id: str, snap: Snapshot, renderer: Executor) -> float:
-    """Have ``renderer`` draw every view of ``snap`` and upload them to ``run_id``;
-    returns seconds."""
+def publish(rec: tracking.Recorder, views_dir: Path, snap: Snapshot, renderer: Executor) -> float:
+    """Have ``renderer`` draw every view of ``snap`` into ``views_dir`` and record their
+    upload to the parent run; returns seconds. Each file is replaced atomically, so
+    an upload of the folder (maybe later, after an MLflow outage) reads whole files:
+    the newest views."""
     started = time.perf_counter()
     if not any(p is not None for p in snap.finished):
         return 0.0
-    with tempfile.TemporaryDirectory(prefix="sparq-views-") as tmp:
-        renderer.submit(render, snap, tmp).result()
-        c.log_artifacts(run_id, tmp, ARTIFACT_DIR)
+    views_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".render-", dir=views_dir.parent) as tmp:
+        for path in renderer.submit(render, snap, tmp).result():
+            os.replace(path, views_dir / Path(path).name)
+    rec.artifacts(tracking.PARENT, views_dir, ARTIFACT_DIR)
     return time.perf_counter() - started
 
 
@@ -157,11 +162,9 @@ class LiveViews:
     ``min_interval_s`` (the last one always)."""
 
     def __init__(
-        self, tracking_uri: str, run_id: str, *, min_interval_s: float = MIN_INTERVAL_S
+        self, rec: tracking.Recorder, views_dir: Path, *, min_interval_s: float = MIN_INTERVAL_S
     ) -> None:
-        # its own client: the thread never shares an HTTP session with the Tune loop
-        self.c = tracking.client(tracking_uri)
-        self.run_id, self.min_interval_s = run_id, min_interval_s
+        self.rec, self.views_dir, self.min_interval_s = rec, Path(views_dir), min_interval_s
         self._cond = threading.Condition()
         self._pending: Snapshot | None = None
         self._closed = False
@@ -231,8 +234,8 @@ class LiveViews:
                     continue
                 snap, self._pending = self._pending, None
             try:
-                self.busy_s += publish(self.c, self.run_id, snap, renderer)
+                self.busy_s += publish(self.rec, self.views_dir, snap, renderer)
                 self.published += 1
             except Exception:  # the views must never fail the search
-                log.exception("could not publish the live views to MLflow run %s", self.run_id)
+                log.exception("could not draw the live views into %s", self.views_dir)
             last = time.monotonic()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +18,16 @@ from dashboards import FrontPoint, non_dominated_ranks, sparq_front
 from search_spaces import KnobSpace, policy_from_params
 from service import store as st
 from service.spec import front_quality
-from workers import live, tracking
+from workers import live, outbox, tracking
 from workers.errors import last_line
-from workers.trial import CHECKPOINT_FILE, trial_name, trial_number
+from workers.trial import OUTBOX_DIR, trial_name, trial_number
 
 
 class _Lazy:
     """Ray pickles the run config (stopper, callbacks) with the experiment state, so
-    these hold only plain values and open their store and MLflow client lazily."""
+    these hold only plain values and open their store and recorder lazily."""
 
-    _unpicklable: tuple[str, ...] = ("_store", "_client")
+    _unpicklable: tuple[str, ...] = ("_store", "_recorder")
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in self._unpicklable}
@@ -40,14 +38,7 @@ class _Lazy:
             self._store = st.JobStore(self.db_url)
         return self._store
 
-    @property
-    def client(self) -> Any:
-        if getattr(self, "_client", None) is None:
-            self._client = tracking.client(self.tracking_uri)
-        return self._client
-
     db_url: str
-    tracking_uri: str
 
 
 class JobStopper(_Lazy, tune.Stopper):
@@ -72,7 +63,9 @@ class JobStopper(_Lazy, tune.Stopper):
 
 class JobProgress(_Lazy, tune.Callback):
     """Records each finished trial and keeps the front, the job store and MLflow
-    current. Runs in the driver process."""
+    current. Runs in the driver process. What MLflow should show goes to the job's
+    outbox (the driver's stream), so the Tune loop never waits on MLflow, and MLflow
+    being down fails nothing."""
 
     def __init__(
         self,
@@ -81,45 +74,33 @@ class JobProgress(_Lazy, tune.Callback):
         job_id: str,
         space: KnobSpace,
         baseline_size_bytes: int,
-        tracking_uri: str,
-        parent_run_id: str,
+        job_dir: str,
         task: str = "classification",
     ) -> None:
         self.task = task
         self.db_url, self.job_id, self.space = db_url, job_id, space
         self.baseline_size_bytes = baseline_size_bytes
         self.baseline_accuracy: float | None = None  # told by the trials' results
-        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
-        self.tagged: dict[str, tuple[bool, int]] = {}  # run id -> (on front, rank) as tagged
+        self.job_dir = job_dir
+        self.tagged: dict[str, tuple[bool, int]] = {}  # trial id -> (on front, rank) as tagged
 
-    _unpicklable = (*_Lazy._unpicklable, "_live", "_writer", "_pending")
+    _unpicklable = (*_Lazy._unpicklable, "_live")
 
-    def _write(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run an MLflow write on the job's writer thread: in order, off the Tune loop,
-        which only updates the job store (SQLite, milliseconds) and goes on to start
-        the next trial. :meth:`on_experiment_end` waits for every write and raises the
-        first that failed, so nothing is lost or failed silently."""
-        if getattr(self, "_writer", None) is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparq-mlflow")
-            self._pending: list[Future[None]] = []
-        self._pending = [f for f in self._pending if not f.done() or f.exception()]
-        self._pending.append(self._writer.submit(fn, *args))
+    @property
+    def recorder(self) -> tracking.Recorder:
+        if getattr(self, "_recorder", None) is None:
+            self._recorder = tracking.Recorder(self.outbox_root, outbox.DRIVER_STREAM)
+        return self._recorder
 
-    def drain(self) -> None:
-        """Wait for the MLflow writes handed to the writer thread; raise the first error."""
-        if getattr(self, "_writer", None) is None:
-            return
-        self._writer.shutdown(wait=True)
-        del self._writer
-        pending, self._pending = self._pending, []
-        for f in pending:
-            f.result()
+    @property
+    def outbox_root(self) -> Path:
+        return Path(self.job_dir) / OUTBOX_DIR
 
     @property
     def views(self) -> live.LiveViews:
         """Plots on the parent run, rendered off the Tune loop (workers/live.py)."""
         if getattr(self, "_live", None) is None:
-            self._live = live.LiveViews(self.tracking_uri, self.parent_run_id)
+            self._live = live.LiveViews(self.recorder, Path(self.job_dir) / live.VIEWS_DIR)
         return self._live
 
     def close_views(self) -> None:
@@ -127,12 +108,11 @@ class JobProgress(_Lazy, tune.Callback):
         if getattr(self, "_live", None) is not None:
             self._live.close()
 
-    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        # The views stay open: the driver draws the final ones, with the exported point.
-        self.drain()
-
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
+        if result.get("failed"):  # the trial's own work failed: it reported why
+            self.failed(trial.trial_id, trial_name(trial), trial.config, str(result["error"]))
+            return
         if "accuracy" not in result:  # ended without reporting: count it as failed
             self.failed(
                 trial.trial_id,
@@ -144,10 +124,7 @@ class JobProgress(_Lazy, tune.Callback):
         if result.get("final") is False:  # stopped early by the scheduler at a rung
             self.stopped(trial.trial_id, trial_name(trial), trial.config, result)
             return
-        ck = trial.checkpoint
-        self.completed(
-            trial.trial_id, trial_name(trial), trial.config, result, ck.path if ck else None
-        )
+        self.completed(trial.trial_id, trial_name(trial), trial.config, result)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.failed(trial.trial_id, trial_name(trial), trial.config, _trial_error(trial))
@@ -158,7 +135,6 @@ class JobProgress(_Lazy, tune.Callback):
         name: str,
         config: dict[str, Any],
         result: dict[str, Any],
-        ckpt_dir: str | None,
     ) -> None:
         policy = policy_from_params(self.space, config)
         self._learn_baseline(result)
@@ -174,11 +150,19 @@ class JobProgress(_Lazy, tune.Callback):
             bops=result.get("bops"),
             relative_bops=result.get("relative_bops"),
             duration_s=float(result.get("duration_s", 0.0)),
-            checkpoint=str(Path(ckpt_dir) / CHECKPOINT_FILE) if ckpt_dir else None,
-            mlflow_run_id=result.get("mlflow_run_id"),
+            checkpoint=result.get("checkpoint_path"),
+            mlflow_run_id=self._run_id(trial_id),
             finished_at=st.utcnow(),
         )
         self._refresh()
+
+    def _run_id(self, trial_id: str) -> str | None:
+        """The trial's MLflow run id if the sender has created the run (else the
+        sender tells the job store when it does)."""
+        try:
+            return outbox.State.load(self.outbox_root).ids.get(tracking.trial_key(trial_id))
+        except (OSError, ValueError):
+            return None
 
     def stopped(
         self, trial_id: str, name: str, config: dict[str, Any], result: dict[str, Any]
@@ -197,16 +181,13 @@ class JobProgress(_Lazy, tune.Callback):
             size_bytes=int(result["size_bytes"]),
             duration_s=float(result.get("duration_s", 0.0)),
             error=f"stopped early after fine-tune epoch {result['epoch']} (not fully trained)",
-            mlflow_run_id=result.get("mlflow_run_id"),
+            mlflow_run_id=self._run_id(trial_id),
             finished_at=st.utcnow(),
         )
-        if result.get("mlflow_run_id"):
-            self._write(self._mark_stopped, str(result["mlflow_run_id"]), result["epoch"])
+        run = tracking.trial_key(trial_id)
+        self.recorder.tags(run, {"sparq.stopped_early": result["epoch"]})
+        self.recorder.status(run, "KILLED")
         self._refresh()
-
-    def _mark_stopped(self, run_id: str, epoch: int) -> None:
-        tracking.set_tags(self.client, run_id, {"sparq.stopped_early": epoch})
-        self.client.set_terminated(run_id, "KILLED")
 
     def _learn_baseline(self, result: dict[str, Any]) -> None:
         """The float baseline's accuracy, which every trial reports: the search starts
@@ -247,7 +228,7 @@ class JobProgress(_Lazy, tune.Callback):
             hypervolume=front.hypervolume,
         )
         baseline = {"accuracy": self.baseline_accuracy, "size_bytes": self.baseline_size_bytes}
-        self._write(self._log_front, done, front.points, front.hypervolume, len(trials), baseline)
+        self._log_front(done, front.points, front.hypervolume, len(trials), baseline)
         if done and self.baseline_accuracy is not None:
             self.views.submit(
                 live.snapshot(
@@ -266,9 +247,8 @@ class JobProgress(_Lazy, tune.Callback):
         n: int,
         baseline: dict[str, Any],
     ) -> None:
-        c = self.client
-        metrics = {"hypervolume": hv, "front_size": len(front)}
-        tracking.log_metrics(c, self.parent_run_id, metrics, step=n)
+        rec, parent = self.recorder, tracking.PARENT
+        rec.metrics(parent, {"hypervolume": hv, "front_size": len(front)}, step=n)
         rows = [
             {
                 "trial_id": p.trial_id,
@@ -280,9 +260,9 @@ class JobProgress(_Lazy, tune.Callback):
         ]
         by_id = {t.trial_id: t for t in done}
         table = [{**row, **_policy_columns(by_id[str(row["trial_id"])].policy)} for row in rows]
-        tracking.replace_table(c, self.parent_run_id, _frame(table), "pareto/front_table.json")
-        c.log_dict(
-            self.parent_run_id,
+        rec.table(parent, table, "pareto/front_table.json")
+        rec.log_dict(
+            parent,
             {
                 "baseline": baseline,
                 "trials_finished": n,
@@ -298,10 +278,10 @@ class JobProgress(_Lazy, tune.Callback):
         members = {p.trial_id for p in front}
         for t, rank in zip(done, ranks, strict=True):
             state = (t.trial_id in members, rank)
-            if t.mlflow_run_id and self.tagged.get(t.mlflow_run_id) != state:
+            if self.tagged.get(t.trial_id) != state:
                 tags = {"pareto": str(state[0]).lower(), "rank": rank}
-                tracking.set_tags(c, t.mlflow_run_id, tags)  # only what changed: O(changes)
-                self.tagged[t.mlflow_run_id] = state
+                rec.tags(tracking.trial_key(t.trial_id), tags)  # only what changed
+                self.tagged[t.trial_id] = state
 
 
 _HV_REFERENCE = {
@@ -320,12 +300,6 @@ def _policy_columns(policy: dict[str, Any] | None) -> dict[str, Any]:
         cols[f"{name}.bits"] = lp["bits"]
         cols[f"{name}.sparsity"] = round(lp["sparsity"], 4)
     return cols
-
-
-def _frame(rows: list[dict[str, Any]]) -> Any:
-    import pandas as pd
-
-    return pd.DataFrame(rows)
 
 
 def _trial_error(trial: Any) -> str:

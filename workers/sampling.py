@@ -82,6 +82,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
         if result and result.get("final") is False:  # stopped early: pruned, not measured
             super().on_trial_complete(trial_id, None, error=False)
             return
+        if result and result.get("failed"):  # the trial's own work failed: told as failed
+            super().on_trial_complete(trial_id, None, error=True)
+            return
         if ot_trial is not None and result and "accuracy" in result:
             # every trial reports the float baseline it started from (the search starts
             # while the baseline trains, so the driver does not know it up front)

@@ -5,9 +5,8 @@ its exact size in bytes."""
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,9 @@ from workers.scheduler import milestones
 from workers.train import evaluate, make_loader, pick_device, set_threads
 
 CHECKPOINT_FILE = "model.sparq"
+RESULT_FILE = "result.json"
+RESULTS_DIR = "results"  # jobs/JOB/results/TRIAL_ID/{model.sparq,result.json}
+OUTBOX_DIR = "outbox"  # jobs/JOB/outbox: see workers/outbox.py
 REPORTED = frozenset({"accuracy", "loss", "size_bytes", "duration_s"})  # a trial's metrics
 ALSO_REPORTED = frozenset(  # when measured
     {
@@ -51,10 +53,7 @@ class TrialContext:
     spec: dict[str, Any]
     space: dict[str, Any]
     baseline: Any  # ObjectRef of workers.baseline.train_baseline's result (may be training)
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    resumed: bool = False  # the job's driver died and this one resumed it
+    job_dir: str  # results and the outbox go here (a path every node shares)
 
 
 def trial_name(trial: Any) -> str:
@@ -163,49 +162,68 @@ def fetch_baseline(ref: Any) -> dict[str, Any]:
         raise BaselineUnavailable(f"the float baseline failed to train: {why}") from None
 
 
+def _replay(results: Path) -> dict[str, Any] | None:
+    """What an earlier attempt of this trial measured, if it finished: a trial Tune
+    runs again (its driver died after the trial ended but before Tune saved that)
+    reports it instead of training again."""
+    try:
+        metrics = json.loads((results / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not REPORTED <= metrics.keys() or not (results / CHECKPOINT_FILE).is_file():
+        return None
+    return dict(metrics)
+
+
+def _keep(results: Path, data: bytes, metrics: dict[str, Any]) -> Path:
+    """The trial's checkpoint and metrics in the job directory (the shared storage
+    path the driver reads), the metrics last: their presence means both are whole."""
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / CHECKPOINT_FILE
+    ckpt.save(path, data)
+    tmp = results / f"{RESULT_FILE}.tmp"
+    tmp.write_text(json.dumps(metrics))
+    tmp.replace(results / RESULT_FILE)
+    return path
+
+
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable: reports at early-stopping rungs, then once with the
-    checkpoint. Every report carries the baseline's accuracy for the driver."""
-    from ray import tune
+    checkpoint's path. Every report carries the baseline's accuracy for the driver.
 
-    baseline = fetch_baseline(ctx.baseline)
-    told = {"baseline_accuracy": float(baseline["accuracy"])}
-    spec = JobSpec.model_validate(ctx.spec)
-    set_threads(spec.resources.cpus)
-    device = pick_device(spec.resources.gpus)
+    A trial that fails in its own work (the policy, the model, training) reports the
+    failure as its final result: Tune's retries are kept for failures of the system
+    (a worker or node that died), which the same trial survives when run again."""
+    from ray import get_runtime_context, tune
+
     trial_id = tune.get_context().get_trial_id()
     name = tune.get_context().get_trial_name()
-    number = trial_number(name)
-    torch.manual_seed(spec.search.seed * 100_003 + number)
-    policy = policy_from_params(KnobSpace.model_validate(ctx.space), config)
-
-    c = tracking.client(ctx.tracking_uri)
-    run = tracking.trial_run(
-        c, ctx.experiment_id, ctx.parent_run_id, trial_id, name, ctx.job_id, resumed=ctx.resumed
-    )
-    run_id = run.info.run_id
-    if run.info.status == "FINISHED" and REPORTED <= run.data.metrics.keys():
-        # Rerun of a trial that had finished when its driver died: report what it
-        # measured (and its checkpoint, from MLflow) instead of training it again.
-        with tempfile.TemporaryDirectory() as tmp:
-            c.download_artifacts(run_id, CHECKPOINT_FILE, tmp)
-            metrics = {k: run.data.metrics[k] for k in REPORTED}
-            metrics |= {k: run.data.metrics[k] for k in ALSO_REPORTED & run.data.metrics.keys()}
-            metrics["size_bytes"] = int(metrics["size_bytes"])
-            if "params" in metrics:
-                metrics["params"] = int(metrics["params"])
-            tune.report(
-                {**metrics, **told, "mlflow_run_id": run_id, "replayed": True, "final": True},
-                checkpoint=tune.Checkpoint.from_directory(tmp),
-            )
+    job_dir = Path(ctx.job_dir)
+    results = job_dir / RESULTS_DIR / trial_id
+    node = {"node_id": get_runtime_context().get_node_id()}
+    replayed = _replay(results)
+    if replayed is not None:
+        ck = str(results / CHECKPOINT_FILE)
+        tune.report({**replayed, **node, "checkpoint_path": ck, "replayed": True, "final": True})
         return
-    if run.info.status != "RUNNING":
-        c.update_run(run_id, status="RUNNING")
+    rec = tracking.Recorder(job_dir / OUTBOX_DIR, tracking.trial_stream(trial_id))
+    run = tracking.trial_key(trial_id)
+    tags = {"sparq.job_id": ctx.job_id, "sparq.trial_id": trial_id}
+    rec.run(run, name, tags, parent=tracking.PARENT)  # once: a rerun finds it
+    rec.status(run, "RUNNING")
     started = time.perf_counter()
-    logger = tracking.RunLogger(c, run_id)  # params and metrics off the training loop
+    told: dict[str, Any] = {}
     try:
-        logger.params(policy.summary())
-        logger.dict(policy.model_dump(mode="json"), "policy.json")  # the full policy
+        baseline = fetch_baseline(ctx.baseline)
+        told["baseline_accuracy"] = float(baseline["accuracy"])
+        spec = JobSpec.model_validate(ctx.spec)
+        set_threads(spec.resources.cpus)
+        device = pick_device(spec.resources.gpus)
+        number = trial_number(name)
+        torch.manual_seed(spec.search.seed * 100_003 + number)
+        policy = policy_from_params(KnobSpace.model_validate(ctx.space), config)
+        rec.params(run, policy.summary())
+        rec.log_dict(run, policy.model_dump(mode="json"), "policy.json")  # the full policy
         _, val = build_datasets(spec.dataset)
         ss = spec.search_space
         es = spec.search.early_stopping
@@ -222,12 +240,12 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 held["size"] = len(encode_now())
 
         def on_epoch(epoch: int, loss: float) -> None:
-            logger.metrics({"train_loss": loss}, epoch)
+            rec.metrics(run, {"train_loss": loss}, epoch)
             if epoch + 1 in rungs:  # a rung of the early-stopping scheduler
                 model = held["model"]
                 r = evaluate(model, val_loader, device)  # eval: every block quantized
                 model.train()
-                logger.metrics({"rung_accuracy": r.accuracy}, epoch + 1)
+                rec.metrics(run, {"rung_accuracy": r.accuracy}, epoch + 1)
                 tune.report(
                     {
                         "accuracy": r.accuracy,
@@ -236,9 +254,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                         "size_bytes": held["size"],
                         "epoch": epoch + 1,
                         "final": False,
-                        "mlflow_run_id": run_id,
                         "duration_s": time.perf_counter() - started,
                         **told,
+                        **node,
                     }
                 )
 
@@ -254,24 +272,20 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             meta=meta,
         )
         metrics["duration_s"] = time.perf_counter() - started
-        logger.metrics(metrics)
-        logger.close()  # every metric is on the server before the run ends
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt.save(Path(tmp) / CHECKPOINT_FILE, data)
-            c.log_artifact(run_id, str(Path(tmp) / CHECKPOINT_FILE))
-            c.set_terminated(run_id, "FINISHED")
-            tune.report(
-                {**metrics, **told, "mlflow_run_id": run_id, "final": True},
-                checkpoint=tune.Checkpoint.from_directory(tmp),
-            )
-    except BaseException as e:
-        with contextlib.suppress(Exception):  # what failed is ``e``: it is raised below
-            logger.close()
-        if isinstance(e, SystemExit) and e.code in (0, None):
+        path = _keep(results, data, metrics)
+    except SystemExit as e:
+        if e.code in (0, None):
             # Tune ends a trial it stopped (early stopping, cancel) with sys.exit(0)
             # in the trial's next report: not a failure.
-            c.set_terminated(run_id, "KILLED")
-        else:
-            tracking.set_tags(c, run_id, {"sparq.error": f"{type(e).__name__}: {e}"[:5000]})
-            c.set_terminated(run_id, "FAILED")
+            rec.status(run, "KILLED")
         raise
+    except Exception as e:  # the trial's own failure: its final result says so
+        why = f"{type(e).__name__}: {e}"
+        rec.tags(run, {"sparq.error": why[:5000]})
+        rec.status(run, "FAILED")
+        tune.report({"failed": True, "error": last_line(why, why)[:2000], "final": True, **told})
+        return
+    rec.metrics(run, metrics)
+    rec.artifact(run, path)
+    rec.status(run, "FINISHED")
+    tune.report({**metrics, **told, **node, "checkpoint_path": str(path), "final": True})

@@ -1,89 +1,225 @@
-"""MLflow helpers against a real (SQLite) tracking store: the batched run logger and
-the trial run lookup."""
+"""The durable outbox and its MLflow sender, against a real (SQLite) tracking store:
+records are sent in order, once, across a sender that dies and one that takes over,
+and while MLflow is unreachable nothing is lost and nothing is acknowledged."""
 
 from __future__ import annotations
 
-import time
+import json
+import socket
+import threading
 from pathlib import Path
 
 import pytest
-from mlflow.exceptions import MlflowException
 
-from workers import tracking
-
-Store = tuple[tracking.MlflowClient, str]
+from workers import outbox, tracking
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def uri(tmp_path: Path) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = tracking.client(uri)
-    exp = c.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
-    return c, exp
+    c.create_experiment("sparq/t", artifact_location=(tmp_path / "artifacts").as_uri())
+    return uri
 
 
-def test_run_logger_batches_everything_logged_between_sends(store: Store) -> None:
-    c, exp = store
-    run_id = c.create_run(exp).info.run_id
-    logger = tracking.RunLogger(c, run_id, interval_s=60.0)  # no send before close
-    logger.params({"a.bits": 4, "b.bits": 8})
-    for epoch in range(50):
-        logger.metrics({"train_loss": 1.0 / (epoch + 1)}, epoch)
-    logger.metrics({"accuracy": 0.9, "size_bytes": 1234})
-    logger.dict({"layers": {"a": 4}}, "policy.json")
-    logger.close()
-    assert logger.requests == 1  # 50 epochs, 2 params and 2 final metrics: one request
-    run = c.get_run(run_id)
-    assert run.data.params == {"a.bits": "4", "b.bits": "8"}
-    assert run.data.metrics["accuracy"] == 0.9
-    history = c.get_metric_history(run_id, "train_loss")
-    assert [m.step for m in history] == list(range(50))
-    assert history[-1].value == pytest.approx(1 / 50)
-    assert [a.path for a in c.list_artifacts(run_id)] == ["policy.json"]
+def _job(root: Path) -> tuple[tracking.Recorder, tracking.Recorder]:
+    """A driver stream that creates the parent run and a trial stream under it."""
+    driver = tracking.Recorder(root, outbox.DRIVER_STREAM)
+    driver.experiment("sparq/t")
+    driver.run(tracking.PARENT, "job-1", {"sparq.job_id": "1"})
+    trial = tracking.Recorder(root, tracking.trial_stream("a"))
+    key = tracking.trial_key("a")
+    trial.run(key, "trial-001", {"sparq.trial_id": "a"}, parent=tracking.PARENT)
+    trial.params(key, {"fc.bits": 4})
+    for epoch in range(5):
+        trial.metrics(key, {"train_loss": 1.0 / (epoch + 1)}, epoch)
+    trial.metrics(key, {"accuracy": 0.9, "size_bytes": 1234})
+    trial.status(key, "FINISHED")
+    return driver, trial
 
 
-def test_run_logger_splits_batches_at_mlflows_limits(store: Store) -> None:
-    c, exp = store
-    run_id = c.create_run(exp).info.run_id
-    logger = tracking.RunLogger(c, run_id, interval_s=60.0)
-    logger.params({f"p{i}": i for i in range(250)})  # at most 100 params per request
-    logger.metrics({f"m{i}": i for i in range(1500)})  # at most 1000 items per request
-    logger.close()
-    run = c.get_run(run_id)
-    assert len(run.data.params) == 250
-    assert len(run.data.metrics) == 1500
-    assert logger.requests == 3  # params+metrics: 100+900, 100+600, 50+0
+def _runs(uri: str) -> list[object]:
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("sparq/t")
+    assert exp is not None
+    return list(c.search_runs([exp.experiment_id]))
 
 
-def test_run_logger_sends_in_the_background_and_raises_the_first_error_at_close(
-    store: Store,
+def test_records_reach_mlflow_in_order_with_ids_told(tmp_path: Path, uri: str) -> None:
+    root = tmp_path / "outbox"
+    _job(root)
+    told: dict[str, str] = {}
+    sender = tracking.MlflowSender(root, uri, on_id=told.__setitem__)
+    assert sender.send_available() == 11
+    assert outbox.pending(root) == 0
+    c = tracking.client(uri)
+    trial = c.get_run(told[tracking.trial_key("a")])
+    assert trial.data.tags[tracking.PARENT_TAG] == told[tracking.PARENT]
+    assert trial.data.params == {"fc.bits": "4"}
+    assert trial.data.metrics["accuracy"] == 0.9
+    assert trial.info.status == "FINISHED"
+    assert [m.step for m in c.get_metric_history(trial.info.run_id, "train_loss")] == list(range(5))
+    assert sender.send_available() == 0  # nothing twice
+
+
+def test_a_trial_stream_ahead_of_its_parent_waits_for_it(tmp_path: Path, uri: str) -> None:
+    """A trial's records may be on disk before the driver's run record is sent."""
+    root = tmp_path / "outbox"
+    trial = tracking.Recorder(root, tracking.trial_stream("b"))
+    trial.run(tracking.trial_key("b"), "trial-002", {}, parent=tracking.PARENT)
+    sender = tracking.MlflowSender(root, uri)
+    assert sender.send_available() == 0  # blocked: no parent yet
+    driver = tracking.Recorder(root, outbox.DRIVER_STREAM)
+    driver.experiment("sparq/t")
+    driver.run(tracking.PARENT, "job-2", {})
+    assert sender.send_available() == 3
+    assert len(_runs(uri)) == 2
+
+
+def test_mlflow_down_keeps_everything_and_a_new_sender_sends_it_once(
+    tmp_path: Path, uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    c, exp = store
-    run_id = c.create_run(exp).info.run_id
-    logger = tracking.RunLogger(c, run_id, interval_s=0.05)
-    logger.metrics({"train_loss": 1.0}, 0)
-    for _ in range(200):  # sent within a few intervals, without close
-        if c.get_run(run_id).data.metrics:
-            break
-        time.sleep(0.05)
-    assert c.get_run(run_id).data.metrics == {"train_loss": 1.0}
-    logger.close()
-    with pytest.raises(RuntimeError, match="after close"):
-        logger.metrics({"late": 1.0})
+    """The outage, then a restart: the records sent before are not sent again, the
+    rest is, in order."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    root = tmp_path / "outbox"
+    driver, _ = _job(root)
+    tracking.MlflowSender(root, uri).send_available()  # everything so far reached MLflow
+    key = tracking.trial_key("a")
+    driver.tags(key, {"pareto": "true"})
+    driver.metrics(tracking.PARENT, {"hypervolume": 0.5}, step=1)
+    with socket.socket() as s:  # a port nobody listens on: MLflow is down
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    before = outbox.pending(root)
+    with pytest.raises(Exception, match=r"(?i)connect|refused|failed"):
+        tracking.MlflowSender(root, down).send_available()
+    assert outbox.pending(root) == before > 0  # nothing acknowledged
+    again = tracking.MlflowSender(root, uri)  # back, in a new process (state on disk)
+    assert again.send_available() == 2
+    runs = _runs(uri)
+    assert len(runs) == 2  # no run created twice
+    ids = outbox.State.load(root).ids
+    c = tracking.client(uri)
+    assert c.get_run(ids[key]).data.tags["pareto"] == "true"
+    assert [m.value for m in c.get_metric_history(ids[tracking.PARENT], "hypervolume")] == [0.5]
 
-    broken = tracking.RunLogger(c, "0" * 32, interval_s=60.0)  # no such run
-    broken.metrics({"x": 1.0})
-    with pytest.raises(MlflowException):
-        broken.close()
+
+def test_a_record_sent_just_before_a_crash_is_not_doubled(tmp_path: Path, uri: str) -> None:
+    """The sender died after MLflow created the run but before it saved its state:
+    the next one finds the run by its key tag instead of creating another."""
+    root = tmp_path / "outbox"
+    _job(root)
+    first = tracking.MlflowSender(root, uri)
+    first.send_available()
+    (root / outbox.STATE_FILE).unlink()  # as if no state had ever been saved
+    tracking.MlflowSender(root, uri).send_available()
+    assert len(_runs(uri)) == 2
+    c = tracking.client(uri)
+    trial_id = outbox.State.load(root).ids[tracking.trial_key("a")]
+    assert len(c.get_metric_history(trial_id, "train_loss")) == 5  # same timestamps: once
 
 
-def test_trial_run_is_found_again_only_in_a_resumed_job(store: Store) -> None:
-    c, exp = store
-    parent = c.create_run(exp).info.run_id
-    first = tracking.trial_run(c, exp, parent, "t1", "trial-001", "job")
-    assert first.data.tags["sparq.trial_id"] == "t1"
-    assert first.data.tags[tracking.PARENT_TAG] == parent
-    again = tracking.trial_run(c, exp, parent, "t1", "trial-001", "job", resumed=True)
-    assert again.info.run_id == first.info.run_id  # a rerun after the driver died
-    other = tracking.trial_run(c, exp, parent, "t2", "trial-002", "job", resumed=True)
-    assert other.info.run_id != first.info.run_id
+def test_a_refused_record_is_dropped_after_retries_and_said(tmp_path: Path, uri: str) -> None:
+    root = tmp_path / "outbox"
+    driver, _ = _job(root)
+    driver.artifact(tracking.PARENT, tmp_path / "no-such-file.sparq")
+    driver.tags(tracking.PARENT, {"after": "yes"})
+    sender = tracking.MlflowSender(root, uri)
+    for _ in range(tracking.REFUSED_ATTEMPTS):
+        sender.send_available()
+    state = outbox.State.load(root)
+    assert len(state.dropped) == 1
+    assert "artifact" in state.dropped[0]
+    assert outbox.pending(root) == 0  # the record after it went through
+    c = tracking.client(uri)
+    assert c.get_run(state.ids[tracking.PARENT]).data.tags["after"] == "yes"
+
+
+def test_deleted_run_is_never_created_and_its_records_are_skipped(tmp_path: Path, uri: str) -> None:
+    root = tmp_path / "outbox"
+    driver, _ = _job(root)
+    driver.delete(tracking.trial_key("a"))  # a trial the resumed search never knew
+    tracking.MlflowSender(root, uri).send_available()
+    # the trial stream came after the delete in this pass? it was sent first: deleted
+    runs = [r for r in _runs(uri) if r.info.lifecycle_stage == "active"]  # type: ignore[attr-defined]
+    assert len(runs) == 1
+
+
+def test_register_is_idempotent_and_sets_the_alias(tmp_path: Path, uri: str) -> None:
+    root = tmp_path / "outbox"
+    driver, _ = _job(root)
+    ck = tmp_path / "best.sparq"
+    ck.write_bytes(b"SPARQ")
+    driver.artifact(tracking.PARENT, ck, "model")
+    for _ in range(2):  # said twice (a resumed driver): one version
+        driver.register(tracking.PARENT, "model", name="sparq-t", tags={"a": 1}, description="d")
+    tracking.MlflowSender(root, uri).send_available()
+    c = tracking.client(uri)
+    versions = c.search_model_versions("name = 'sparq-t'")
+    assert len(versions) == 1
+    assert c.get_model_version_by_alias("sparq-t", "best").version == versions[0].version
+
+
+def test_consecutive_batches_of_a_run_go_in_one_request(tmp_path: Path, uri: str) -> None:
+    root = tmp_path / "outbox"
+    _job(root)
+    sender = tracking.MlflowSender(root, uri)
+    calls: list[int] = []
+    real = sender.c.log_batch
+
+    def counting(*a: object, **k: object) -> None:
+        calls.append(1)
+        real(*a, **k)  # type: ignore[arg-type]
+
+    sender.c.log_batch = counting  # type: ignore[method-assign]
+    sender.send_available()
+    assert len(calls) == 1  # params + 6 metric records of the trial
+
+
+def test_outbox_cuts_a_line_a_killed_writer_left_half_written(tmp_path: Path) -> None:
+    root = tmp_path / "outbox"
+    box = outbox.Outbox(root, "trial-x")
+    box.put("status", run="k", status="RUNNING")
+    with box.path.open("a") as f:
+        f.write('{"seq":1,"op":"sta')  # killed mid-write
+    again = outbox.Outbox(root, "trial-x")  # the trial run again
+    again.put("status", run="k", status="FINISHED")
+    lines = [json.loads(x) for x in box.path.read_text().splitlines()]
+    assert [r["seq"] for r in lines] == [0, 1]
+    assert lines[1]["status"] == "FINISHED"
+
+
+def test_one_sender_at_a_time(tmp_path: Path) -> None:
+    root = tmp_path / "outbox"
+    got: list[bool] = []
+    with outbox.sender_lock(root) as mine:
+        assert mine
+        t = threading.Thread(target=lambda: _try_lock(root, got))
+        t.start()
+        t.join()
+    assert got == [False]
+    with outbox.sender_lock(root) as mine:
+        assert mine
+
+
+def _try_lock(root: Path, got: list[bool]) -> None:
+    with outbox.sender_lock(root) as mine:
+        got.append(mine)
+
+
+def test_a_sender_thread_sends_what_its_recorder_writes(tmp_path: Path, uri: str) -> None:
+    root = tmp_path / "outbox"
+    driver, _ = _job(root)
+    sender = tracking.MlflowSender(root, uri, poll_s=30)
+    sender.watch(driver)
+    sender.start()
+    try:
+        assert sender.drain(30) == 0
+        driver.tags(tracking.PARENT, {"late": "1"})  # wakes the sender, not its poll
+        assert sender.drain(10) == 0
+    finally:
+        sender.close()
+    c = tracking.client(uri)
+    assert c.get_run(outbox.State.load(root).ids[tracking.PARENT]).data.tags["late"] == "1"
