@@ -47,6 +47,7 @@ class JobView(BaseModel):
     message: str | None
     cancel_requested: bool
     restarts: int
+    warnings: list[str] = []
     spec: dict[str, Any]
 
     @classmethod
@@ -89,6 +90,7 @@ class JobView(BaseModel):
             message=job.message,
             cancel_requested=job.cancel_requested,
             restarts=job.restarts or 0,
+            warnings=list(job.warnings or []),
             spec=job.spec,
         )
 
