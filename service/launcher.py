@@ -10,7 +10,7 @@ if the store fails meanwhile, the next pass tries again.
 A service that restarts adopts the drivers the last one left running (recognised by
 pid *and* start time, see :mod:`service.procs`) and watches them like its own; a
 driver that is gone is resumed, and one that joined another Ray cluster (the stack
-was restarted: its Ray head is gone) is stopped and resumed.
+was restarted: its Ray head is gone) is killed and resumed.
 
 Cancellation is cooperative first (the driver's Tune stopper sees the flag and keeps
 finished trials), then SIGTERM to the driver's process group after a grace period,
@@ -39,7 +39,6 @@ from service.settings import Settings
 log = logging.getLogger("sparq.launcher")
 CANCEL_GRACE_S = 30.0  # cooperative cancel: time to stop Tune and export what finished
 KILL_AFTER_S = 15.0  # SIGTERM not obeyed within this long: SIGKILL
-STALE_KILL_AFTER_S = 5.0  # the same, for a driver whose Ray head is gone
 _LOG_TAIL_LINES = 8
 # A driver whose Ray head died gives up reconnecting after this long (Ray's default
 # is 60 s), so it exits and is resumed soon after a Ray restart.
@@ -129,10 +128,10 @@ Spawner = Callable[[str, bool], Driver]  # (job id, resume) -> the started drive
 
 @dataclass
 class _Stopping:
-    """A driver being stopped: SIGTERM at ``term_at``, SIGKILL ``kill_after`` later."""
+    """A driver being stopped after a cancel: SIGTERM at ``term_at``, SIGKILL
+    ``KILL_AFTER_S`` later."""
 
     term_at: float
-    kill_after: float
     kill_at: float | None = None  # set once SIGTERM is sent
     killed: bool = False
 
@@ -243,7 +242,7 @@ class Launcher:
         ):
             return self.store.get(job_id)
         with self._lock:
-            self._stop_later(job_id, CANCEL_GRACE_S, KILL_AFTER_S)
+            self._stop_later(job_id, CANCEL_GRACE_S)
         self.poke()
         return self.store.get(job_id)
 
@@ -252,7 +251,7 @@ class Launcher:
         """Take over from the service that ran before: every job it left ``running``
         (or queued with its driver already started) gets a watched driver. A live one
         whose start time matches is adopted; one that joined another Ray cluster is
-        stopped; a gone one is watched as dead, so the first pass resumes the job or
+        killed; a gone one is watched as dead, so the first pass resumes the job or
         records its end like any driver's."""
         with self._lock:
             for job in self.store.list_jobs(status=st.RUNNING, limit=None):
@@ -268,19 +267,29 @@ class Launcher:
             return AdoptedDriver(pid, job.driver_started, f"{why} (exit code unknown)")
         address, ours = job.driver_ray_address, self.settings.ray_address
         if address and address != ours:
-            log.warning("job %s: driver pid %d joined Ray at %s, not %s; stopping it",
-                        job.id, pid, address, ours)  # fmt: skip
-            self._stop_later(job.id, 0.0, STALE_KILL_AFTER_S)
-            return AdoptedDriver(
-                pid,
-                job.driver_started,
-                f"was stopped: it had joined Ray at {address}, which this service "
-                f"({ours or 'a local Ray per driver'}) no longer uses",
-            )
+            return self._stop_stale(job, pid, address, ours)
         log.info("job %s: adopted its running search driver pid %d", job.id, pid)
         if job.cancel_requested:
-            self._stop_later(job.id, CANCEL_GRACE_S, KILL_AFTER_S)
+            self._stop_later(job.id, CANCEL_GRACE_S)
         return AdoptedDriver(pid, job.driver_started)
+
+    def _stop_stale(self, job: st.Job, pid: int, address: str, ours: str | None) -> Driver:
+        """A driver that joined a Ray address this service does not use: the whole stack
+        was restarted, its Ray head is gone and it can never finish. It is killed at
+        once (SIGKILL to its process group), not sent SIGTERM first: Ray's handler in
+        the driver turns SIGTERM into ``SystemExit`` and the driver would mark its own
+        job failed, where the job is to be resumed (its Tune state is saved every
+        second; a driver without its Ray head has nothing else to save)."""
+        log.warning("job %s: driver pid %d joined Ray at %s, not %s; killing it",
+                    job.id, pid, address, ours)  # fmt: skip
+        driver = AdoptedDriver(
+            pid,
+            job.driver_started,
+            f"was killed: it had joined Ray at {address}, which this service "
+            f"({ours or 'a local Ray per driver'}) no longer uses",
+        )
+        driver.kill()
+        return driver
 
     # -- the watch ---------------------------------------------------------
     def _loop(self) -> None:
@@ -308,13 +317,13 @@ class Launcher:
             for job_id in self.store.queued_ids(free, exclude=self.procs):
                 self._start(job_id, resume=False)
 
-    def _stop_later(self, job_id: str, delay: float, kill_after: float) -> None:
-        """Schedule SIGTERM in ``delay`` s, SIGKILL ``kill_after`` s later (the sooner
-        of two schedules wins)."""
+    def _stop_later(self, job_id: str, delay: float) -> None:
+        """Schedule SIGTERM in ``delay`` s, SIGKILL ``KILL_AFTER_S`` later (a cancel
+        asked twice keeps the first schedule)."""
         when = self.now() + delay
         current = self._stopping.get(job_id)
         if current is None or when < current.term_at:
-            self._stopping[job_id] = _Stopping(term_at=when, kill_after=kill_after)
+            self._stopping[job_id] = _Stopping(term_at=when)
 
     def _escalate(self, job_id: str, driver: Driver) -> None:
         stopping = self._stopping.get(job_id)
@@ -324,7 +333,7 @@ class Launcher:
         if stopping.kill_at is None and now >= stopping.term_at:
             log.warning("job %s: terminating its driver pid %d", job_id, driver.pid)
             driver.terminate()
-            stopping.kill_at = now + stopping.kill_after
+            stopping.kill_at = now + KILL_AFTER_S
         elif stopping.kill_at is not None and not stopping.killed and now >= stopping.kill_at:
             log.warning("job %s: driver pid %d ignored SIGTERM; killing it", job_id, driver.pid)
             driver.kill()
