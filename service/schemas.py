@@ -95,8 +95,8 @@ class JobView(BaseModel):
             error=job.error,
             message=job.message,
             cancel_requested=job.cancel_requested,
-            warnings=list(job.warnings or []),
             restarts=job.restarts or 0,
+            warnings=list(job.warnings or []),
             spec=job.spec,
         )
 

@@ -3,14 +3,15 @@ default, any URL SQLAlchemy accepts otherwise).
 
 It is the one source of truth for job state. The service creates jobs and asks for
 cancellation; the search driver (a separate process) writes progress, trials and
-the outcome; the launcher marks jobs whose driver died.
+the outcome; the launcher records which driver process runs a job (pid, start time,
+Ray address) and marks jobs whose driver died.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -27,8 +28,9 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
@@ -62,6 +64,10 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     driver_pid: Mapped[int | None] = mapped_column(Integer)
+    # The driver's start time (/proc/PID/stat field 22), so a reused pid is never
+    # taken for our driver, and the Ray address it joined (a restarted stack's is new).
+    driver_started: Mapped[str | None] = mapped_column(String(32))
+    driver_ray_address: Mapped[str | None] = mapped_column(String(200))
     restarts: Mapped[int] = mapped_column(Integer, default=0)  # driver relaunches (resume)
     error: Mapped[str | None] = mapped_column(Text)
     message: Mapped[str | None] = mapped_column(Text)
@@ -80,10 +86,10 @@ class Job(Base):
     best_checkpoint: Mapped[str | None] = mapped_column(Text)
     mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    warnings: Mapped[list[str]] = mapped_column(JSON, default=list)  # said by the driver
     # MLflow's copy of the job: outbox bytes not yet sent, and whether all was sent
     mlflow_pending: Mapped[int | None] = mapped_column(Integer)
     mlflow_synced: Mapped[bool] = mapped_column(Boolean, default=False)
-    warnings: Mapped[list[str] | None] = mapped_column(JSON, default=list)
 
 
 class Trial(Base):
@@ -131,11 +137,13 @@ class JobNotFound(LookupError):
 _ADDED_COLUMNS = {
     ("jobs", "restarts"): "INTEGER NOT NULL DEFAULT 0",
     ("jobs", "trials_stopped"): "INTEGER NOT NULL DEFAULT 0",
+    ("jobs", "driver_started"): "VARCHAR(32)",
+    ("jobs", "driver_ray_address"): "VARCHAR(200)",
+    ("jobs", "warnings"): "JSON NOT NULL DEFAULT '[]'",
     ("trials", "bops"): "FLOAT",
     ("trials", "relative_bops"): "FLOAT",
     ("jobs", "mlflow_pending"): "INTEGER",
     ("jobs", "mlflow_synced"): "BOOLEAN NOT NULL DEFAULT FALSE",
-    ("jobs", "warnings"): "JSON",
 }
 
 
@@ -185,10 +193,28 @@ class JobStore:
                 raise JobNotFound(job_id)
             return job
 
-    def list_jobs(self, status: str | None = None, limit: int = 100) -> list[Job]:
+    def list_jobs(self, status: str | None = None, limit: int | None = 100) -> list[Job]:
+        """Newest first; ``limit=None``: all of them."""
         q = select(Job).order_by(Job.created_at.desc()).limit(limit)
         if status:
             q = q.where(Job.status == status)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def queued_ids(self, limit: int, exclude: Collection[str] = ()) -> list[str]:
+        """The next jobs to start: ids of queued jobs no one asked to cancel, oldest
+        first, at most ``limit`` (the launcher's free slots), without ``exclude`` (jobs
+        whose driver is already starting). Ids only: a poll reads no specs."""
+        if limit <= 0:
+            return []
+        q = (
+            select(Job.id)
+            .where(Job.status == QUEUED, Job.cancel_requested.is_not(True))
+            .order_by(Job.created_at.asc(), Job.id.asc())
+            .limit(limit)
+        )
+        if exclude:
+            q = q.where(Job.id.not_in(list(exclude)))
         with self.session() as s:
             return list(s.scalars(q))
 
@@ -204,16 +230,26 @@ class JobStore:
     def transition(
         self, job_id: str, allowed_from: frozenset[str] | set[str], **fields: Any
     ) -> bool:
-        """Set fields only if the job's status is in ``allowed_from`` (compare-and-set)."""
+        """Set fields only if the job's status is in ``allowed_from`` (compare-and-set).
+
+        One ``UPDATE ... WHERE id = :id AND status IN (...)`` judged by its row count,
+        so of two racing transitions (a cancel and a driver's claim) exactly one wins on
+        any database; a read then a write would let both win where SELECT takes no lock
+        (SQLite). Whether the job exists is asked only when nothing was updated."""
+        stmt = (
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(list(allowed_from)))
+            .values(**fields)
+            .execution_options(synchronize_session=False)
+        )
         with self.session() as s:
-            job = s.get(Job, job_id, with_for_update=True)
-            if job is None:
+            result = s.execute(stmt)
+            assert isinstance(result, CursorResult)
+            if result.rowcount:
+                return True
+            if s.get(Job, job_id) is None:
                 raise JobNotFound(job_id)
-            if job.status not in allowed_from:
-                return False
-            for k, v in fields.items():
-                setattr(job, k, v)
-            return True
+            return False
 
     def upsert_trial(self, job_id: str, trial_id: str, **fields: Any) -> Trial:
         with self.session() as s:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service import store as st
+from service.procs import process_start
 from service.settings import Settings, get_settings
 from service.spec import JobSpec, front_quality
 from workers.baseline import (
@@ -610,11 +611,16 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     store = st.JobStore(settings.db_url)
     job_id = args.job_id
+    me = {  # who runs the job: the launcher adopts or resumes it by these
+        "driver_pid": os.getpid(),
+        "driver_started": process_start(os.getpid()),
+        "driver_ray_address": settings.ray_address,
+    }
     if args.resume:
-        claimed = store.transition(job_id, {st.RUNNING}, driver_pid=os.getpid())
+        claimed = store.transition(job_id, {st.RUNNING}, **me)
     else:
         claimed = store.transition(
-            job_id, {st.QUEUED}, status=st.RUNNING, started_at=st.utcnow(), driver_pid=os.getpid()
+            job_id, {st.QUEUED}, status=st.RUNNING, started_at=st.utcnow(), **me
         )
     if not claimed:
         want = "running" if args.resume else "queued"

@@ -35,6 +35,7 @@ def test_create_get_list_job(client: TestClient) -> None:
     job = r.json()
     assert job["status"] == "queued"
     assert job["trials_total"] == 3
+    assert job["warnings"] == []
     assert job["spec"]["search_space"]["weight_bits"] == [2, 3, 4, 5, 6, 8]
     for key in ("trials_completed", "trials_failed", "baseline", "best", "mlflow", "error"):
         assert key in job
@@ -44,6 +45,14 @@ def test_create_get_list_job(client: TestClient) -> None:
     assert client.get(f"/v1/jobs/{job['id']}/trials").json() == []
     pareto = client.get(f"/v1/jobs/{job['id']}/pareto").json()
     assert pareto["points"] == []
+
+
+def test_a_job_shows_the_warnings_its_driver_recorded(client: TestClient) -> None:
+    job_id = client.post("/v1/jobs", json=MINIMAL).json()["id"]
+    store: st.JobStore = client.app.state.store  # type: ignore[attr-defined]
+    store.update(job_id, warnings=["the dataset has 3 classes; the model has 10 outputs"])
+    view = client.get(f"/v1/jobs/{job_id}").json()
+    assert view["warnings"] == ["the dataset has 3 classes; the model has 10 outputs"]
 
 
 def test_invalid_spec_is_422_naming_field_value_and_rule(client: TestClient) -> None:

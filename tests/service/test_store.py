@@ -33,3 +33,42 @@ def test_a_store_without_newer_columns_is_upgraded_in_place(tmp_path: Path) -> N
     job = store.create({"name": "new", "search": {"trials": 3}})
     store.update(job.id, restarts=2)
     assert store.get(job.id).restarts == 2
+
+
+def test_an_old_store_gains_the_driver_identity_and_warnings_columns(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # the jobs table as it was before these columns
+        conn.execute(
+            sa.text(
+                "CREATE TABLE jobs (id VARCHAR(32) PRIMARY KEY, name VARCHAR(100), spec JSON, "
+                "status VARCHAR(16), created_at DATETIME, started_at DATETIME, "
+                "finished_at DATETIME, cancel_requested BOOLEAN, driver_pid INTEGER, "
+                "restarts INTEGER NOT NULL DEFAULT 0, error TEXT, message TEXT, "
+                "trials_total INTEGER, trials_completed INTEGER, trials_failed INTEGER, "
+                "trials_stopped INTEGER NOT NULL DEFAULT 0, baseline_accuracy FLOAT, "
+                "baseline_loss FLOAT, baseline_size_bytes INTEGER, front_size INTEGER, "
+                "hypervolume FLOAT, best_trial_id VARCHAR(64), best_accuracy FLOAT, "
+                "best_size_bytes INTEGER, best_checkpoint TEXT, "
+                "mlflow_experiment_id VARCHAR(64), mlflow_run_id VARCHAR(64))"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO jobs (id, name, spec, status, created_at, cancel_requested, "
+                "driver_pid, trials_total, trials_completed, trials_failed, front_size) "
+                "VALUES ('j1', 'old', '{}', 'running', '2026-01-01 00:00:00', 0, 4242, 1, 0, 0, 0)"
+            )
+        )
+    engine.dispose()
+
+    store = st.JobStore(url)
+
+    old = store.get("j1")
+    assert (old.driver_pid, old.driver_started, old.driver_ray_address) == (4242, None, None)
+    assert old.warnings == []
+    assert store.transition("j1", {st.RUNNING}, driver_started="123", warnings=["slow disk"])
+    again = store.get("j1")
+    assert (again.driver_started, again.warnings) == ("123", ["slow disk"])
+    assert store.create({"name": "new", "search": {"trials": 1}}).warnings == []
+    store.close()
