@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from dashboards import FrontPoint, sparq_front
 from service import store as st
+from service.flusher import Flusher
 from service.launcher import Launcher
 from service.schemas import Health, JobView, Measured, ParetoPoint, ParetoView, TrialView
 from service.settings import Settings, get_settings
@@ -105,15 +106,18 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
     settings = (settings or get_settings()).prepare()
     store = st.JobStore(settings.db_url)
     launcher = Launcher(settings, store)
+    flusher = Flusher(settings, store)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if launch:
             launcher.start()
+            flusher.start()
         try:
             yield
         finally:
             if launch:
+                flusher.stop()
                 launcher.stop()
             store.close()
 

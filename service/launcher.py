@@ -201,7 +201,9 @@ class Launcher:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop watching; drivers still running are terminated and their jobs failed."""
+        """Stop watching; drivers still running are stopped, and their jobs are left
+        ``running`` to be resumed from their saved state when the service starts again
+        (a job whose cancel was asked is recorded cancelled)."""
         self._stop.set()
         self._wake.set()
         if self._thread:
@@ -218,10 +220,23 @@ class Launcher:
                     driver.kill()
             for job_id, driver in list(self.procs.items()):
                 try:
-                    self._settle(job_id, driver, "the service stopped while the job was running")
+                    self._interrupted(job_id, driver)
                 except Exception:
                     log.exception("job %s: could not record its end at shutdown", job_id)
             self.procs.clear()
+
+    def _interrupted(self, job_id: str, driver: Driver) -> None:
+        job = self.store.get(job_id)
+        if job.status in st.TERMINAL:
+            return
+        if job.cancel_requested or job.status == st.QUEUED:
+            self._settle(job_id, driver, "the service stopped while the job was starting")
+            return
+        self.store.update(
+            job_id,
+            message="interrupted: the service stopped while the job ran; it resumes from "
+            "its saved state when the service starts again",
+        )
 
     def poke(self) -> None:
         """Look at the queue now rather than at the next poll."""

@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 import shutil
+import socket
 import sys
 import threading
 import traceback
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service import store as st
+from service.flusher import WARNING_PREFIX
 from service.procs import process_start
 from service.settings import Settings, get_settings
 from service.spec import JobSpec, front_quality
@@ -67,6 +69,18 @@ def _init_ray(settings: Settings, spec: JobSpec) -> None:
         # address='local': a new local Ray even when `ray start` left a cluster on this host
         ray.init(address="local", num_cpus=settings.ray_num_cpus or os.cpu_count() or 1, **kwargs)
     check_fits(spec.resources.cpus, spec.resources.gpus, _node_resources(ray.nodes()))
+
+
+def ray_lost(address: str | None, timeout: float = 3.0) -> bool:
+    """Whether the Ray cluster this driver joined no longer answers at its address."""
+    if not address or ":" not in address:
+        return False
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError):
+        return True
+    return False
 
 
 def _node_resources(nodes: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -446,7 +460,7 @@ def _settle_tracking(store: st.JobStore, job_id: str, tr: Tracking, drain_s: flo
         add_warning(
             store,
             job_id,
-            f"MLflow has not taken every record of this job yet ({why}); they wait in "
+            f"{WARNING_PREFIX} of this job yet ({why}); they wait in "
             f"{tr.root} and the service sends them, in order, when MLflow is back",
         )
 
@@ -629,10 +643,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run_search(store, settings, job_id, resume=args.resume)
-    except BaseException as e:  # recorded, never swallowed: the job says why it failed
+    except (SystemExit, KeyboardInterrupt) as e:
+        # A signal (Ray's SIGTERM handler raises SystemExit): the launcher stopping us
+        # for a cancel, or the service shutting down. Not the job's failure: the
+        # launcher records the cancel or resumes the job from its saved state.
+        log.warning("job %s: driver interrupted (%r); its state is kept", job_id, e)
+        return 143
+    except Exception as e:  # recorded, never swallowed: the job says why it failed
         traceback.print_exc()
-        store.update(
+        if ray_lost(settings.ray_address):
+            # the cluster went away under the search (the stack was killed): the job
+            # is not at fault; the launcher resumes it from its saved state
+            log.warning("job %s: the Ray cluster at %s is gone", job_id, settings.ray_address)
+            return 75
+        store.transition(  # never over an outcome already recorded
             job_id,
+            {st.RUNNING},
             status=st.FAILED,
             error=f"{type(e).__name__}: {e}"[:5000],
             finished_at=st.utcnow(),

@@ -7,6 +7,7 @@ take seconds to import.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from service.spec import front_quality
 from workers import live, outbox, tracking
 from workers.errors import last_line
 from workers.trial import OUTBOX_DIR, trial_name, trial_number
+
+log = logging.getLogger("sparq.progress")
 
 
 class _Lazy:
@@ -84,7 +87,20 @@ class JobProgress(_Lazy, tune.Callback):
         self.job_dir = job_dir
         self.tagged: dict[str, tuple[bool, int]] = {}  # trial id -> (on front, rank) as tagged
 
-    _unpicklable = (*_Lazy._unpicklable, "_live")
+    _unpicklable = (*_Lazy._unpicklable, "_live", "_reconciled")
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        """Once per driver: forget trials the job store has but Tune does not. A driver
+        killed in the second between recording a finished trial and Tune saving its
+        state leaves one; the resumed search samples that trial afresh, so keeping
+        both would count one trial twice. (A fresh job has none.)"""
+        if getattr(self, "_reconciled", False):
+            return
+        self._reconciled = True
+        gone = self.store.forget_trials(self.job_id, {t.trial_id for t in trials})
+        if gone:
+            log.warning("forgot %d trials the resumed search does not know: %s", len(gone), gone)
+            self._refresh()
 
     @property
     def recorder(self) -> tracking.Recorder:

@@ -272,7 +272,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             meta=meta,
         )
         metrics["duration_s"] = time.perf_counter() - started
-        path = _keep(results, data, metrics)
+        path = _keep(results, data, {**metrics, **told})
     except SystemExit as e:
         if e.code in (0, None):
             # Tune ends a trial it stopped (early stopping, cancel) with sys.exit(0)
