@@ -99,6 +99,7 @@ class Trial(Base):
     error: Mapped[str | None] = mapped_column(Text)
     checkpoint: Mapped[str | None] = mapped_column(Text)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    node_id: Mapped[str | None] = mapped_column(String(64), default=None)  # Ray node it ran on
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -129,6 +130,7 @@ _ADDED_COLUMNS = {
     ("jobs", "trials_stopped"): "INTEGER NOT NULL DEFAULT 0",
     ("trials", "bops"): "FLOAT",
     ("trials", "relative_bops"): "FLOAT",
+    ("trials", "node_id"): "VARCHAR(64)",
 }
 
 

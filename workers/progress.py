@@ -176,6 +176,7 @@ class JobProgress(_Lazy, tune.Callback):
             duration_s=float(result.get("duration_s", 0.0)),
             checkpoint=str(Path(ckpt_dir) / CHECKPOINT_FILE) if ckpt_dir else None,
             mlflow_run_id=result.get("mlflow_run_id"),
+            node_id=result.get("node_id"),
             finished_at=st.utcnow(),
         )
         self._refresh()
@@ -198,6 +199,7 @@ class JobProgress(_Lazy, tune.Callback):
             duration_s=float(result.get("duration_s", 0.0)),
             error=f"stopped early after fine-tune epoch {result['epoch']} (not fully trained)",
             mlflow_run_id=result.get("mlflow_run_id"),
+            node_id=result.get("node_id"),
             finished_at=st.utcnow(),
         )
         if result.get("mlflow_run_id"):

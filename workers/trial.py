@@ -166,10 +166,14 @@ def fetch_baseline(ref: Any) -> dict[str, Any]:
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable: reports at early-stopping rungs, then once with the
     checkpoint. Every report carries the baseline's accuracy for the driver."""
+    import ray
     from ray import tune
 
     baseline = fetch_baseline(ctx.baseline)
-    told = {"baseline_accuracy": float(baseline["accuracy"])}
+    told = {
+        "baseline_accuracy": float(baseline["accuracy"]),
+        "node_id": ray.get_runtime_context().get_node_id(),  # the Ray node it ran on
+    }
     spec = JobSpec.model_validate(ctx.spec)
     set_threads(spec.resources.cpus)
     device = pick_device(spec.resources.gpus)
