@@ -127,8 +127,8 @@ class Launcher:
             for job in reversed(self.store.list_jobs(status=st.QUEUED, limit=1000)):
                 if running >= self.settings.max_running_jobs:
                     break
-                if job.cancel_requested:
-                    continue
+                if job.cancel_requested or job.id in self.procs:
+                    continue  # a driver just spawned for it has not claimed it yet
                 self._spawn(job.id)
                 running += 1
 
