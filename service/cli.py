@@ -89,7 +89,13 @@ def up(
             2,
         )
     try:
-        mlflow = start_mlflow(settings.home, "127.0.0.1", mlflow_port)
+        mlflow = start_mlflow(
+            settings.home,
+            "127.0.0.1",
+            mlflow_port,
+            backend_uri=settings.mlflow_backend_uri,
+            artifacts_destination=settings.mlflow_artifacts_destination,
+        )
     except StackError as e:
         raise _fail(str(e)) from e
     head = None

@@ -114,6 +114,7 @@ class TrialView(BaseModel):
     policy: dict[str, Any] | None
     error: str | None
     mlflow_run_id: str | None
+    node_id: str | None = None  # the Ray node the trial ran on
     has_checkpoint: bool
 
     @classmethod
@@ -131,6 +132,7 @@ class TrialView(BaseModel):
             policy=t.policy,
             error=t.error,
             mlflow_run_id=t.mlflow_run_id,
+            node_id=t.node_id,
             has_checkpoint=bool(t.checkpoint),
         )
 

@@ -20,6 +20,14 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path.home() / ".sparq", description="data directory")
     database_url: str | None = Field(default=None, description="job store; SQLite in home")
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    mlflow_backend_uri: str | None = Field(
+        default=None,
+        description="backend store of the MLflow server `sparq up` starts; unset: SQLite in home",
+    )
+    mlflow_artifacts_destination: str | None = Field(
+        default=None,
+        description="where that server keeps artifacts (e.g. s3://bucket/path); unset: in home",
+    )
     ray_address: str | None = Field(
         default=None, description="Ray cluster to join; unset: each driver starts a local Ray"
     )

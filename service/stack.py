@@ -1,5 +1,6 @@
-"""Starting the embedded stack: an MLflow server (SQLite backend, local artifact
-store under SPARQ_HOME) and the REST service, both on loopback by default."""
+"""Starting the embedded stack: an MLflow server (SQLite backend and a local artifact
+store under SPARQ_HOME unless told otherwise) and the REST service, both on loopback
+by default."""
 
 from __future__ import annotations
 
@@ -75,8 +76,18 @@ class Mlflow:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def start_mlflow(home: Path, host: str = "127.0.0.1", port: int = 5000) -> Mlflow:
-    """``mlflow server`` on SQLite with proxied artifacts under ``home/mlflow``."""
+def start_mlflow(
+    home: Path,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    *,
+    backend_uri: str | None = None,
+    artifacts_destination: str | None = None,
+) -> Mlflow:
+    """``mlflow server`` with proxied artifacts: on SQLite under ``home/mlflow`` by
+    default, or on ``backend_uri`` (SPARQ_MLFLOW_BACKEND_URI, e.g. a PostgreSQL URL)
+    with artifacts in ``artifacts_destination`` (SPARQ_MLFLOW_ARTIFACTS_DESTINATION,
+    e.g. ``s3://bucket/path``; the server's environment carries the credentials)."""
     if port_in_use(host, port):
         raise StackError(f"--mlflow-port {port} is already in use on {host}; choose another port")
     root = home / "mlflow"
@@ -84,8 +95,8 @@ def start_mlflow(home: Path, host: str = "127.0.0.1", port: int = 5000) -> Mlflo
     log = root / "server.log"
     cmd = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
+        "--backend-store-uri", backend_uri or f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", artifacts_destination or str(root / "artifacts"),
         "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     env = {"MLFLOW_DISABLE_TELEMETRY": "true", **os.environ}  # no phoning home

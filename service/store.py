@@ -109,6 +109,7 @@ class Trial(Base):
     error: Mapped[str | None] = mapped_column(Text)
     checkpoint: Mapped[str | None] = mapped_column(Text)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    node_id: Mapped[str | None] = mapped_column(String(64), default=None)  # Ray node it ran on
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -144,6 +145,7 @@ _ADDED_COLUMNS = {
     ("trials", "relative_bops"): "FLOAT",
     ("jobs", "mlflow_pending"): "INTEGER",
     ("jobs", "mlflow_synced"): "BOOLEAN NOT NULL DEFAULT FALSE",
+    ("trials", "node_id"): "VARCHAR(64)",
 }
 
 

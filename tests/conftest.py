@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,3 +21,17 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settin
     get_settings.cache_clear()
     yield get_settings().prepare()
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A throwaway PostgreSQL server for the session (tests/postgres.py). Skipped where
+    there are no PostgreSQL binaries, unless SPARQ_REQUIRE_POSTGRES=1 (CI sets it)."""
+    from tests.postgres import pg_bin, postgres_server
+
+    if pg_bin() is None:
+        if os.environ.get("SPARQ_REQUIRE_POSTGRES") == "1":
+            pytest.fail("SPARQ_REQUIRE_POSTGRES=1 but no PostgreSQL binaries are installed")
+        pytest.skip("no PostgreSQL binaries (apt-get install postgresql); .ci/run installs them")
+    with postgres_server() as pg:
+        yield pg

@@ -168,6 +168,7 @@ class JobProgress(_Lazy, tune.Callback):
             duration_s=float(result.get("duration_s", 0.0)),
             checkpoint=result.get("checkpoint_path"),
             mlflow_run_id=self._run_id(trial_id),
+            node_id=result.get("node_id"),
             finished_at=st.utcnow(),
         )
         self._refresh()
@@ -198,6 +199,7 @@ class JobProgress(_Lazy, tune.Callback):
             duration_s=float(result.get("duration_s", 0.0)),
             error=f"stopped early after fine-tune epoch {result['epoch']} (not fully trained)",
             mlflow_run_id=self._run_id(trial_id),
+            node_id=result.get("node_id"),
             finished_at=st.utcnow(),
         )
         run = tracking.trial_key(trial_id)

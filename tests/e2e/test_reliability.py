@@ -136,7 +136,6 @@ def test_mlflow_down_mid_job_loses_nothing(up: Up) -> None:
     _wait_for(lambda: stack.job(job_id)["trials_completed"] >= 2, "two trials")
     pid = _mlflow_server_pid(up.mlflow_port)
     os.killpg(os.getpgid(pid), signal.SIGKILL)
-    down_at = time.monotonic()
     time.sleep(45)
     root = up.home / "mlflow"
     server = subprocess.Popen(
@@ -166,7 +165,6 @@ def test_stack_killed_with_kill_9_and_started_again_resumes_the_job(up: Up) -> N
     _wait_for(lambda: stack.job(job_id)["trials_completed"] >= 2, "two trials")
     before = {t["trial_id"]: t for t in httpx.get(f"{stack.api}/v1/jobs/{job_id}/trials").json()}
     up.kill9()
-    killed_at = time.monotonic()
     stack = up.start()  # same SPARQ_HOME, same ports
     job = stack.wait(job_id, timeout=500)
     assert job["status"] == "succeeded", job

@@ -1,0 +1,115 @@
+"""sparq on a real multi-node Ray cluster: `ray start --head` and `ray start --address`
+worker nodes (tests/e2e/cluster.py), then `sparq up` pointed at it through
+SPARQ_RAY_ADDRESS and RAY_AUTH_* exactly as an operator would, so it starts no Ray of
+its own and every job's driver joins the cluster."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.cluster import RayCluster, ray_cluster
+from tests.e2e.test_stack import SMALL, Stack, sparq_up
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@contextmanager
+def on_cluster(
+    home: Path, head_cpus: int, worker_cpus: list[int]
+) -> Iterator[tuple[RayCluster, Stack]]:
+    home.mkdir(parents=True, exist_ok=True)
+    with (
+        ray_cluster(head_cpus, worker_cpus) as cluster,
+        sparq_up(home, SPARQ_RAY_ADDRESS=cluster.address, **cluster.env) as stack,
+    ):
+        yield cluster, stack
+        up_log = (home / "up.log").read_text()
+        assert "starting a local Ray head" not in up_log  # SPARQ_RAY_ADDRESS is the cluster
+        assert f"Ray         {cluster.address}" in up_log
+
+
+def trials(stack: Stack, job_id: str) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{stack.api}/v1/jobs/{job_id}/trials", timeout=30).json())
+
+
+def test_trials_run_on_every_node_of_the_cluster(tmp_path: Path) -> None:
+    from service.store import JobStore
+
+    spec = {**SMALL, "resources": {"cpus": 1}}  # 6 trials, concurrency 2
+    with on_cluster(tmp_path / "home", 1, [1]) as (cluster, stack):
+        job = stack.wait(stack.post(spec)["id"], timeout=300)
+        assert job["status"] == "succeeded", job["error"]
+        assert job["trials_completed"] == 6
+        done = trials(stack, job["id"])
+        nodes = {t["node_id"] for t in done}
+        # one CPU per node, two trials at once: both nodes run trials
+        assert nodes == {cluster.head.node_id, cluster.workers[0].node_id}, done
+        # Tune's trial checkpoints are where the driver reads them (the job dir;
+        # shared by both nodes here because they are on one machine)
+        job_dir = stack.home / "jobs" / job["id"]
+        store = JobStore(f"sqlite:///{stack.home / 'sparq.db'}")
+        for t in store.trials(job["id"]):
+            assert t.checkpoint
+            assert Path(t.checkpoint).is_file()
+            assert Path(t.checkpoint).is_relative_to(job_dir)
+        store.close()
+        assert (job_dir / "best.sparq").stat().st_size == job["best"]["size_bytes"]
+        # no node but the two of the cluster was ever started
+        assert {n["id"] for n in cluster.nodes()} == nodes
+
+
+@pytest.mark.xfail(
+    reason="the driver runs Tune with FailureConfig(max_failures=0): the trial on the "
+    "killed node is recorded as failed instead of being retried on the head (being "
+    "changed elsewhere: Tune is to retry system failures only)",
+    strict=False,
+)
+def test_a_worker_node_killed_mid_job_has_its_trials_retried_elsewhere(tmp_path: Path) -> None:
+    from service.store import JobStore
+
+    spec = {**SMALL, "resources": {"cpus": 1}, "search_space": {"finetune_epochs": 5},
+            "search": {"trials": 6, "concurrency": 2, "seed": 4}}  # fmt: skip
+    with on_cluster(tmp_path / "home", 1, [1]) as (cluster, stack):
+        worker = cluster.workers[0]
+        job_id = stack.post(spec)["id"]
+        deadline = time.monotonic() + 240
+        while stack.job(job_id)["trials_completed"] < 1:  # the search is under way
+            assert time.monotonic() < deadline, "no trial finished"
+            time.sleep(0.3)
+        time.sleep(1.5)  # the next trial has started; one runs on each node
+        killed_at = datetime.now(UTC)
+        worker.kill()
+        job = stack.wait(job_id, timeout=300)
+        store = JobStore(f"sqlite:///{stack.home / 'sparq.db'}")
+        rows = store.trials(job_id)
+        store.close()
+        summary = [(t.number, t.status, (t.node_id or "")[:8], t.error) for t in rows]
+        assert job["status"] == "succeeded", (job["error"], summary)
+        assert (job["trials_completed"], job["trials_failed"]) == (6, 0), summary
+        assert {t.node_id for t in rows} <= {cluster.head.node_id, worker.node_id}
+        late = killed_at + timedelta(seconds=2)
+        for t in rows:
+            if t.node_id == worker.node_id:  # finished before the node went down
+                assert t.finished_at is not None
+                assert t.finished_at.replace(tzinfo=UTC) < late, summary
+        assert sum(t.node_id == cluster.head.node_id for t in rows) >= 3, summary
+
+
+def test_trials_are_placed_on_the_nodes_their_cpus_fit(tmp_path: Path) -> None:
+    """Head 2 CPUs, worker 1: trials that need 2 CPUs can only run on the head."""
+    spec = {**SMALL, "resources": {"cpus": 2}, "search_space": {"finetune_epochs": 2},
+            "search": {"trials": 3, "concurrency": 2, "seed": 1}}  # fmt: skip
+    with on_cluster(tmp_path / "home", 2, [1]) as (cluster, stack):
+        job = stack.wait(stack.post(spec)["id"], timeout=300)
+        assert job["status"] == "succeeded", job["error"]
+        done = trials(stack, job["id"])
+        assert len(done) == 3
+        assert {t["node_id"] for t in done} == {cluster.head.node_id}, done
