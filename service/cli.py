@@ -119,6 +119,18 @@ def watch(client: Client, job_id: str, *, poll_s: float = 1.0) -> dict[str, Any]
     return views.watch(client, job_id, console, poll_s=poll_s)
 
 
+def _wait_synced(client: Client, job: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+    """After the outcome, MLflow's copy (the model, its registration, the final views)
+    follows through the job's outbox: wait for it, boundedly, before the demo stops
+    the MLflow server it started. What is not sent by then is sent by the next
+    `sparq up` on this SPARQ_HOME (the job's warnings say so)."""
+    deadline = time.monotonic() + timeout
+    while not job["mlflow"].get("synced") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        job = client.job(job["id"])
+    return job
+
+
 def _summary(job: dict[str, Any]) -> None:
     console.print(
         f"job {job['id']}: [bold]{job['status']}[/bold]  trials {job['trials_completed']}"
@@ -136,6 +148,8 @@ def _summary(job: dict[str, Any]) -> None:
     for key in ("message", "error"):
         if job.get(key):
             console.print(f"  {key}: {job[key]}")
+    for warning in job.get("warnings") or []:
+        console.print(f"  [yellow]warning:[/yellow] {warning}")
     if job["mlflow"].get("ui_url"):
         console.print(f"  MLflow: {job['mlflow']['ui_url']}")
 
@@ -164,6 +178,7 @@ def submit(
         console.print(f"submitted job [bold]{job['id']}[/bold]")
         if wait:
             job = watch(client, job["id"])
+            job = _wait_synced(client, job)
             _summary(job)
             if job["status"] != "succeeded":
                 raise typer.Exit(1)
@@ -326,6 +341,7 @@ def demo(
                 f"search on digits, {trials} trials"
             )
             job = watch(client, job["id"])
+            job = _wait_synced(client, job)
             _summary(job)
             if job["status"] != "succeeded" or not job.get("best"):
                 raise _fail(

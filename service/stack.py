@@ -180,10 +180,13 @@ def start_ray(home: Path, num_cpus: int | None = None, host: str = "127.0.0.1") 
         "--include-dashboard", "false", "--disable-usage-stats",
         "--num-cpus", str(num_cpus or os.cpu_count() or 1),
     ]  # fmt: skip
+    # Stopped (or its stack dead): no 30 s drain serving the old stack's drivers. The
+    # service stops its drivers first, and after a crash they are resumed anew.
+    env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ}
     with log.open("ab") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            start_new_session=True, preexec_fn=_die_with_parent, env=env,
         )  # fmt: skip
     head = RayHead(proc, f"{host}:{gcs}", log)
     deadline = time.monotonic() + 120

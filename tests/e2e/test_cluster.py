@@ -66,12 +66,6 @@ def test_trials_run_on_every_node_of_the_cluster(tmp_path: Path) -> None:
         assert {n["id"] for n in cluster.nodes()} == nodes
 
 
-@pytest.mark.xfail(
-    reason="the driver runs Tune with FailureConfig(max_failures=0): the trial on the "
-    "killed node is recorded as failed instead of being retried on the head (being "
-    "changed elsewhere: Tune is to retry system failures only)",
-    strict=False,
-)
 def test_a_worker_node_killed_mid_job_has_its_trials_retried_elsewhere(tmp_path: Path) -> None:
     from service.store import JobStore
 

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service import store as st
 from service.stack import free_port, wait_http
 from tests.e2e.test_stack import SMALL, Stack
 
@@ -161,7 +162,8 @@ def test_mlflow_down_mid_job_loses_nothing(up: Up) -> None:
 
 def test_stack_killed_with_kill_9_and_started_again_resumes_the_job(up: Up) -> None:
     stack = up.start()
-    job_id = stack.post({**SPEC, "name": "restart"})["id"]
+    spec = {**SPEC, "name": "restart", "search_space": {"finetune_epochs": 10}}
+    job_id = stack.post(spec)["id"]
     _wait_for(lambda: stack.job(job_id)["trials_completed"] >= 2, "two trials")
     before = {t["trial_id"]: t for t in httpx.get(f"{stack.api}/v1/jobs/{job_id}/trials").json()}
     up.kill9()
@@ -184,7 +186,7 @@ def test_stack_killed_with_kill_9_and_started_again_resumes_the_job(up: Up) -> N
     for trial_id, t in before.items():
         if t["status"] == "completed":
             history = c.get_metric_history(after[trial_id]["mlflow_run_id"], "train_loss")
-            assert len(history) == 3  # one training: one value per fine-tune epoch
+            assert len(history) == 10  # one training: one value per fine-tune epoch
 
 
 def test_api_killed_while_drivers_run_adopts_them(up: Up, tmp_path: Path) -> None:
@@ -199,22 +201,27 @@ def test_api_killed_while_drivers_run_adopts_them(up: Up, tmp_path: Path) -> Non
             RAY_AUTH_TOKEN_PATH=head["token"],
         )
         stack = up.start()
-        first = stack.post({**SPEC, "name": "adopted"})["id"]
-        _wait_for(lambda: stack.job(first)["trials_completed"] >= 1, "a trial")
-        pid = stack.job(first)
+        spec = {**SPEC, "name": "adopted", "search_space": {"finetune_epochs": 80},
+                "search": {"trials": 10, "concurrency": 2, "seed": 4}}  # fmt: skip
+        first = stack.post(spec)["id"]
+        _wait_for(lambda: stack.job(first)["status"] == "running", "the driver")
+        db = st.JobStore(f"sqlite:///{up.home / 'sparq.db'}")
+        pid = db.get(first).driver_pid
         up.kill9()
         stack = up.start()
         second = stack.post({**SMALL, "name": "queued-behind"})["id"]
-        time.sleep(3)
-        job = stack.job(first)
-        assert job["status"] == "running"
+        time.sleep(2)
+        job, now = stack.job(first), db.get(first)
+        assert job["status"] == "running", job  # its driver lived on: adopted
+        assert now.driver_pid == pid
         assert stack.job(second)["status"] == "queued"  # the adopted driver holds the slot
         job = stack.wait(first, timeout=400)
         assert job["status"] == "succeeded", job
         assert job["restarts"] == 0  # adopted, not resumed
-        assert (job["trials_completed"], job["trials_failed"]) == (8, 0)
-        assert pid["status"] == "running"
+        assert (job["trials_completed"], job["trials_failed"]) == (10, 0)
+        assert db.get(first).driver_pid == pid  # the same driver ran it to the end
         assert stack.wait(second, timeout=400)["status"] == "succeeded"
+        db.close()
     finally:
         head["proc"].send_signal(signal.SIGTERM)
         head["proc"].wait(60)

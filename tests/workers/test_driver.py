@@ -1,0 +1,46 @@
+"""The driver's decisions that need no cluster: where a trial can run, and whether
+the Ray cluster it joined is gone."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from workers.driver import check_fits, ray_lost
+
+TWO_NODES = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 1.0, "memory": 1e9}]
+
+
+def test_a_trial_that_fits_one_node_is_accepted() -> None:
+    check_fits(2, 0, TWO_NODES)
+
+
+def test_cpus_above_every_node_fail_at_once_naming_request_and_largest_node() -> None:
+    # 3 CPUs exist in all, but a trial runs on one node: it could never be scheduled
+    with pytest.raises(ValueError, match=r"resources\.cpus=3 fits no node.*largest has 2 CPUs"):
+        check_fits(3, 0, TWO_NODES)
+
+
+def test_a_gpu_request_on_a_cluster_without_gpus_fails_at_once() -> None:
+    with pytest.raises(
+        ValueError, match=r"resources\.gpus=1 but the Ray cluster \(2 nodes\) has no GPUs"
+    ):
+        check_fits(1, 1, TWO_NODES)
+
+
+def test_gpus_above_every_node_fail() -> None:
+    nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+    with pytest.raises(ValueError, match=r"resources\.gpus=2 fits no node.*largest has 1 GPUs"):
+        check_fits(1, 2, nodes)
+    check_fits(1, 0.25, nodes)  # a fraction of a GPU fits
+
+
+def test_ray_lost_tells_a_listening_address_from_a_dead_one() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert not ray_lost(f"127.0.0.1:{s.getsockname()[1]}")
+        port = s.getsockname()[1]
+    assert ray_lost(f"127.0.0.1:{port}", timeout=1)
+    assert not ray_lost(None)  # a driver with a Ray of its own
