@@ -463,6 +463,16 @@ def _settle_tracking(store: st.JobStore, job_id: str, tr: Tracking, drain_s: flo
             f"{WARNING_PREFIX} of this job yet ({why}); they wait in "
             f"{tr.root} and the service sends them, in order, when MLflow is back",
         )
+    from workers import outbox
+
+    dropped = outbox.State.load(tr.root).dropped
+    if dropped:
+        add_warning(
+            store,
+            job_id,
+            f"MLflow refused {len(dropped)} record(s) of this job, which its copy in MLflow "
+            f"lacks: {'; '.join(dropped[:3])}",
+        )
 
 
 def add_warning(store: st.JobStore, job_id: str, text: str) -> None:

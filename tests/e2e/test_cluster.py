@@ -107,3 +107,10 @@ def test_trials_are_placed_on_the_nodes_their_cpus_fit(tmp_path: Path) -> None:
         done = trials(stack, job["id"])
         assert len(done) == 3
         assert {t["node_id"] for t in done} == {cluster.head.node_id}, done
+        # 3 CPUs exist in all, but no node has 3: refused at once, never a wait forever
+        started = time.monotonic()
+        job = stack.wait(stack.post({**spec, "resources": {"cpus": 3}})["id"], timeout=120)
+        assert job["status"] == "failed"
+        assert "resources.cpus=3 fits no node" in job["error"]
+        assert "largest has 2 CPUs" in job["error"]
+        assert time.monotonic() - started < 60
