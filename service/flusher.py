@@ -51,11 +51,11 @@ class Flusher:
         from workers import outbox
 
         synced = 0
-        for job in self.store.list_jobs(limit=None):
-            if job.status not in st.TERMINAL or job.mlflow_synced:
-                continue
+        for job_id in self.store.unsynced_finished():
+            job = self.store.get(job_id)
             root = self.settings.job_dir(job.id) / "outbox"
-            if not root.is_dir():
+            if not root.is_dir():  # nothing was ever written for MLflow (an older job)
+                self.store.update(job.id, mlflow_synced=True)
                 continue
             with outbox.sender_lock(root) as mine:
                 if mine and self._send(job, root):

@@ -264,6 +264,12 @@ class JobStore:
                     setattr(trial, k, v)
             return trial
 
+    def unsynced_finished(self) -> list[str]:
+        """Ids of finished jobs whose MLflow copy is not complete yet."""
+        q = select(Job.id).where(Job.status.in_(TERMINAL), Job.mlflow_synced.is_(False))
+        with self.session() as s:
+            return list(s.scalars(q))
+
     def update_trial(self, job_id: str, trial_id: str, **fields: Any) -> bool:
         """Set fields of a trial if it is recorded; returns whether it was."""
         with self.session() as s:
