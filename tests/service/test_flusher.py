@@ -33,7 +33,8 @@ def test_a_finished_jobs_outbox_is_sent_and_its_warning_taken_back(
 
     assert Flusher(settings, store).flush() == 1
     after = store.get(job.id)
-    assert after.mlflow_synced and after.mlflow_pending == 0
+    assert after.mlflow_synced
+    assert after.mlflow_pending == 0
     assert after.warnings == ["keep me"]
     assert after.mlflow_run_id is not None
     assert c.get_run(after.mlflow_run_id).data.metrics["best_accuracy"] == 0.97
