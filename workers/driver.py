@@ -97,11 +97,11 @@ def check_fits(cpus: float, gpus: float, nodes: list[dict[str, float]]) -> None:
         largest = max(have, default=0.0)
         if largest <= 0:
             raise ValueError(
-                f"{field}={need} but the Ray cluster ({len(nodes)} nodes) has no {key}s"
+                f"{field}={need:g} but the Ray cluster ({len(nodes)} nodes) has no {key}s"
             )
         if need > largest:
             raise ValueError(
-                f"{field}={need} fits no node of the Ray cluster: a trial runs on one node, "
+                f"{field}={need:g} fits no node of the Ray cluster: a trial runs on one node, "
                 f"and the largest has {largest:g} {key}s ({len(nodes)} nodes, "
                 f"{sum(have):g} {key}s in all)"
             )

@@ -14,6 +14,10 @@ TWO_NODES = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 1.0, "memory": 1e9}]
 
 def test_a_trial_that_fits_one_node_is_accepted() -> None:
     check_fits(2, 0, TWO_NODES)
+    with pytest.raises(ValueError, match=r"resources\.cpus=2.5 fits no node"):
+        check_fits(2.5, 0, TWO_NODES)
+    with pytest.raises(ValueError, match=r"resources\.cpus=3 fits"):
+        check_fits(3.0, 0, TWO_NODES)  # as the spec holds it: a float
 
 
 def test_cpus_above_every_node_fail_at_once_naming_request_and_largest_node() -> None:
