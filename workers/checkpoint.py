@@ -458,7 +458,7 @@ def decode(
 
         try:
             actquant.restore(built, header["act_quant"])
-        except (_PARSE_ERRORS, AttributeError) as e:
+        except (*_PARSE_ERRORS, AttributeError) as e:
             raise CheckpointError(f"checkpoint act_quant does not fit the model: {e}") from None
     built.eval()
     return Checkpoint(
