@@ -115,7 +115,8 @@ def non_finite_fields(body: bytes) -> list[dict[str, Any]] | None:
         return [{"loc": (), "input": "...", "msg": "JSON nested too deeply"}]
     except ValueError:
         return None
-    errors, todo = [], [((), tree)]
+    errors: list[dict[str, Any]] = []
+    todo: list[tuple[tuple[str, ...], Any]] = [((), tree)]
     while todo:  # iterative: no recursion limit on a deep body
         loc, node = todo.pop()
         if isinstance(node, _NonFinite):

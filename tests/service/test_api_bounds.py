@@ -42,7 +42,8 @@ def test_a_body_over_the_limit_is_413_before_parsing(client: TestClient) -> None
     r = _post_raw(client, big)
     assert r.status_code == 413
     assert r.json()["limit_bytes"] == limit
-    assert str(limit) in r.json()["message"] and "SPARQ_MAX_REQUEST_BYTES" in r.json()["message"]
+    assert str(limit) in r.json()["message"]
+    assert "SPARQ_MAX_REQUEST_BYTES" in r.json()["message"]
     assert "aaaa" not in r.text  # not echoed back
     # streamed (chunked, no Content-Length): counted as it arrives
     r = client.post(
@@ -58,7 +59,8 @@ def test_the_limit_is_a_setting(settings: Settings) -> None:
     with _client(settings, max_request_bytes=2048) as c:
         spec = {**MINIMAL, "model": {"builtin": "digits-mlp", "kwargs": {"note": "n" * 3000}}}
         r = c.post("/v1/jobs", json=spec)
-        assert r.status_code == 413 and r.json()["limit_bytes"] == 2048
+        assert r.status_code == 413
+        assert r.json()["limit_bytes"] == 2048
         assert c.post("/v1/jobs", json=MINIMAL).status_code == 201
 
 
@@ -95,8 +97,8 @@ def test_non_finite_numbers_are_422_naming_the_field(
 def test_non_finite_numbers_in_kwargs_and_lists_are_named_too(client: TestClient) -> None:
     r = _post_raw(
         client,
-        '{"model": {"builtin": "digits-mlp", "kwargs": {"scale": NaN, "deep": {"x": [1, Infinity]}}},'
-        ' "dataset": {"builtin": "digits"}}',
+        '{"model": {"builtin": "digits-mlp", "kwargs": '
+        '{"scale": NaN, "deep": {"x": [1, Infinity]}}}, "dataset": {"builtin": "digits"}}',
     )
     assert r.status_code == 422
     fields = [d["field"] for d in r.json()["detail"]]
@@ -153,13 +155,15 @@ def test_job_listing_is_paginated_with_a_cursor(client: TestClient) -> None:
         if cursor is None:
             break
     assert pages == 3
-    assert sorted(seen) == sorted(ids) and len(seen) == len(set(seen))  # none twice
+    assert sorted(seen) == sorted(ids)
+    assert len(seen) == len(set(seen))
     assert seen == [j["id"] for j in client.get("/v1/jobs", params={"limit": 100}).json()["jobs"]]
     assert len(client.get("/v1/jobs").json()["jobs"]) == 7  # default 20
     assert "spec" in client.get(f"/v1/jobs/{ids[0]}").json()
     assert client.get("/v1/jobs", params={"limit": 101}).status_code == 400
     r = client.get("/v1/jobs", params={"cursor": "not-a-cursor"})
-    assert r.status_code == 400 and "cursor" in r.json()["message"]
+    assert r.status_code == 400
+    assert "cursor" in r.json()["message"]
 
 
 def test_queued_jobs_beyond_the_limit_are_429(settings: Settings) -> None:

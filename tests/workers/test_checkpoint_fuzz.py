@@ -292,7 +292,7 @@ def test_os_system_entrypoint_never_runs(tmp_path: Path) -> None:
     ]
     for model, dataset, allow in cases:
         data = _with_model(BASES["q-qs"], model, dataset)
-        with pytest.raises(CheckpointError, match="refused|not allowed") as e:
+        with pytest.raises(CheckpointError, match=r"refused|not allowed") as e:
             ckpt.decode(data, allow_modules=allow)
         assert "--allow-module" in str(e.value) or "cannot be allowed" in str(e.value)
     assert not marker.exists()
@@ -349,7 +349,9 @@ def test_evaluate_cli_exits_2_with_one_line(tmp_path: Path) -> None:
         r = runner.invoke(app, ["evaluate", str(path), "--allow-module", "os"])
         assert r.exit_code == 2, r.output
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error:") and want in lines[0], r.output
+        assert len(lines) == 1, r.output
+        assert lines[0].startswith("error:"), r.output
+        assert want in lines[0], r.output
         assert "Traceback" not in r.output
     assert not marker.exists()
 
