@@ -7,11 +7,15 @@ Nothing a client can send yields a 500.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
+import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,16 @@ from dashboards import FrontPoint, sparq_front
 from service import store as st
 from service.flusher import Flusher
 from service.launcher import Launcher
-from service.schemas import Health, JobView, Measured, ParetoPoint, ParetoView, TrialView
+from service.schemas import (
+    Health,
+    JobPage,
+    JobSummary,
+    JobView,
+    Measured,
+    ParetoPoint,
+    ParetoView,
+    TrialView,
+)
 from service.settings import Settings, get_settings
 from service.spec import JobSpec, front_quality
 
@@ -51,12 +64,17 @@ class Unauthorized(ApiError):
     status_code = 401
 
 
+class TooManyJobs(ApiError):
+    status_code = 429
+
+
 ERROR_STATUS: dict[type[Exception], int] = {
     st.JobNotFound: 404,
     LookupError: 404,
     NotFound: 404,
     Conflict: 409,
     Unauthorized: 401,
+    TooManyJobs: 429,
     ApiError: 400,
 }
 
@@ -72,10 +90,100 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)  # what the response can carry (no NaN)
     except (TypeError, ValueError):
         return repr(value)
     return value
+
+
+class _NonFinite:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _finite_float(text: str) -> Any:
+    v = float(text)
+    return v if math.isfinite(v) else _NonFinite(text)  # 1e400 parses as inf
+
+
+def non_finite_fields(body: bytes) -> list[dict[str, Any]] | None:
+    """Errors (``loc``, ``input``, ``msg``) for each NaN/Infinity in a JSON body (also
+    in free-form kwargs); ``None`` when the body is not JSON (FastAPI answers that)."""
+    try:
+        tree = json.loads(body, parse_constant=_NonFinite, parse_float=_finite_float)
+    except RecursionError:
+        return [{"loc": (), "input": "...", "msg": "JSON nested too deeply"}]
+    except ValueError:
+        return None
+    errors: list[dict[str, Any]] = []
+    todo: list[tuple[tuple[str, ...], Any]] = [((), tree)]
+    while todo:  # iterative: no recursion limit on a deep body
+        loc, node = todo.pop()
+        if isinstance(node, _NonFinite):
+            rule = "must be a finite number (NaN and Infinity are not allowed)"
+            errors.append({"loc": loc, "input": node.text, "msg": rule})
+        elif isinstance(node, dict):
+            todo.extend(((*loc, str(k)), v) for k, v in node.items())
+        elif isinstance(node, list):
+            todo.extend(((*loc, str(i)), v) for i, v in enumerate(node))
+    return sorted(errors, key=lambda e: e["loc"])
+
+
+class BodyGuard:
+    """ASGI middleware: a body over ``max_bytes`` gets 413 before anything parses it
+    (by Content-Length, and by counting a streamed body); a JSON body holding NaN or
+    Infinity anywhere gets 422 naming the fields. The body is then replayed."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> JSONResponse:
+        return JSONResponse(
+            status_code=413,
+            content={
+                "message": f"request body is larger than the limit of {self.max_bytes} bytes "
+                "(SPARQ_MAX_REQUEST_BYTES)",
+                "limit_bytes": self.max_bytes,
+            },
+        )
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode("latin-1").strip()
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        chunks, total, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                await self._too_large()(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = bool(message.get("more_body"))
+        body = b"".join(chunks)
+        if body:
+            errors = non_finite_fields(body)
+            if errors:
+                await _unprocessable(errors)(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def validation_details(errors: list[Any]) -> list[dict[str, Any]]:
@@ -99,6 +207,24 @@ def _unprocessable(errors: list[Any]) -> JSONResponse:
     return JSONResponse(
         status_code=422, content={"message": f"invalid job spec: {summary}", "detail": details}
     )
+
+
+MAX_PAGE = 100
+
+
+def _encode_cursor(job: st.Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) of the last job of the previous page; opaque to clients."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, job_id = json.loads(raw)
+        return datetime.fromisoformat(created), str(job_id)
+    except (binascii.Error, ValueError, TypeError) as e:
+        raise ApiError(f"cursor={cursor!r} is not a cursor this service gave out") from e
 
 
 def create_app(settings: Settings | None = None, *, launch: bool = True) -> FastAPI:
@@ -128,6 +254,7 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         lifespan=lifespan,
     )
     app.state.store, app.state.launcher, app.state.settings = store, launcher, settings
+    app.add_middleware(BodyGuard, max_bytes=settings.max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _on_request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -167,18 +294,31 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         if weights and not (os.path.isfile(weights) and os.access(weights, os.R_OK)):
             rule = "no readable file at this path on the service (the workers read it too)"
             return _unprocessable([{"loc": ("baseline", "weights"), "input": weights, "msg": rule}])
+        # global for now (all clients together); per principal once tokens name principals
+        queued = store.count(status=st.QUEUED)
+        if queued >= settings.max_queued_jobs:
+            raise TooManyJobs(
+                f"{queued} jobs are queued, the limit is {settings.max_queued_jobs} "
+                "(SPARQ_MAX_QUEUED_JOBS); retry when some have started"
+            )
         job = store.create(spec.model_dump(mode="json"))
         launcher.poke()
         return JobView.of(job, uri)
 
-    @app.get("/v1/jobs", response_model=list[JobView], dependencies=[auth])
-    def list_jobs(status: str | None = None, limit: int = 100) -> list[JobView]:
+    @app.get("/v1/jobs", response_model=JobPage, dependencies=[auth])
+    def list_jobs(status: str | None = None, limit: int = 20, cursor: str | None = None) -> Any:
         allowed = {st.QUEUED, st.RUNNING, *st.TERMINAL}
         if status is not None and status not in allowed:
             raise ApiError(f"status={status!r} is not one of {sorted(allowed)}")
-        if not 1 <= limit <= 1000:
-            raise ApiError(f"limit={limit} must be in 1..1000")
-        return [JobView.of(j, uri) for j in store.list_jobs(status=status, limit=limit)]
+        if not 1 <= limit <= MAX_PAGE:
+            raise ApiError(f"limit={limit} must be in 1..{MAX_PAGE}")
+        before = _decode_cursor(cursor) if cursor else None
+        jobs = store.page(status=status, limit=limit + 1, before=before)
+        more, jobs = len(jobs) > limit, jobs[:limit]
+        return JobPage(
+            jobs=[JobSummary.of(j, uri) for j in jobs],
+            next_cursor=_encode_cursor(jobs[-1]) if more else None,
+        )
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, dependencies=[auth])
     def get_job(job_id: str) -> JobView:

@@ -269,18 +269,25 @@ def cancel(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> No
     console.print(f"job {job_id}: {job['status']} (cancel requested)")
 
 
-def evaluate_checkpoint(path: Path) -> dict[str, Any]:
-    """Reload a checkpoint with one call and re-measure it on its own dataset."""
+def evaluate_checkpoint(path: Path, allow_modules: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Reload a checkpoint with one call and re-measure it on its own dataset.
+
+    Entrypoints the header names (model, dataset) are imported only from
+    ``allow_modules`` (and ``$SPARQ_ENTRYPOINT_MODULES``)."""
     import torch
 
+    from workers import _ckpt_safety as safety
     from workers.checkpoint import load_checkpoint, size_report
     from workers.data import build_datasets
     from workers.train import evaluate, make_loader
 
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, allow_modules=allow_modules)
     bound = size_report(path.read_bytes())
     if ck.dataset_spec is None:
         raise ValueError(f"{path} names no dataset to evaluate on")
+    if ck.dataset_spec.entrypoint:  # allowed by load_checkpoint; its function must be too
+        allowed = safety.allowed_prefixes(allow_modules)
+        safety.import_allowed(ck.dataset_spec.entrypoint, "dataset.entrypoint", allowed)
     _, val = build_datasets(ck.dataset_spec)
     result = evaluate(ck.model, make_loader(val, 512, shuffle=False), torch.device("cpu"))
     return {
@@ -296,16 +303,28 @@ def evaluate_checkpoint(path: Path) -> dict[str, Any]:
 
 @app.command("evaluate")
 def evaluate_cmd(
-    checkpoint: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    checkpoint: Annotated[Path, typer.Argument(dir_okay=False)],
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    allow_module: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-module",
+            help="a module (or dotted prefix) whose entrypoints the checkpoint may name; "
+            "repeatable. Never the standard library or sparq's own packages.",
+        ),
+    ] = None,
 ) -> None:
     """Reload a .sparq checkpoint and measure its accuracy and size."""
-    from workers.errors import SparqError
+    from workers.errors import CheckpointError, SparqError
 
+    if not checkpoint.is_file():
+        raise _fail(f"no checkpoint file at {checkpoint}", 2)
     try:
-        out = evaluate_checkpoint(checkpoint)
+        out = evaluate_checkpoint(checkpoint, tuple(allow_module or ()))
+    except CheckpointError as e:
+        raise _fail(str(e), 2) from None
     except (SparqError, ValueError) as e:
-        raise _fail(str(e)) from e
+        raise _fail(str(e)) from None
     if as_json:
         print(json.dumps(out))
     else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel
 
@@ -31,7 +31,9 @@ class MlflowLinks(BaseModel):
     synced: bool = False
 
 
-class JobView(BaseModel):
+class JobSummary(BaseModel):
+    """A job in a listing: everything of :class:`JobView` but the spec."""
+
     id: str
     name: str
     status: str
@@ -52,10 +54,13 @@ class JobView(BaseModel):
     cancel_requested: bool
     restarts: int
     warnings: list[str] = []  # what to know that did not change the outcome
-    spec: dict[str, Any]
 
     @classmethod
-    def of(cls, job: st.Job, tracking_uri: str) -> JobView:
+    def of(cls, job: st.Job, tracking_uri: str) -> Self:
+        return cls(**cls._fields_of(job, tracking_uri))
+
+    @classmethod
+    def _fields_of(cls, job: st.Job, tracking_uri: str) -> dict[str, Any]:
         baseline = best = None
         if job.baseline_accuracy is not None and job.baseline_size_bytes:
             baseline = Measured(accuracy=job.baseline_accuracy, size_bytes=job.baseline_size_bytes)
@@ -69,22 +74,22 @@ class JobView(BaseModel):
         ui = None
         if job.mlflow_experiment_id and job.mlflow_run_id:
             ui = f"{tracking_uri}/#/experiments/{job.mlflow_experiment_id}/runs/{job.mlflow_run_id}"
-        return cls(
-            id=job.id,
-            name=job.name,
-            status=job.status,
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            trials_total=job.trials_total,
-            trials_completed=job.trials_completed,
-            trials_failed=job.trials_failed,
-            trials_stopped=job.trials_stopped or 0,
-            front_size=job.front_size,
-            hypervolume=job.hypervolume,
-            baseline=baseline,
-            best=best,
-            mlflow=MlflowLinks(
+        return {
+            "id": job.id,
+            "name": job.name,
+            "status": job.status,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+            "trials_total": job.trials_total,
+            "trials_completed": job.trials_completed,
+            "trials_failed": job.trials_failed,
+            "trials_stopped": job.trials_stopped or 0,
+            "front_size": job.front_size,
+            "hypervolume": job.hypervolume,
+            "baseline": baseline,
+            "best": best,
+            "mlflow": MlflowLinks(
                 tracking_uri=tracking_uri,
                 experiment_id=job.mlflow_experiment_id,
                 run_id=job.mlflow_run_id,
@@ -92,13 +97,30 @@ class JobView(BaseModel):
                 pending_bytes=job.mlflow_pending,
                 synced=bool(job.mlflow_synced),
             ),
-            error=job.error,
-            message=job.message,
-            cancel_requested=job.cancel_requested,
-            restarts=job.restarts or 0,
-            warnings=list(job.warnings or []),
-            spec=job.spec,
-        )
+            "error": job.error,
+            "message": job.message,
+            "cancel_requested": job.cancel_requested,
+            "restarts": job.restarts or 0,
+            "warnings": list(job.warnings or []),
+        }
+
+
+class JobView(JobSummary):
+    """One job, with the spec it was submitted with."""
+
+    spec: dict[str, Any]
+
+    @classmethod
+    def _fields_of(cls, job: st.Job, tracking_uri: str) -> dict[str, Any]:
+        return {**super()._fields_of(job, tracking_uri), "spec": job.spec}
+
+
+class JobPage(BaseModel):
+    """``GET /v1/jobs``: newest first; ``next_cursor`` fetches the next page (``None``
+    on the last)."""
+
+    jobs: list[JobSummary]
+    next_cursor: str | None
 
 
 class TrialView(BaseModel):

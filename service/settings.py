@@ -45,9 +45,20 @@ class Settings(BaseSettings):
         description="seconds a finished job's driver waits for MLflow to take its last "
         "records; what is left is sent by the service when MLflow is back",
     )
+    entrypoint_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="module prefixes (comma separated) whose entrypoints a downloaded "
+        "checkpoint may name; read from the environment by workers.checkpoint too",
+    )
+    max_request_bytes: int = Field(
+        default=1 << 20, ge=1024, description="largest request body accepted (413 beyond)"
+    )
+    max_queued_jobs: int = Field(
+        default=100, ge=1, description="jobs queued at once, all clients together (429 beyond)"
+    )
     public_url: str = Field(default="http://127.0.0.1:8000", description="how clients reach us")
 
-    @field_validator("api_tokens", mode="before")
+    @field_validator("api_tokens", "entrypoint_modules", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
         if isinstance(v, str):

@@ -9,6 +9,7 @@ default.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any, ClassVar, Literal
@@ -31,18 +32,29 @@ BUILTIN_MODELS = ("digits-mlp", "digits-cnn", "digits-dsconv", "digits-transform
 BUILTIN_DATASETS = ("digits", "python-text")
 SPARSITY_KINDS = ("unstructured", "2:4", "1:4", "channel")
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+MAX_LIST = 256  # items in any list of the spec
+MAX_KWARGS = 64  # keys of a model/dataset kwargs object...
+MAX_KWARGS_BYTES = 64 << 10  # ...and its size as JSON
+MAX_ENTRYPOINT = 200
+MAX_PATH = 4096
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN/Infinity never mean "no limit": refused (the API refuses them anywhere in a body)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Source(_Strict):
     builtin: str | None = None
     entrypoint: str | None = Field(
-        default=None, description="'module:function' importable on the workers"
+        default=None,
+        max_length=MAX_ENTRYPOINT,
+        description="'module:function' importable on the workers",
     )
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"at most {MAX_KWARGS} keys and {MAX_KWARGS_BYTES} bytes as JSON",
+    )
 
     builtins: ClassVar[tuple[str, ...]] = ()
 
@@ -58,6 +70,18 @@ class _Source(_Strict):
     def _shape(cls, v: str | None) -> str | None:
         if v is not None and not _ENTRYPOINT.match(v):
             raise ValueError(f"entrypoint must look like 'package.module:function', but got {v!r}")
+        return v
+
+    @field_validator("kwargs")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(v) > MAX_KWARGS:
+            raise ValueError(f"kwargs may have at most {MAX_KWARGS} keys, but has {len(v)}")
+        size = len(json.dumps(v, default=str))
+        if size > MAX_KWARGS_BYTES:
+            raise ValueError(
+                f"kwargs may be at most {MAX_KWARGS_BYTES} bytes as JSON, but are {size}"
+            )
         return v
 
     @model_validator(mode="after")
@@ -105,6 +129,7 @@ class BaselineSpec(_Strict):
     batch_size: int = Field(default=64, ge=1, le=1 << 20)
     weights: str | None = Field(
         default=None,
+        max_length=MAX_PATH,
         description="absolute path of a state dict for the model (.pt/.pth, read with "
         "torch.load(weights_only=True), or .npz), readable by the service and the Ray "
         "workers; the baseline starts from it instead of from scratch",
@@ -155,8 +180,8 @@ class Range(_Strict):
 class IpqSpec(_Strict):
     """iPQ knobs; each list is searched when it has more than one value."""
 
-    block_sizes: list[int] = Field(default_factory=lambda: [4], min_length=1)
-    centroids: list[int] = Field(default_factory=lambda: [16], min_length=1)
+    block_sizes: list[int] = Field(default_factory=lambda: [4], min_length=1, max_length=MAX_LIST)
+    centroids: list[int] = Field(default_factory=lambda: [16], min_length=1, max_length=MAX_LIST)
 
     @field_validator("block_sizes")
     @classmethod
@@ -178,7 +203,7 @@ class IpqSpec(_Strict):
 class ActivationSpec(_Strict):
     """Activation quantization of every compressed layer's input (32 = off)."""
 
-    bits: list[int] = Field(default_factory=lambda: [32], min_length=1)
+    bits: list[int] = Field(default_factory=lambda: [32], min_length=1, max_length=MAX_LIST)
     range: Literal["calibrated", "learned"] = "calibrated"
 
     @field_validator("bits")
@@ -213,7 +238,7 @@ class SearchSpaceSpec(_Strict):
         "layers of a dependency group share one), `block` (plus same parent module), "
         "`type` (plus same layer kind)",
     )
-    weight_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
+    weight_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8], max_length=MAX_LIST)
     sparsity: Range = Field(default_factory=lambda: Range(low=0.0, high=0.9))
     noise_rate: Range = Field(default_factory=lambda: Range(low=0.1, high=1.0))
     noise_block: int = Field(default=4, ge=1, le=4096)
@@ -223,12 +248,14 @@ class SearchSpaceSpec(_Strict):
     granularity: list[Literal["channel", "tensor"]] = Field(
         default_factory=lambda: ["channel"],  # type: ignore[arg-type]
         min_length=1,
+        max_length=MAX_LIST,
     )
-    symmetric: list[bool] = Field(default_factory=lambda: [True], min_length=1)
+    symmetric: list[bool] = Field(default_factory=lambda: [True], min_length=1, max_length=MAX_LIST)
     ipq: IpqSpec = Field(default_factory=IpqSpec)
     mx_element: list[Literal["int", "fp"]] = Field(
         default_factory=lambda: ["int"],  # type: ignore[arg-type]
         min_length=1,
+        max_length=MAX_LIST,
     )
     order: Literal["sq", "qs"] = "sq"
     activation: ActivationSpec = Field(default_factory=ActivationSpec)
@@ -240,6 +267,7 @@ class SearchSpaceSpec(_Strict):
     finetune_lr: float = Field(default=1e-3, gt=0, le=10)
     sparsity_kinds: list[SparsityKind] = Field(
         default_factory=_default_kinds,
+        max_length=MAX_LIST,
         description="sparsity kinds the search may pick per layer (in-layer: unstructured, "
         "2:4, 1:4) and per group of coupled layers (channel: structured pruning)",
     )
@@ -265,6 +293,13 @@ class SearchSpaceSpec(_Strict):
     def _known_preset(cls, v: str) -> str:
         if v not in preset_names():
             raise ValueError(f"preset {v!r} is not known; choose one of {list(preset_names())}")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _few_methods(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) > MAX_LIST:
+            raise ValueError(f"at most {MAX_LIST} methods, but got {len(v)}")
         return v
 
     @field_validator("sparsity_kinds")
@@ -435,6 +470,7 @@ class ExportSpec(_Strict):
     choose: Literal["knee", "max_accuracy", "min_size"] = "knee"
     formats: list[ExportFormat] = Field(
         default_factory=_default_formats,
+        max_length=MAX_LIST,
         description="`sparq` (always written) and optionally `onnx`: an int8 QDQ model",
     )
 
@@ -458,7 +494,7 @@ class JobSpec(_Strict):
     task: Literal["classification", "language_modeling"] = "classification"
     baseline: BaselineSpec = Field(default_factory=BaselineSpec)
     search_space: SearchSpaceSpec = Field(default_factory=SearchSpaceSpec)
-    objectives: list[Objective] = Field(default_factory=_default_objectives)
+    objectives: list[Objective] = Field(default_factory=_default_objectives, max_length=MAX_LIST)
     constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

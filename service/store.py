@@ -25,8 +25,11 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    and_,
     create_engine,
     event,
+    func,
+    or_,
     select,
     update,
 )
@@ -202,6 +205,29 @@ class JobStore:
             q = q.where(Job.status == status)
         with self.session() as s:
             return list(s.scalars(q))
+
+    def page(
+        self, status: str | None, limit: int, before: tuple[datetime, str] | None = None
+    ) -> list[Job]:
+        """Newest first (``created_at``, then ``id``), after ``before`` (the last job of
+        the previous page): a stable cursor order even for jobs created at once."""
+        q = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+        if status:
+            q = q.where(Job.status == status)
+        if before is not None:
+            created, job_id = before
+            q = q.where(
+                or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id))
+            )
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def count(self, status: str | None = None) -> int:
+        q = select(func.count()).select_from(Job)
+        if status:
+            q = q.where(Job.status == status)
+        with self.session() as s:
+            return int(s.scalar(q) or 0)
 
     def queued_ids(self, limit: int, exclude: Collection[str] = ()) -> list[str]:
         """The next jobs to start: ids of queued jobs no one asked to cancel, oldest

@@ -39,20 +39,23 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from search_spaces import Policy
 from service.spec import DatasetSpec, ModelSpec
+from workers import _ckpt_safety as safety
 from workers import sparse_codec as sc
 from workers.engine import CompressedLayer, compressed_layers, dequantize, qmax
 from workers.errors import CheckpointError
-from workers.models import build_model
+from workers.models import BUILTINS
 
 MAGIC = b"SPARQ\x00"
 VERSION = 2
@@ -79,10 +82,14 @@ def pack_bits(codes: np.ndarray, bits: int) -> bytes:
 
 
 def unpack_bits(buf: bytes, bits: int, n: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits` for ``n`` codes."""
+    """Inverse of :func:`pack_bits` for ``n`` codes (``buf`` must hold them)."""
+    if len(buf) < _packed_len(n, bits):
+        raise ValueError(f"{len(buf)} bytes cannot hold {n} codes of {bits} bits")
     flat = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=n * bits, bitorder="little")
-    weights = (1 << np.arange(bits)).astype(np.uint8)
-    return (flat.reshape(n, bits) * weights).sum(axis=1).astype(np.uint8)
+    out = np.zeros(n, dtype=np.uint8)
+    for j in range(bits):  # plane by plane: no n x bits temporary beyond `flat`
+        out |= flat[j::bits] << np.uint8(j)
+    return out
 
 
 def _packed_len(n: int, bits: int) -> int:
@@ -256,7 +263,10 @@ class Checkpoint:
 
 
 def read_header(data: bytes) -> tuple[dict[str, Any], int]:
-    """Parse and check the prefix and header; returns it and the payload offset."""
+    """Parse and check the prefix and header; returns it and the payload offset.
+
+    Nothing here is trusted: the header is inflated with a cap and checked against
+    the format (:func:`workers._ckpt_safety.check_header`) and the payload size."""
     if len(data) < _PREFIX.size:
         raise CheckpointError(f"not a sparq checkpoint: {len(data)} bytes is too short")
     magic, version, hlen = _PREFIX.unpack_from(data)
@@ -267,11 +277,17 @@ def read_header(data: bytes) -> tuple[dict[str, Any], int]:
             f"checkpoint version {version} is not supported (this sparq reads {_READABLE})"
         )
     start = _PREFIX.size + hlen
+    if start > len(data):
+        raise CheckpointError(
+            f"checkpoint is {len(data)} bytes but its header says {start} for the header alone"
+        )
+    raw = safety.inflate_header(data[_PREFIX.size : start])
     try:
-        header = json.loads(zlib.decompress(data[_PREFIX.size : start]))
-    except (zlib.error, ValueError) as e:
-        raise CheckpointError(f"checkpoint header is corrupt: {e}") from e
-    expected = start + sum(int(row[4]) for row in header["tensors"])
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"checkpoint header is corrupt: {type(e).__name__}") from e
+    safety.check_header(header, len(data))
+    expected = start + sum(row[4] for row in header["tensors"])
     if expected != len(data):
         raise CheckpointError(f"checkpoint is {len(data)} bytes but its header says {expected}")
     return header, start
@@ -324,43 +340,134 @@ def _decode_tensor(row: list[Any], blob: bytes) -> torch.Tensor:
     return dequantize(q, scale)
 
 
-def decode(data: bytes) -> Checkpoint:
-    """Rebuild the module from checkpoint bytes. Never unpickles anything."""
+def _validated(cls: Any, value: Any, what: str) -> Any:
+    try:
+        return cls.model_validate(value)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise CheckpointError(
+            f"checkpoint {what} is invalid: {where or what}: {first.get('msg', 'invalid')}"
+        ) from None
+
+
+def _builtin(spec: ModelSpec, declared: int) -> nn.Module:
+    """A builtin model from the header's kwargs, built on the meta device first: its
+    size is checked against the declared tensors before real memory is taken."""
+    fn = BUILTINS[str(spec.builtin)]
+    limit = safety.MAX_FREE_ELEMENTS + 16 * declared  # pruning removes channels, not more
+    try:
+        with torch.device("meta"):
+            meta = fn(**spec.kwargs)
+        numel = sum(t.numel() for t in meta.state_dict().values())
+        if numel > limit:
+            raise CheckpointError(
+                f"checkpoint model {spec.label!r} with kwargs {spec.kwargs!r} has {numel} "
+                f"elements, far more than its {declared} stored ones; refused"
+            )
+        return fn(**spec.kwargs)
+    except CheckpointError:
+        raise
+    except Exception as e:  # kwargs of the wrong type or value: the file's fault
+        raise CheckpointError(
+            f"checkpoint model {spec.label!r} cannot be built from kwargs {spec.kwargs!r}: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+
+
+def _model_for(
+    spec: ModelSpec, model: nn.Module | None, allowed: tuple[str, ...], declared: int
+) -> nn.Module:
+    if model is not None:
+        return model
+    if spec.builtin:
+        return _builtin(spec, declared)
+    fn = safety.import_allowed(str(spec.entrypoint), "model.entrypoint", allowed)
+    try:
+        built = fn(**spec.kwargs)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint model {spec.label!r} cannot be built from kwargs {spec.kwargs!r}: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+    if not isinstance(built, nn.Module):
+        raise CheckpointError(f"checkpoint model {spec.label!r} is not a torch.nn.Module")
+    return built
+
+
+# errors numpy/torch/struct raise on bytes that passed the checks but still make no
+# sense (e.g. a centroid index past the centroids): the file's fault, never a crash
+_PARSE_ERRORS = (ValueError, IndexError, KeyError, TypeError, RuntimeError, struct.error)
+
+
+def decode(
+    data: bytes, *, model: nn.Module | None = None, allow_modules: Iterable[str] = ()
+) -> Checkpoint:
+    """Rebuild the module from checkpoint bytes. Never unpickles anything, never
+    imports what the header names unless allowed, and raises only CheckpointError on
+    a malformed file.
+
+    ``model``: a freshly built module to load the weights into (the header's model
+    is then not built; its pruning record is replayed on it). ``allow_modules``:
+    module prefixes whose entrypoints the header may name (with those of
+    ``$SPARQ_ENTRYPOINT_MODULES``); never the standard library or sparq's own.
+    """
     header, offset = read_header(data)
+    model_spec = _validated(ModelSpec, header["model"], "model")
+    ds = header.get("dataset")
+    dataset_spec = _validated(DatasetSpec, ds, "dataset") if ds else None
+    policy_json = header.get("policy")
+    policy = _validated(Policy, policy_json, "policy") if policy_json else None
+    allowed = safety.allowed_prefixes(allow_modules)
+    # decided before anything is imported or built
+    if model is None and model_spec.entrypoint:
+        safety.check_entrypoint(model_spec.entrypoint, "model.entrypoint", allowed)
+    if model is None and dataset_spec is not None and dataset_spec.entrypoint:
+        safety.check_entrypoint(dataset_spec.entrypoint, "dataset.entrypoint", allowed)
     state: dict[str, torch.Tensor] = {}
+    declared = 0
     for row in header["tensors"]:
-        nbytes = int(row[4])
-        state[row[0]] = _decode_tensor(row, data[offset : offset + nbytes])
-        offset += nbytes
-    model_spec = ModelSpec.model_validate(header["model"])
-    model = build_model(model_spec)
+        blob = data[offset : offset + row[4]]
+        safety.check_tensor_bytes(row, blob)  # exact length before anything is allocated
+        try:
+            state[row[0]] = _decode_tensor(row, blob)
+        except _PARSE_ERRORS as e:
+            raise CheckpointError(
+                f"checkpoint tensor {row[0]!r} ({row[2]}) is corrupt: {type(e).__name__}: {e}"
+            ) from None
+        offset += row[4]
+        declared += state[row[0]].numel()
+    built = _model_for(model_spec, model, allowed, declared)
     if header.get("pruning"):
         from workers.pruning import replay
 
-        ex = header.get("example") or {}
+        ex = header["example"]
         try:
             example = torch.zeros(ex["shape"], dtype=getattr(torch, ex["dtype"]))
-            replay(model, header["pruning"], example)
+            replay(built, header["pruning"], example)
         except Exception as e:
             raise CheckpointError(
                 f"cannot replay the pruning record on model {model_spec.label!r}: {e}"
             ) from e
     try:
-        model.load_state_dict(state, strict=True)
+        built.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint does not fit model {model_spec.label!r}: {e}") from e
     if header.get("act_quant"):
         from workers.quant import actquant
 
-        actquant.restore(model, header["act_quant"])
-    model.eval()
+        try:
+            actquant.restore(built, header["act_quant"])
+        except (*_PARSE_ERRORS, AttributeError) as e:
+            raise CheckpointError(f"checkpoint act_quant does not fit the model: {e}") from None
+    built.eval()
     return Checkpoint(
-        model=model,
+        model=built,
         model_spec=model_spec,
-        dataset_spec=DatasetSpec.model_validate(header["dataset"]) if header["dataset"] else None,
-        task=header["task"],
-        policy=Policy.model_validate(header["policy"]) if header["policy"] else None,
-        meta=header["meta"],
+        dataset_spec=dataset_spec,
+        task=header.get("task", "classification"),
+        policy=policy,
+        meta=header.get("meta", {}),
         size_bytes=len(data),
         pruning=header.get("pruning", []),
     )
@@ -393,6 +500,16 @@ def save(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a ``.sparq`` checkpoint with one call: ``load_checkpoint(p).model``."""
-    return decode(Path(path).read_bytes())
+def load_checkpoint(
+    path: str | Path, model: nn.Module | None = None, allow_modules: Iterable[str] = ()
+) -> Checkpoint:
+    """Load a ``.sparq`` checkpoint with one call: ``load_checkpoint(p).model``.
+
+    A header naming an entrypoint (model or dataset) loads only with ``model=`` (the
+    module to load the weights into) or its module in ``allow_modules`` /
+    ``$SPARQ_ENTRYPOINT_MODULES``; see :func:`decode`."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {e.strerror or e}") from e
+    return decode(data, model=model, allow_modules=allow_modules)

@@ -28,6 +28,7 @@ from search_spaces._policy import NM_KINDS
 
 _RICE = struct.Struct("<BBI")
 _NM = struct.Struct("<BB")
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
 
 def log2_binomial(n: int, k: int) -> float:
@@ -51,8 +52,10 @@ def _unpack_wide(buf: bytes, width: int, count: int) -> np.ndarray:
     bits = np.unpackbits(
         np.frombuffer(buf, dtype=np.uint8), count=count * width, bitorder="little"
     ).reshape(count, width)
-    weights = np.left_shift(np.uint64(1), np.arange(width, dtype=np.uint64))
-    return (bits.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+    out = np.zeros(count, dtype=np.uint64)
+    for j in range(width):  # plane by plane: no count x width uint64 temporary
+        out |= bits[:, j].astype(np.uint64) << np.uint64(j)
+    return out
 
 
 def rice_encode_pattern(nonzero: np.ndarray) -> bytes:
@@ -82,7 +85,10 @@ def rice_decode_pattern(buf: bytes, n: int) -> tuple[np.ndarray, int]:
     off = _RICE.size
     if m == 0:
         return np.full(n, not symbol, dtype=bool), off
-    bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8, offset=off), bitorder="little")
+    rest = np.frombuffer(buf, dtype=np.uint8, offset=off)
+    # the byte holding the m-th terminator (a 0 bit): unpack only up to it
+    end = int(np.searchsorted(np.cumsum(8 - _POPCOUNT[rest]), m))
+    bits = np.unpackbits(rest[: end + 1], bitorder="little")
     zeros = np.flatnonzero(bits == 0)[:m]
     if zeros.size < m:
         raise ValueError("index-coded sparsity pattern is truncated")

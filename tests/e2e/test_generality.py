@@ -69,7 +69,7 @@ def _front_points_reproduce(stack: Stack, job: dict[str, Any], tmp: Path) -> lis
         path = tmp / f"{p['trial_id']}.sparq"
         path.write_bytes(r.content)
         assert path.stat().st_size == p["size_bytes"] == size_report(r.content)["size_bytes"]
-        ck = load_checkpoint(path)
+        ck = load_checkpoint(path, allow_modules=("tests.nets",))
         _, val = build_datasets(ck.dataset_spec)  # type: ignore[arg-type]
         got = evaluate(ck.model, make_loader(val, 512, shuffle=False), torch.device("cpu"))
         assert got.accuracy == pytest.approx(p["accuracy"], abs=1e-12)

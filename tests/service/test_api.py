@@ -40,8 +40,11 @@ def test_create_get_list_job(client: TestClient) -> None:
     for key in ("trials_completed", "trials_failed", "baseline", "best", "mlflow", "error"):
         assert key in job
     assert client.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
-    assert [j["id"] for j in client.get("/v1/jobs").json()] == [job["id"]]
-    assert client.get("/v1/jobs", params={"status": "running"}).json() == []
+    page = client.get("/v1/jobs").json()
+    assert [j["id"] for j in page["jobs"]] == [job["id"]]
+    assert page["next_cursor"] is None
+    assert "spec" not in page["jobs"][0]  # a summary; GET /v1/jobs/{id} has the spec
+    assert client.get("/v1/jobs", params={"status": "running"}).json()["jobs"] == []
     assert client.get(f"/v1/jobs/{job['id']}/trials").json() == []
     pareto = client.get(f"/v1/jobs/{job['id']}/pareto").json()
     assert pareto["points"] == []
@@ -63,7 +66,7 @@ def test_invalid_spec_is_422_naming_field_value_and_rule(client: TestClient) -> 
         {"field": "search.trials", "value": 0, "rule": "Input should be greater than or equal to 1"}
     ]
     assert "search.trials=0" in body["message"]
-    assert client.get("/v1/jobs").json() == []  # nothing half-written
+    assert client.get("/v1/jobs").json()["jobs"] == []  # nothing half-written
 
 
 def test_warm_start_weights_must_be_a_readable_file(client: TestClient, tmp_path: Path) -> None:
@@ -77,7 +80,7 @@ def test_warm_start_weights_must_be_a_readable_file(client: TestClient, tmp_path
     r = client.post("/v1/jobs", json={**MINIMAL, "baseline": {"weights": "w.pt"}})
     assert r.status_code == 422
     assert "absolute path" in r.json()["detail"][0]["rule"]
-    assert client.get("/v1/jobs").json() == []  # nothing half-written
+    assert client.get("/v1/jobs").json()["jobs"] == []  # nothing half-written
     present = tmp_path / "w.pt"
     present.write_bytes(b"x")  # read by the baseline task, not here
     r = client.post("/v1/jobs", json={**MINIMAL, "baseline": {"weights": str(present)}})

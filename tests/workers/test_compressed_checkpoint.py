@@ -55,7 +55,7 @@ _RELOAD = [
 @pytest.mark.parametrize(("label", "kind", "bits"), _RELOAD)
 def test_pruned_checkpoint_reloads_smaller_and_exact(label: str, kind: str, bits: int) -> None:
     model, data, dense_params = _compress(label, bits=bits, kind=kind)
-    ck = ckpt.decode(data)
+    ck = ckpt.decode(data, allow_modules=("tests.nets",))
     assert ck.pruning  # the record is inside
     assert count_params(ck.model) < dense_params  # fewer parameters, not only zeros
     assert count_params(ck.model) == count_params(model)
@@ -156,7 +156,7 @@ def test_pruned_loading_never_unpickles(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(builtins, "eval", refuse)
     x = torch.rand(2, 1, 8, 8)
     with torch.no_grad():  # decoding under no_grad works too (the graph needs autograd)
-        assert torch.equal(ckpt.decode(data).model(x), model(x))
+        assert torch.equal(ckpt.decode(data, allow_modules=("tests.nets",)).model(x), model(x))
 
 
 def test_a_pruned_model_needs_an_example_input() -> None:

@@ -32,7 +32,7 @@ def _checkpoint(label: str, bits: list[int], x: torch.Tensor) -> ckpt.Checkpoint
     policy = Policy(layers=layers)
     apply_policy(model, policy).eval()
     data = ckpt.encode(model, model_spec=spec, policy=policy, pruning=record, example=x[:1])
-    return ckpt.decode(data)
+    return ckpt.decode(data, allow_modules=("tests.nets",))
 
 
 @pytest.mark.parametrize(
