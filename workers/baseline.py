@@ -34,7 +34,7 @@ def load_baseline(spec: JobSpec, state: dict[str, np.ndarray]) -> torch.nn.Modul
     return model
 
 
-def _job_model(spec: JobSpec) -> torch.nn.Module | None:
+def job_model(spec: JobSpec) -> torch.nn.Module | None:
     """A fresh model of the job's own spec for decoding the job's checkpoints: an
     entrypoint comes from the spec the user submitted, never from the file."""
     from workers.models import build_model
@@ -49,7 +49,7 @@ def evaluate_bytes(data: bytes, spec: JobSpec, device: torch.device) -> EvalResu
     from workers.train import evaluate, make_loader
 
     _, val = build_datasets(spec.dataset)
-    model = ckpt.decode(data, model=_job_model(spec)).model
+    model = ckpt.decode(data, model=job_model(spec)).model
     return evaluate(model, make_loader(val, EVAL_BATCH, shuffle=False), device)
 
 
@@ -158,7 +158,7 @@ def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
     )
     model.cpu()
     data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
-    reloaded = ckpt.decode(data, model=_job_model(spec)).model
+    reloaded = ckpt.decode(data, model=job_model(spec)).model
     result = evaluate(reloaded, make_loader(val, 512, shuffle=False), device)
     return {
         "state": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
@@ -179,7 +179,7 @@ def reevaluate(path: str, spec_json: dict[str, Any]) -> dict[str, float]:
     spec = JobSpec.model_validate(spec_json)
     set_threads(spec.resources.cpus)
     data = Path(path).read_bytes()
-    ckpt.decode(data, model=_job_model(spec))  # validates the header before anything else
+    ckpt.decode(data, model=job_model(spec))  # validates the header before anything else
     result = evaluate_bytes(data, spec, pick_device(spec.resources.gpus))
     out = {"accuracy": result.accuracy, "loss": result.loss, "size_bytes": len(data)}
     out.update({f"info_{k}": float(v) for k, v in ckpt.size_report(data).items()})
@@ -198,7 +198,7 @@ def export_onnx(path: str, out: str, spec_json: dict[str, Any]) -> dict[str, flo
     xs = [val[i][0] for i in range(min(64, len(val)))]  # type: ignore[arg-type]
     import torch
 
-    report = export_qdq(ckpt.load_checkpoint(path, model=_job_model(spec)), out, torch.stack(xs))
+    report = export_qdq(ckpt.load_checkpoint(path, model=job_model(spec)), out, torch.stack(xs))
     return {
         "rel_diff": report.rel_diff,
         "rel_diff_optimized": report.rel_diff_optimized,

@@ -20,7 +20,7 @@ from search_spaces import KnobSpace, Policy, policy_from_params
 from service.spec import JobSpec, front_quality
 from workers import checkpoint as ckpt
 from workers import quant, tracking
-from workers.baseline import EVAL_BATCH, load_baseline
+from workers.baseline import EVAL_BATCH, job_model, load_baseline
 from workers.data import build_datasets, example_input
 from workers.errors import last_line
 from workers.scheduler import milestones
@@ -126,7 +126,7 @@ def compress(
     )
     cost = quant.count_bops(model, example)
     data = encode_now()
-    decoded = ckpt.decode(data).model
+    decoded = ckpt.decode(data, model=job_model(spec)).model  # an entrypoint: from the spec
     result = evaluate(decoded, make_loader(val, EVAL_BATCH, shuffle=False), device)
     bound = ckpt.size_report(data)
     metrics = {
