@@ -21,7 +21,7 @@ WARNING_PREFIX = "MLflow has not taken every record"
 
 
 class Flusher:
-    def __init__(self, settings: Settings, store: st.JobStore, *, poll_s: float = 5.0) -> None:
+    def __init__(self, settings: Settings, store: st.JobStore, *, poll_s: float = 2.0) -> None:
         self.settings, self.store, self.poll_s = settings, store, poll_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -452,9 +452,11 @@ class MlflowSender:
         if rec.get("parent"):
             tags[PARENT_TAG] = self._id(rec["parent"])
         # an earlier sender may have created it and died before saving that: find it
-        found = self.c.search_runs(
-            [exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1
-        )
+        # (keys are a job's own: ``parent`` in every job, so the job's id is matched too)
+        where = f"tags.`{KEY_TAG}` = '{key}'"
+        if "sparq.job_id" in tags:
+            where += f" and tags.`sparq.job_id` = '{tags['sparq.job_id']}'"
+        found = self.c.search_runs([exp_id], filter_string=where, max_results=1)
         if found:
             self._learn(key, found[0].info.run_id)
             return

@@ -223,3 +223,17 @@ def test_a_sender_thread_sends_what_its_recorder_writes(tmp_path: Path, uri: str
         sender.close()
     c = tracking.client(uri)
     assert c.get_run(outbox.State.load(root).ids[tracking.PARENT]).data.tags["late"] == "1"
+
+
+def test_two_jobs_in_one_experiment_get_their_own_runs(tmp_path: Path, uri: str) -> None:
+    """Every job's parent is keyed ``parent``: finding a run again must not find
+    another job's (jobs of one name share an experiment)."""
+    for job in ("1", "2"):
+        root = tmp_path / f"job{job}" / "outbox"
+        rec = tracking.Recorder(root, outbox.DRIVER_STREAM)
+        rec.experiment("sparq/t")
+        rec.run(tracking.PARENT, f"job-{job}", {"sparq.job_id": job})
+        tracking.MlflowSender(root, uri).send_available()
+    ids = {outbox.State.load(tmp_path / f"job{j}" / "outbox").ids[tracking.PARENT] for j in "12"}
+    assert len(ids) == 2
+    assert len(_runs(uri)) == 2
