@@ -34,7 +34,7 @@ e2e: setup
 	$(BIN)/pytest -m "slow"
 
 test: lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=30
 
 bench: setup
 	$(BIN)/python bench/overhead.py

@@ -2,7 +2,7 @@
 SPARQ_HOME, with the demo's spec and the default sampler (`auto`: Optuna's GP sampler
 at this size, whose thread limiter once failed a finished demo job; see
 workers/envguard.py). Fewer trials than `make demo`'s 40 to keep the suite short,
-enough for 10 GP suggestions."""
+enough for 7 GP suggestions."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_sparq_demo_succeeds_on_a_fresh_home(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SPARQ_", "RAY_"))}
     env.update(SPARQ_HOME=str(home), PYTHONUNBUFFERED="1")
     out = subprocess.run(
-        [sys.executable, "-m", "service.cli", "demo", "--trials", "16",
+        [sys.executable, "-m", "service.cli", "demo", "--trials", "12",
          "--port", str(free_port()), "--mlflow-port", str(free_port())],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
@@ -35,7 +35,7 @@ def test_sparq_demo_succeeds_on_a_fresh_home(tmp_path: Path) -> None:
         (job,) = store.list_jobs()
         assert job.status == st.SUCCEEDED
         assert job.spec["search"]["sampler"] == "auto"
-        assert job.trials_completed + job.trials_failed == 16
+        assert job.trials_completed + job.trials_failed == 12
         assert job.trials_failed == 0
         assert job.mlflow_synced  # every MLflow write went through before the demo stopped
         assert not job.warnings

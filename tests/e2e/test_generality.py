@@ -6,8 +6,6 @@ parameters. One stack serves every job."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ import httpx
 import pytest
 
 from tests import nets
-from tests.e2e.test_stack import Stack, sparq_up
+from tests.e2e.test_stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,13 +41,10 @@ def _job(model: dict[str, Any], **over: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def gstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """`sparq up` with PYTHONPATH set so `tests.nets` is importable on the workers, as a
-    user's package would be. Jobs run one at a time on the stack's Ray head."""
-    home = tmp_path_factory.mktemp("sparq-gen")
-    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    with sparq_up(home, PYTHONPATH=pythonpath) as s:
-        yield s
+def gstack(shared_stack: Stack) -> Stack:
+    """The shared stack (tests/e2e/conftest.py): PYTHONPATH names the repository, so
+    `tests.nets` is importable on the workers, as a user's package would be."""
+    return shared_stack
 
 
 def _front_points_reproduce(stack: Stack, job: dict[str, Any], tmp: Path) -> list[Any]:

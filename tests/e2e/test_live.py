@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,19 @@ import httpx
 import pytest
 
 from service.stack import free_port, wait_http
-from tests.e2e.test_stack import Stack, sparq_up
+from tests.e2e.test_stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-TRIALS = 4
+TRIALS = 6
 TINY = {
     "name": "live-views",
     "model": {"builtin": "digits-mlp", "kwargs": {"hidden": 64}},
     "dataset": {"builtin": "digits"},
     "baseline": {"epochs": 10},
-    "search_space": {"finetune_epochs": 2},
+    # trials of a few seconds: the views (a renderer process at nice 19) must have
+    # time to appear while the search runs
+    "search_space": {"finetune_epochs": 60},
     "search": {"trials": TRIALS, "concurrency": 2, "seed": 3},
 }
 
@@ -77,28 +78,28 @@ def _observe(stack: Stack, run_id: str, artifact_root: str) -> Observation:
 
 
 @pytest.fixture(scope="module")
-def live_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveJob]:
-    with sparq_up(tmp_path_factory.mktemp("sparq-live"), SPARQ_RAY_NUM_CPUS="2") as stack:
-        job = stack.post(TINY)
-        live = LiveJob(stack, job)
-        deadline = time.monotonic() + 400
-        root = None
-        while time.monotonic() < deadline:
-            job = stack.job(job["id"])
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                break
-            run_id = job["mlflow"]["run_id"]
-            if run_id and root is None:
-                info = _mlflow_get(stack, "/api/2.0/mlflow/runs/get", run_id=run_id).json()
-                # mlflow-artifacts:/<experiment>/<run>/artifacts -> the proxied download path
-                root = info["run"]["info"]["artifact_uri"].split(":", 1)[1].lstrip("/")
-            if root is not None:
-                obs = _observe(stack, run_id, root)
-                obs.status = stack.job(job["id"])["status"]  # still running after the look?
-                live.seen.append(obs)
-            time.sleep(0.3)
-        live.job = stack.wait(job["id"], timeout=30)
-        yield live
+def live_job(shared_stack: Stack) -> LiveJob:
+    stack = shared_stack  # tests/e2e/conftest.py
+    job = stack.post(TINY)
+    live = LiveJob(stack, job)
+    deadline = time.monotonic() + 400
+    root = None
+    while time.monotonic() < deadline:
+        job = stack.job(job["id"])
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        run_id = job["mlflow"]["run_id"]
+        if run_id and root is None:
+            info = _mlflow_get(stack, "/api/2.0/mlflow/runs/get", run_id=run_id).json()
+            # mlflow-artifacts:/<experiment>/<run>/artifacts -> the proxied download path
+            root = info["run"]["info"]["artifact_uri"].split(":", 1)[1].lstrip("/")
+        if root is not None:
+            obs = _observe(stack, run_id, root)
+            obs.status = stack.job(job["id"])["status"]  # still running after the look?
+            live.seen.append(obs)
+        time.sleep(0.3)
+    live.job = stack.wait(job["id"], timeout=60)
+    return live
 
 
 def test_parent_run_front_and_hypervolume_change_while_the_job_runs(live_job: LiveJob) -> None:

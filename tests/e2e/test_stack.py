@@ -87,9 +87,8 @@ def sparq_up(home: Path, **extra_env: str) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with sparq_up(tmp_path_factory.mktemp("sparq-home")) as s:
-        yield s
+def stack(shared_stack: Stack) -> Stack:
+    return shared_stack  # tests/e2e/conftest.py
 
 
 def test_job_runs_end_to_end(stack: Stack, tmp_path: Path) -> None:
