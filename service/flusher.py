@@ -20,6 +20,17 @@ log = logging.getLogger("sparq.flusher")
 WARNING_PREFIX = "MLflow has not taken every record"
 
 
+def record_mlflow_id(store: st.JobStore, job_id: str, key: str, value: str) -> None:
+    """The job store learns an MLflow id as the outbox's sender creates it (keys as in
+    workers/tracking.py: ``experiment``, ``parent``, ``trial:<id>``)."""
+    if key == "experiment":
+        store.update(job_id, mlflow_experiment_id=value)
+    elif key == "parent":
+        store.update(job_id, mlflow_run_id=value)
+    elif key.startswith("trial:"):
+        store.update_trial(job_id, key.split(":", 1)[1], mlflow_run_id=value)
+
+
 class Flusher:
     def __init__(self, settings: Settings, store: st.JobStore, *, poll_s: float = 2.0) -> None:
         self.settings, self.store, self.poll_s = settings, store, poll_s
@@ -68,12 +79,7 @@ class Flusher:
         from workers import outbox, tracking
 
         def on_id(key: str, value: str) -> None:
-            if key == tracking.EXPERIMENT:
-                self.store.update(job.id, mlflow_experiment_id=value)
-            elif key == tracking.PARENT:
-                self.store.update(job.id, mlflow_run_id=value)
-            elif key.startswith("trial:"):
-                self.store.update_trial(job.id, key.split(":", 1)[1], mlflow_run_id=value)
+            record_mlflow_id(self.store, job.id, key, value)
 
         path = Path(str(root))
         sender = tracking.MlflowSender(path, self.settings.mlflow_tracking_uri, on_id=on_id)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service import store as st
-from service.flusher import WARNING_PREFIX
+from service.flusher import WARNING_PREFIX, record_mlflow_id
 from service.procs import process_start
 from service.settings import Settings, get_settings
 from service.spec import JobSpec, front_quality
@@ -242,14 +242,7 @@ class Tracking:
         self.sender.start()
 
     def _on_id(self, key: str, value: str) -> None:
-        from workers import tracking
-
-        if key == tracking.EXPERIMENT:
-            self.store.update(self.job_id, mlflow_experiment_id=value)
-        elif key == tracking.PARENT:
-            self.store.update(self.job_id, mlflow_run_id=value)
-        elif key.startswith("trial:"):
-            self.store.update_trial(self.job_id, key.split(":", 1)[1], mlflow_run_id=value)
+        record_mlflow_id(self.store, self.job_id, key, value)
 
     def _on_pending(self, left: int) -> None:
         self.store.update(self.job_id, mlflow_pending=left)
