@@ -135,6 +135,10 @@ def _lowest_priority() -> None:
     group's nice too."""
     os.nice(19)
     os.setsid()
+    with contextlib.suppress(OSError, AttributeError):  # Linux: end with the driver, even
+        import ctypes  # when it is killed with SIGKILL (its own session outlives it)
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
     with contextlib.suppress(OSError):  # no autogroups here: nice alone is enough
         Path("/proc/self/autogroup").write_text("19")
 

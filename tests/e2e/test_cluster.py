@@ -69,7 +69,8 @@ def test_trials_run_on_every_node_of_the_cluster(tmp_path: Path) -> None:
 def test_a_worker_node_killed_mid_job_has_its_trials_retried_elsewhere(tmp_path: Path) -> None:
     from service.store import JobStore
 
-    spec = {**SMALL, "resources": {"cpus": 1}, "search_space": {"finetune_epochs": 5},
+    # trials of about 3 s: when one ends, the other node is mid-trial
+    spec = {**SMALL, "resources": {"cpus": 1}, "search_space": {"finetune_epochs": 60},
             "search": {"trials": 6, "concurrency": 2, "seed": 4}}  # fmt: skip
     with on_cluster(tmp_path / "home", 1, [1]) as (cluster, stack):
         worker = cluster.workers[0]
@@ -78,7 +79,7 @@ def test_a_worker_node_killed_mid_job_has_its_trials_retried_elsewhere(tmp_path:
         while stack.job(job_id)["trials_completed"] < 1:  # the search is under way
             assert time.monotonic() < deadline, "no trial finished"
             time.sleep(0.3)
-        time.sleep(1.5)  # the next trial has started; one runs on each node
+        time.sleep(1.0)  # the next trial has started; one runs on each node
         killed_at = datetime.now(UTC)
         worker.kill()
         job = stack.wait(job_id, timeout=300)
@@ -95,6 +96,13 @@ def test_a_worker_node_killed_mid_job_has_its_trials_retried_elsewhere(tmp_path:
                 assert t.finished_at is not None
                 assert t.finished_at.replace(tzinfo=UTC) < late, summary
         assert sum(t.node_id == cluster.head.node_id for t in rows) >= 3, summary
+        # the trial the dead node was running ran again (its outbox stream says RUNNING
+        # once per attempt) and completed on the head
+        outbox = stack.home / "jobs" / job_id / "outbox"
+        attempts = {
+            p.stem: p.read_text().count('"status":"RUNNING"') for p in outbox.glob("trial-*.jsonl")
+        }
+        assert max(attempts.values()) >= 2, attempts
 
 
 def test_trials_are_placed_on_the_nodes_their_cpus_fit(tmp_path: Path) -> None:
