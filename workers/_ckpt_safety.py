@@ -357,23 +357,20 @@ def check_entrypoint(entrypoint: str, field: str, allowed: tuple[str, ...]) -> s
 
 
 def import_allowed(entrypoint: str, field: str, allowed: tuple[str, ...]) -> Any:
-    """Import an allowed entrypoint; the function itself must come from the allowed
-    module too (no ``os.system`` re-exported through it)."""
-    import importlib
+    """Import an allowed entrypoint (as a spec's is imported); the function itself must
+    come from the allowed module too (no ``os.system`` re-exported through it)."""
+    from workers.errors import SpecError
+    from workers.models import import_entrypoint
 
     prefix = check_entrypoint(entrypoint, field, allowed)
-    module_name, _, attr = entrypoint.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise CheckpointError(
-            f"checkpoint {field} {entrypoint!r}: cannot import {module_name!r} ({e})"
-        ) from e
-    fn = getattr(module, attr, None)
+        fn = import_entrypoint(entrypoint, f"checkpoint {field}")
+    except SpecError as e:
+        raise CheckpointError(str(e)) from e
     origin = getattr(fn, "__module__", None)
-    if not callable(fn) or not isinstance(origin, str) or not _under(origin, prefix):
+    if not isinstance(origin, str) or not _under(origin, prefix):
         raise CheckpointError(
-            f"checkpoint {field} {entrypoint!r}: {attr!r} is not a callable defined under "
-            f"the allowed {prefix!r} (it comes from {origin!r})"
+            f"checkpoint {field} {entrypoint!r}: {entrypoint.partition(':')[2]!r} is not a "
+            f"callable defined under the allowed {prefix!r} (it comes from {origin!r})"
         )
     return fn

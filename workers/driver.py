@@ -17,6 +17,7 @@ submitted; everything heavier is imported inside :func:`run_search` after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -228,8 +229,8 @@ class Tracking:
         self.root = job_dir / OUTBOX_DIR
         self.rec = tracking.Recorder(self.root, outbox.DRIVER_STREAM)
         self.store, self.job_id = store, job_id
-        self._lock = outbox.sender_lock(self.root)
-        if not self._lock.__enter__():
+        self._held = contextlib.ExitStack()  # the outbox's sender lock, until close()
+        if not self._held.enter_context(outbox.sender_lock(self.root)):
             # an earlier driver of this job still sending (being stopped): it lets go
             # when it exits; until then the records wait in the outbox
             log.warning("another process holds the outbox of job %s; records wait", job_id)
@@ -256,7 +257,7 @@ class Tracking:
             return outbox.pending(self.root)
         left = self.sender.drain(drain_s)
         self.sender.close()
-        self._lock.__exit__(None, None, None)
+        self._held.close()
         self.store.update(self.job_id, mlflow_pending=left, mlflow_synced=left == 0)
         return left
 

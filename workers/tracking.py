@@ -36,10 +36,6 @@ def client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def _params(values: Mapping[str, Any]) -> list[Param]:
-    return [Param(k, str(v)[:_MAX_PARAM]) for k, v in values.items()]
-
-
 def log_batches(
     c: MlflowClient, run_id: str, metrics: Sequence[Metric] = (), params: Sequence[Param] = ()
 ) -> int:
@@ -54,20 +50,6 @@ def log_batches(
     return requests
 
 
-def log_params(c: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
-    log_batches(c, run_id, params=_params(params))
-
-
-def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    """Log metrics at ``step`` in one request."""
-    now = int(time.time() * 1000)
-    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-
-def set_tags(c: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
-    c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -77,37 +59,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = json.dumps(v) if isinstance(v, list | dict) else v
     return out
-
-
-def register_model(
-    c: MlflowClient,
-    run_id: str,
-    artifact_path: str,
-    *,
-    name: str,
-    alias: str = "best",
-    tags: Mapping[str, Any] | None = None,
-    description: str | None = None,
-) -> Any:
-    """Register ``runs:/<run_id>/<artifact_path>`` as a new version of the registered
-    model ``name`` (created on first use) and point ``alias`` at it. Returns the
-    ``ModelVersion``; ``models:/<name>@<alias>`` then resolves to its files."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        c.create_registered_model(name, description=description)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    mv = c.create_model_version(
-        name,
-        source=f"runs:/{run_id}/{artifact_path}",
-        run_id=run_id,
-        tags={k: str(v) for k, v in (tags or {}).items()},
-        description=description,
-    )
-    c.set_registered_model_alias(name, alias, mv.version)
-    return mv
 
 
 def replace_table(c: MlflowClient, run_id: str, data: Any, artifact_file: str) -> None:

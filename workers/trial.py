@@ -31,17 +31,6 @@ RESULT_FILE = "result.json"
 RESULTS_DIR = "results"  # jobs/JOB/results/TRIAL_ID/{model.sparq,result.json}
 OUTBOX_DIR = "outbox"  # jobs/JOB/outbox: see workers/outbox.py
 REPORTED = frozenset({"accuracy", "loss", "size_bytes", "duration_s"})  # a trial's metrics
-ALSO_REPORTED = frozenset(  # when measured
-    {
-        "perplexity",
-        "info_bound_bytes",
-        "bytes_over_bound",
-        "params",
-        "bops",
-        "relative_bops",
-        "group_sparsity",
-    }
-)
 RUNG_METHODS = frozenset({"quant_noise", "mx", "bfp"})  # report at early-stopping rungs
 
 
