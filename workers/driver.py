@@ -333,15 +333,14 @@ def run_search(
                 parent, {f"baseline_{k}": baseline[k] for k in ("accuracy", "loss", "size_bytes")}
             )
 
+        if reserved is not None:  # before the watch, which removes the group when done
+            _wait_reserved(reserved, store, job_id)
         watch = BaselineWatch(
             baseline_ref,
             reserved=reserved,
             on_ready=keep,
             on_error=lambda why: store.update(job_id, error=why),  # JobStopper sees it
         )
-        if reserved is not None:
-            _wait_reserved(reserved, store, job_id)
-
         ctx = TrialContext(
             job_id=job_id,
             spec=spec_json,
