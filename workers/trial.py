@@ -200,6 +200,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     tags = {"sparq.job_id": ctx.job_id, "sparq.trial_id": trial_id}
     rec.run(run, name, tags, parent=tracking.PARENT)  # once: a rerun finds it
     rec.status(run, "RUNNING")
+    rec.tags(run, {"sparq.node_id": node["node_id"]})  # per attempt: a retry may move
     started = time.perf_counter()
     told: dict[str, Any] = {}
     try:

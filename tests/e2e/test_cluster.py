@@ -36,6 +36,20 @@ def on_cluster(
         assert f"Ray         {cluster.address}" in up_log
 
 
+ENDED = ("FINISHED", "FAILED", "KILLED")
+
+
+def running_on(outbox: Path, node_id: str) -> list[str]:
+    """Trials whose latest attempt runs on the node and has not ended."""
+    out = []
+    for p in outbox.glob("trial-*.jsonl"):
+        text = p.read_text()
+        here = text.rfind(f'"sparq.node_id":"{node_id}"')
+        if here >= 0 and not any(f'"status":"{s}"' in text[here:] for s in ENDED):
+            out.append(p.stem)
+    return out
+
+
 def trials(stack: Stack, job_id: str) -> list[dict[str, Any]]:
     return list(httpx.get(f"{stack.api}/v1/jobs/{job_id}/trials", timeout=30).json())
 
@@ -76,10 +90,12 @@ def test_a_worker_node_killed_mid_job_has_its_trials_retried_elsewhere(tmp_path:
         worker = cluster.workers[0]
         job_id = stack.post(spec)["id"]
         deadline = time.monotonic() + 240
-        while stack.job(job_id)["trials_completed"] < 1:  # the search is under way
-            assert time.monotonic() < deadline, "no trial finished"
-            time.sleep(0.3)
-        time.sleep(1.0)  # the next trial has started; one runs on each node
+        outbox = stack.home / "jobs" / job_id / "outbox"
+        # kill the worker while a trial runs on it: the trial's outbox stream names
+        # the node of each attempt and has no final status yet
+        while not running_on(outbox, worker.node_id):
+            assert time.monotonic() < deadline, "no trial ran on the worker node"
+            time.sleep(0.2)
         killed_at = datetime.now(UTC)
         worker.kill()
         job = stack.wait(job_id, timeout=300)
@@ -98,7 +114,6 @@ def test_a_worker_node_killed_mid_job_has_its_trials_retried_elsewhere(tmp_path:
         assert sum(t.node_id == cluster.head.node_id for t in rows) >= 3, summary
         # the trial the dead node was running ran again (its outbox stream says RUNNING
         # once per attempt) and completed on the head
-        outbox = stack.home / "jobs" / job_id / "outbox"
         attempts = {
             p.stem: p.read_text().count('"status":"RUNNING"') for p in outbox.glob("trial-*.jsonl")
         }
