@@ -11,10 +11,11 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from service.spec import DatasetSpec
+from workers import digits_split
 from workers.errors import SpecError
 from workers.models import import_entrypoint
 
-SPLIT_SEED = 0  # fixed: every job and every trial sees the same split
+SPLIT_SEED = digits_split.SEED  # fixed: every job and every trial sees the same split
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -34,16 +35,13 @@ def digits(val_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
     """scikit-learn's bundled 8x8 digits (1797 images), scaled to [0, 1], as 1x8x8.
 
     The split is stratified and seeded, so it is the same on every machine. The
-    default split is stored (``workers/_digits_split.py``); another fraction is
+    default split is stored (:mod:`workers.digits_split`); another fraction is
     computed with scikit-learn.
     """
-    from workers import _digits_split
-
     x, y = _digits_arrays()
     x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    if val_fraction == 0.2:
-        order = np.asarray(_digits_split.ORDER)
-        train_idx, val_idx = order[: -_digits_split.N_VAL], order[-_digits_split.N_VAL :]
+    if val_fraction == digits_split.VAL_FRACTION:
+        train_idx, val_idx = digits_split.load()
     else:
         from sklearn.model_selection import train_test_split
 

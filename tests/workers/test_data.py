@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -36,3 +38,16 @@ def test_digits_default_split_does_not_import_scikit_learn() -> None:
     code = "import sys; from workers.data import digits; digits(); print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_stored_digits_split_is_what_its_generator_writes(tmp_path: Path) -> None:
+    """The package data is the generator's output byte for byte (regenerate with
+    ``python -m workers.digits_split``), and it is scikit-learn's split."""
+    from workers import digits_split
+
+    digits_split.write(tmp_path / "split.txt")
+    assert (tmp_path / "split.txt").read_bytes() == digits_split.PATH.read_bytes()
+    stored, generated = digits_split.load(), digits_split.generate()
+    assert all(np.array_equal(a, b) for a, b in zip(stored, generated, strict=True))
+    assert len(stored[1]) == 360
+    assert len(np.unique(np.concatenate(stored))) == 1797
