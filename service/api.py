@@ -17,18 +17,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dashboards import FrontPoint, sparq_front
 from service import store as st
 from service.flusher import Flusher
 from service.launcher import Launcher
 from service.schemas import (
+    ERROR_RESPONSES,
     Health,
     JobPage,
     JobSummary,
@@ -50,6 +52,16 @@ class ApiError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class Invalid(ApiError):
+    """A 422 for one input a route checks itself, shaped as every 422 is."""
+
+    status_code = 422
+
+    def __init__(self, field: str, value: Any, rule: str) -> None:
+        super().__init__(f"{field}={value!r}: {rule}")
+        self.problem = {"loc": tuple(field.split(".")), "input": value, "msg": rule}
 
 
 class NotFound(ApiError):
@@ -74,6 +86,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     NotFound: 404,
     Conflict: 409,
     Unauthorized: 401,
+    Invalid: 422,
     TooManyJobs: 429,
     ApiError: 400,
 }
@@ -201,15 +214,18 @@ def validation_details(errors: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _unprocessable(errors: list[Any]) -> JSONResponse:
+def _unprocessable(errors: list[Any], what: str = "job spec") -> JSONResponse:
     details = validation_details(errors)
     summary = "; ".join(f"{d['field']}={d['value']!r}: {d['rule']}" for d in details)
     return JSONResponse(
-        status_code=422, content={"message": f"invalid job spec: {summary}", "detail": details}
+        status_code=422, content={"message": f"invalid {what}: {summary}", "detail": details}
     )
 
 
 MAX_PAGE = 100
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+if set(get_args(JobStatus)) != {st.QUEUED, st.RUNNING, *st.TERMINAL}:
+    raise RuntimeError("api.JobStatus differs from the store's statuses")
 
 
 def _encode_cursor(job: st.Job) -> str:
@@ -224,7 +240,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         created, job_id = json.loads(raw)
         return datetime.fromisoformat(created), str(job_id)
     except (binascii.Error, ValueError, TypeError) as e:
-        raise ApiError(f"cursor={cursor!r} is not a cursor this service gave out") from e
+        raise Invalid("cursor", cursor, "not a cursor this service gave out") from e
 
 
 def create_app(settings: Settings | None = None, *, launch: bool = True) -> FastAPI:
@@ -252,9 +268,21 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         version=VERSION,
         summary="Search for the best way to compress a PyTorch model.",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,  # every route's errors, as the handlers below shape them
     )
     app.state.store, app.state.launcher, app.state.settings = store, launcher, settings
     app.add_middleware(BodyGuard, max_bytes=settings.max_request_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body that is not JSON or not UTF-8, an unknown
+        # route, a method the route lacks), shaped as every other error
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if message == "There was an error parsing the body":
+            message = "the request body is not valid JSON (UTF-8)"
+        return JSONResponse(
+            status_code=exc.status_code, content={"message": message}, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _on_request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -267,6 +295,8 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
     for exc_type in ERROR_STATUS:
 
         async def _on_domain(_: Request, exc: Exception) -> JSONResponse:
+            if isinstance(exc, Invalid):
+                return _unprocessable([exc.problem], "request")
             return JSONResponse(status_code=_status_for(exc), content={"message": str(exc)})
 
         app.add_exception_handler(exc_type, _on_domain)
@@ -306,12 +336,11 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         return JobView.of(job, uri)
 
     @app.get("/v1/jobs", response_model=JobPage, dependencies=[auth])
-    def list_jobs(status: str | None = None, limit: int = 20, cursor: str | None = None) -> Any:
-        allowed = {st.QUEUED, st.RUNNING, *st.TERMINAL}
-        if status is not None and status not in allowed:
-            raise ApiError(f"status={status!r} is not one of {sorted(allowed)}")
-        if not 1 <= limit <= MAX_PAGE:
-            raise ApiError(f"limit={limit} must be in 1..{MAX_PAGE}")
+    def list_jobs(
+        status: JobStatus | None = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+        cursor: Annotated[str | None, Query(max_length=512)] = None,
+    ) -> Any:
         before = _decode_cursor(cursor) if cursor else None
         jobs = store.page(status=status, limit=limit + 1, before=before)
         more, jobs = len(jobs) > limit, jobs[:limit]

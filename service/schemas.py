@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Self
+from datetime import UTC, datetime
+from typing import Annotated, Any, Self
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 
 from service import store as st
+
+
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=UTC)  # the store keeps UTC without a zone
+
+
+# RFC 3339 as the schema's date-time says: with its zone, e.g. 2026-12-02T10:13:26Z
+Time = Annotated[datetime, AfterValidator(_utc)]
 
 
 class Measured(BaseModel):
@@ -37,9 +45,9 @@ class JobSummary(BaseModel):
     id: str
     name: str
     status: str
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: Time
+    started_at: Time | None
+    finished_at: Time | None
     trials_total: int
     trials_completed: int
     trials_failed: int
@@ -185,3 +193,36 @@ class Health(BaseModel):
     status: str
     version: str
     tracking_uri: str
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx: what went wrong, in one line."""
+
+    message: str
+
+
+class Problem(BaseModel):
+    field: str  # dotted path in the request, e.g. ``search.trials``; ``body`` for all of it
+    value: Any  # what was sent there
+    rule: str  # what it must be
+
+
+class InvalidBody(ErrorBody):
+    """A 422: each problem with its field, value and rule."""
+
+    detail: list[Problem]
+
+
+class TooLarge(ErrorBody):
+    limit_bytes: int
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "a query parameter the route cannot use"},
+    401: {"model": ErrorBody, "description": "no valid bearer token"},
+    404: {"model": ErrorBody, "description": "no such job or trial"},
+    409: {"model": ErrorBody, "description": "not possible in the job's state"},
+    413: {"model": TooLarge, "description": "request body over SPARQ_MAX_REQUEST_BYTES"},
+    422: {"model": InvalidBody, "description": "invalid input, per field"},
+    429: {"model": ErrorBody, "description": "too many queued jobs"},
+}

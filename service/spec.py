@@ -58,6 +58,20 @@ class _Source(_Strict):
 
     builtins: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core: Any, handler: Any) -> dict[str, Any]:
+        """The published schema says what the validators check: a known builtin or an
+        entrypoint of the right shape, exactly one of them."""
+        schema = dict(handler.resolve_ref_schema(handler(core)))
+        props = schema["properties"]
+        props["builtin"] = {"anyOf": [{"enum": list(cls.builtins)}, {"type": "null"}]}
+        props["entrypoint"]["anyOf"][0]["pattern"] = _ENTRYPOINT.pattern
+        schema["oneOf"] = [
+            {"required": ["builtin"], "properties": {"builtin": {"enum": list(cls.builtins)}}},
+            {"required": ["entrypoint"], "properties": {"entrypoint": {"type": "string"}}},
+        ]
+        return schema
+
     @field_validator("builtin")
     @classmethod
     def _known(cls, v: str | None) -> str | None:

@@ -115,10 +115,17 @@ def test_cancel_queued_job(client: TestClient) -> None:
     assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
 
 
-def test_bad_query_params_are_4xx(client: TestClient) -> None:
-    assert client.get("/v1/jobs", params={"status": "exploded"}).status_code == 400
-    assert client.get("/v1/jobs", params={"limit": 0}).status_code == 400
-    assert client.get("/v1/jobs", params={"limit": "many"}).status_code == 422
+def test_bad_query_params_are_422_naming_them(client: TestClient) -> None:
+    for params, field in [
+        ({"status": "exploded"}, "query.status"),
+        ({"limit": 0}, "query.limit"),
+        ({"limit": 101}, "query.limit"),
+        ({"limit": "many"}, "query.limit"),
+    ]:
+        r = client.get("/v1/jobs", params=params)
+        assert r.status_code == 422, params
+        assert r.json()["detail"][0]["field"] == field
+        assert r.json()["detail"][0]["value"] == str(next(iter(params.values())))
 
 
 def test_random_bodies_never_produce_a_500(client: TestClient) -> None:

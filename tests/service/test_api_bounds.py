@@ -160,10 +160,12 @@ def test_job_listing_is_paginated_with_a_cursor(client: TestClient) -> None:
     assert seen == [j["id"] for j in client.get("/v1/jobs", params={"limit": 100}).json()["jobs"]]
     assert len(client.get("/v1/jobs").json()["jobs"]) == 7  # default 20
     assert "spec" in client.get(f"/v1/jobs/{ids[0]}").json()
-    assert client.get("/v1/jobs", params={"limit": 101}).status_code == 400
+    assert client.get("/v1/jobs", params={"limit": 101}).status_code == 422
     r = client.get("/v1/jobs", params={"cursor": "not-a-cursor"})
-    assert r.status_code == 400
-    assert "cursor" in r.json()["message"]
+    assert r.status_code == 422
+    assert r.json()["detail"] == [
+        {"field": "cursor", "value": "not-a-cursor", "rule": "not a cursor this service gave out"}
+    ]
 
 
 def test_queued_jobs_beyond_the_limit_are_429(settings: Settings) -> None:
