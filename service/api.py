@@ -275,11 +275,9 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # FastAPI's own refusals (a body that is not JSON or not UTF-8, an unknown
-        # route, a method the route lacks), shaped as every other error
+        # FastAPI's own refusals (a body it cannot parse, an unknown route, a method
+        # the route lacks), shaped as every other error
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        if message == "There was an error parsing the body":
-            message = "the request body is not valid JSON (UTF-8)"
         return JSONResponse(
             status_code=exc.status_code, content={"message": message}, headers=exc.headers
         )

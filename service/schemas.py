@@ -218,7 +218,10 @@ class TooLarge(ErrorBody):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "a query parameter the route cannot use"},
+    400: {
+        "model": ErrorBody,
+        "description": "a request the route cannot use (a body it cannot parse)",
+    },
     401: {"model": ErrorBody, "description": "no valid bearer token"},
     404: {"model": ErrorBody, "description": "no such job or trial"},
     409: {"model": ErrorBody, "description": "not possible in the job's state"},

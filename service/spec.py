@@ -67,7 +67,7 @@ class _Source(_Strict):
         props["builtin"] = {"anyOf": [{"enum": list(cls.builtins)}, {"type": "null"}]}
         props["entrypoint"]["anyOf"][0]["pattern"] = _ENTRYPOINT.pattern
         schema["oneOf"] = [
-            {"required": ["builtin"], "properties": {"builtin": {"enum": list(cls.builtins)}}},
+            {"required": ["builtin"], "properties": {"builtin": {"type": "string"}}},
             {"required": ["entrypoint"], "properties": {"entrypoint": {"type": "string"}}},
         ]
         return schema
