@@ -306,15 +306,6 @@ class JobStore:
                 setattr(trial, k, v)
             return True
 
-    def forget_trials(self, job_id: str, keep: set[str]) -> list[str]:
-        """Delete the job's trials not in ``keep``; returns their ids."""
-        with self.session() as s:
-            q = select(Trial).where(Trial.job_id == job_id)
-            gone = [t for t in s.scalars(q) if t.trial_id not in keep]
-            for t in gone:
-                s.delete(t)
-            return [t.trial_id for t in gone]
-
     def trials(self, job_id: str) -> list[Trial]:
         with self.session() as s:
             q = select(Trial).where(Trial.job_id == job_id).order_by(Trial.number)

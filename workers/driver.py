@@ -27,6 +27,8 @@ import threading
 import traceback
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +60,7 @@ OPTUNA_JOURNAL = "optuna.journal"  # optuna-dashboard opens it (see the README)
 BEST_ONNX_FILE = "best.onnx"
 OUTBOX_DIR = "outbox"  # as workers.trial.OUTBOX_DIR (not imported: it imports torch)
 SYSTEM_RETRIES = 3  # runs of a trial whose worker or node died, before it counts failed
+RUNGS_FILE = "rungs.json"  # early stopping's rungs, kept for a resumed search
 
 
 def _init_ray(settings: Settings, spec: JobSpec) -> None:
@@ -106,6 +109,57 @@ def check_fits(cpus: float, gpus: float, nodes: list[dict[str, float]]) -> None:
                 f"and the largest has {largest:g} {key}s ({len(nodes)} nodes, "
                 f"{sum(have):g} {key}s in all)"
             )
+
+
+@dataclass(frozen=True)
+class Remaining:
+    """What a (resumed) search has left to do. The job store is the record of the
+    search: it holds a trial once the trial has ended (completed, stopped or failed),
+    so those are kept and never run again; trials that were running when a driver
+    died are run again as new trials. Tune's saved experiment is never restored: it
+    is saved every few seconds and non-atomically, so it can lag the store (a trial
+    that finished just before a kill) or be cut short (a kill while writing)."""
+
+    trials: int  # trials still to run
+    taken: frozenset[int]  # the numbers the kept trials hold
+    time_budget_s: float | None  # what is left of search.time_budget_s
+
+    @classmethod
+    def of(cls, job: st.Job, trials: list[st.Trial], spec: JobSpec) -> Remaining:
+        budget = spec.search.time_budget_s
+        if budget is not None and job.started_at is not None:
+            started = job.started_at.replace(tzinfo=job.started_at.tzinfo or UTC)
+            budget = max(0.0, budget - (st.utcnow() - started).total_seconds())
+        left = max(0, spec.search.trials - len(trials))
+        return cls(0 if budget == 0 else left, frozenset(t.number for t in trials), budget)
+
+    def __str__(self) -> str:
+        budget = "" if self.time_budget_s is None else f", {self.time_budget_s:.0f} s of budget"
+        return f"{len(self.taken)} trials kept, {self.trials} to run{budget}"
+
+
+def _tune_name(job_dir: Path) -> str:
+    """A new Tune experiment per driver of the job: ``tune``, ``tune-2``, ..."""
+    name, k = "tune", 1
+    while (job_dir / name).exists():
+        k += 1
+        name = f"tune-{k}"
+    return name
+
+
+def _fail_unfinished(storage: Any, study_name: str) -> None:
+    """Trials of the job's Optuna study that a dead driver left running are told
+    failed, so the sampler neither waits on nor learns from them. (Finished ones stay:
+    Tune tells the searcher a trial's end before the job store records it.)"""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:  # the driver died before the study was created
+        return
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        study.tell(t.number, state=TrialState.FAIL)
 
 
 def _optuna_storage(path: Path) -> Any:
@@ -205,9 +259,6 @@ def _process_env() -> None:
     """The driver's environment, set before any thread starts (writes later would race
     readers on other threads; see workers/envguard.py)."""
     harden()
-    # Save the experiment state (trials, Optuna's study) every second rather than
-    # Tune's adaptive >= 10 s, so a resumed search loses at most a second of it.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     # No CSV/JSON/TensorBoard result files per trial: JobProgress records every
     # result in the job store and MLflow, and nothing reads Tune's copies.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -291,18 +342,17 @@ def run_search(
     from workers.progress import JobProgress, JobStopper
     from workers.sampling import ConstrainedOptunaSearch, make_sampler, resolve_sampler
     from workers.scheduler import ParetoHalving
-    from workers.trial import TrialContext, run_trial, trial_name
+    from workers.trial import TrialContext, TrialNames, run_trial
 
     tr = Tracking(store, settings, job_id, job_dir)
     rec, parent = tr.rec, tracking.PARENT
-    tune_dir = job_dir / "tune"
-    restore = resume and tune.Tuner.can_restore(str(tune_dir))
     # Said again by a resumed driver: the sender creates each once (by key).
     rec.experiment(f"sparq/{spec.name}")
     rec.run(parent, f"job-{job_id}", {"sparq.job_id": job_id})
     rec.status(parent, "RUNNING")
+    left = Remaining.of(store.get(job_id), store.trials(job_id), spec)
     if resume:
-        log.info("resuming job %s (%s)", job_id, f"from {tune_dir}" if restore else "afresh")
+        log.info("resuming job %s: %s", job_id, left)
 
     progress: JobProgress | None = None
     try:
@@ -357,6 +407,8 @@ def run_search(
             task=spec.task,
         )
         storage = _optuna_storage(job_dir / OPTUNA_JOURNAL)
+        if resume:
+            _fail_unfinished(storage, f"sparq-{job_id}")
         dists = to_optuna(space)
         sampler = resolve_sampler(spec, len(dists))
         log.info(
@@ -384,40 +436,36 @@ def run_search(
                 grace=es.grace_epochs,
                 eta=es.reduction_factor,
                 baseline_size_bytes=model["size_bytes"],
+                state_path=job_dir / RUNGS_FILE,  # a resumed search keeps its rungs
             )
             if es.enabled
             else None
         )
-        if restore:
-            # trials that errored did so by a failure of the system (their own failures
-            # are results): run them again
-            tuner = tune.Tuner.restore(
-                str(tune_dir), trainable, resume_unfinished=True, resume_errored=True
-            )
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher,
-                    scheduler=scheduler,
-                    num_samples=spec.search.trials,
-                    max_concurrent_trials=spec.search.concurrency,
-                    time_budget_s=spec.search.time_budget_s,
-                    reuse_actors=True,
-                    trial_name_creator=trial_name,
-                    trial_dirname_creator=lambda t: f"{trial_name(t)}_{t.trial_id}",
-                ),
-                run_config=tune.RunConfig(
-                    name="tune",
-                    storage_path=str(job_dir),
-                    stop=JobStopper(settings.db_url, job_id),
-                    callbacks=[progress],
-                    # a worker or node that died: the trial runs again elsewhere
-                    failure_config=tune.FailureConfig(max_failures=SYSTEM_RETRIES),
-                    verbose=0,
-                ),
-            )
-        tuner.fit()
+        names = TrialNames(left.taken)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=left.trials,
+                max_concurrent_trials=spec.search.concurrency,
+                time_budget_s=left.time_budget_s,
+                reuse_actors=True,
+                trial_name_creator=names,
+                trial_dirname_creator=lambda t: f"{names(t)}_{t.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=_tune_name(job_dir),  # one per driver: never restored
+                storage_path=str(job_dir),
+                stop=JobStopper(settings.db_url, job_id),
+                callbacks=[progress],
+                # a worker or node that died: the trial runs again elsewhere
+                failure_config=tune.FailureConfig(max_failures=SYSTEM_RETRIES),
+                verbose=0,
+            ),
+        )
+        if left.trials:
+            tuner.fit()
         baseline = watch.result()  # a failed baseline fails the job, with its own error
         known = {t.trial_id for t in store.trials(job_id)}
         for stream in outbox.streams(tr.root):  # runs of trials the resumed search lost

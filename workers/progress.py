@@ -21,7 +21,7 @@ from service import store as st
 from service.spec import front_quality
 from workers import live, outbox, tracking
 from workers.errors import last_line
-from workers.trial import OUTBOX_DIR, trial_name, trial_number
+from workers.trial import OUTBOX_DIR, trial_number
 
 log = logging.getLogger("sparq.progress")
 
@@ -87,20 +87,7 @@ class JobProgress(_Lazy, tune.Callback):
         self.job_dir = job_dir
         self.tagged: dict[str, tuple[bool, int]] = {}  # trial id -> (on front, rank) as tagged
 
-    _unpicklable = (*_Lazy._unpicklable, "_live", "_reconciled")
-
-    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        """Once per driver: forget trials the job store has but Tune does not. A driver
-        killed in the second between recording a finished trial and Tune saving its
-        state leaves one; the resumed search samples that trial afresh, so keeping
-        both would count one trial twice. (A fresh job has none.)"""
-        if getattr(self, "_reconciled", False):
-            return
-        self._reconciled = True
-        gone = self.store.forget_trials(self.job_id, {t.trial_id for t in trials})
-        if gone:
-            log.warning("forgot %d trials the resumed search does not know: %s", len(gone), gone)
-            self._refresh()
+    _unpicklable = (*_Lazy._unpicklable, "_live")
 
     @property
     def recorder(self) -> tracking.Recorder:
@@ -127,23 +114,23 @@ class JobProgress(_Lazy, tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
         if result.get("failed"):  # the trial's own work failed: it reported why
-            self.failed(trial.trial_id, trial_name(trial), trial.config, str(result["error"]))
+            self.failed(trial.trial_id, str(trial), trial.config, str(result["error"]))
             return
         if "accuracy" not in result:  # ended without reporting: count it as failed
             self.failed(
                 trial.trial_id,
-                trial_name(trial),
+                str(trial),
                 trial.config,
                 "trial ended without reporting a result",
             )
             return
         if result.get("final") is False:  # stopped early by the scheduler at a rung
-            self.stopped(trial.trial_id, trial_name(trial), trial.config, result)
+            self.stopped(trial.trial_id, str(trial), trial.config, result)
             return
-        self.completed(trial.trial_id, trial_name(trial), trial.config, result)
+        self.completed(trial.trial_id, str(trial), trial.config, result)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.failed(trial.trial_id, trial_name(trial), trial.config, _trial_error(trial))
+        self.failed(trial.trial_id, str(trial), trial.config, _trial_error(trial))
 
     def completed(
         self,

@@ -19,7 +19,9 @@ were pruned.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -58,17 +60,40 @@ def promotion_order(points: dict[str, Point]) -> list[str]:
 class ParetoHalving(FIFOScheduler):
     """Asynchronous successive halving on two objectives (see the module docstring).
 
-    Picklable plain state: Tune saves it with the experiment, so a resumed search
-    keeps its rungs.
+    With ``state_path``, the rungs are written there (atomically) at every decision
+    and read back by a scheduler made with the same path, so a resumed search compares
+    its trials with those that reached the rungs before it.
     """
 
-    def __init__(self, *, epochs: int, grace: int, eta: int, baseline_size_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        epochs: int,
+        grace: int,
+        eta: int,
+        baseline_size_bytes: int,
+        state_path: Path | None = None,
+    ) -> None:
         super().__init__()
         if grace < 1 or eta < 2:
             raise ValueError(f"need grace >= 1 and eta >= 2, got grace={grace}, eta={eta}")
         self.eta, self.baseline = eta, max(1, baseline_size_bytes)
         self.rungs: dict[int, dict[str, Point]] = {m: {} for m in milestones(epochs, grace, eta)}
         self.stopped: dict[str, int] = {}  # trial id -> the rung it was stopped at
+        self.state_path = state_path
+        if state_path is not None and state_path.exists():
+            saved = json.loads(state_path.read_text())
+            for m, points in saved["rungs"].items():
+                if int(m) in self.rungs:  # the same spec, so the same rungs
+                    self.rungs[int(m)] = {k: (v[0], v[1]) for k, v in points.items()}
+            self.stopped = {k: int(v) for k, v in saved["stopped"].items()}
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rungs": self.rungs, "stopped": self.stopped}))
+        tmp.replace(self.state_path)
 
     def decide(self, trial_id: str, epoch: int, quality: float, size_bytes: int) -> bool:
         """Record the trial at rung ``epoch``; True if it goes on."""
@@ -76,13 +101,12 @@ class ParetoHalving(FIFOScheduler):
         if rung is None:
             return True
         rung[trial_id] = (size_bytes / self.baseline, 1.0 - quality)
-        if len(rung) < self.eta:
-            return True
         keep = max(1, math.floor(len(rung) / self.eta))
-        if trial_id in promotion_order(rung)[:keep]:
-            return True
-        self.stopped[trial_id] = epoch
-        return False
+        go_on = len(rung) < self.eta or trial_id in promotion_order(rung)[:keep]
+        if not go_on:
+            self.stopped[trial_id] = epoch
+        self._save()
+        return go_on
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         if result.get("final") or "epoch" not in result:

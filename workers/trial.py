@@ -45,10 +45,26 @@ class TrialContext:
     job_dir: str  # results and the outbox go here (a path every node shares)
 
 
-def trial_name(trial: Any) -> str:
-    """Ray Tune ``trial_name_creator``: ``trial-<index>`` from the trial's 1-based tag."""
-    head = str(trial.experiment_tag).split("_", 1)[0]
-    return f"trial-{int(head) if head.isdigit() else 0:03d}"
+@dataclass(frozen=True)
+class TrialNames:
+    """Ray Tune ``trial_name_creator``: ``trial-<number>``, the k-th trial of this
+    driver's search (its 1-based tag) taking the k-th number no kept trial holds, so
+    a job's trials are numbered 1..N whatever restarts the search had."""
+
+    taken: frozenset[int] = frozenset()
+
+    def number(self, trial: Any) -> int:
+        head = str(trial.experiment_tag).split("_", 1)[0]
+        if not head.isdigit():
+            return 0
+        k, n = int(head), 0
+        while k:
+            n += 1
+            k -= n not in self.taken
+        return n
+
+    def __call__(self, trial: Any) -> str:
+        return f"trial-{self.number(trial):03d}"
 
 
 def trial_number(name: str) -> int:

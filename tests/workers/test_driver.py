@@ -48,3 +48,28 @@ def test_ray_lost_tells_a_listening_address_from_a_dead_one() -> None:
         port = s.getsockname()[1]
     assert ray_lost(f"127.0.0.1:{port}", timeout=1)
     assert not ray_lost(None)  # a driver with a Ray of its own
+
+
+def test_a_resumed_search_runs_only_what_the_job_store_lacks() -> None:
+    from datetime import timedelta
+
+    from service import store as st
+    from service.spec import JobSpec
+    from workers.driver import Remaining
+
+    spec = JobSpec.model_validate(
+        {
+            "name": "r",
+            "model": {"builtin": "digits-mlp"},
+            "dataset": {"builtin": "digits"},
+            "search": {"trials": 6, "time_budget_s": 600},
+        }
+    )
+    job = st.Job(started_at=st.utcnow() - timedelta(seconds=100))
+    kept = [st.Trial(trial_id=i, number=n) for i, n in (("a", 1), ("b", 3), ("c", 4))]
+    left = Remaining.of(job, kept, spec)
+    assert (left.trials, left.taken) == (3, frozenset({1, 3, 4}))
+    assert 499 <= left.time_budget_s <= 500.5
+    naive = st.Job(started_at=(st.utcnow() - timedelta(seconds=700)).replace(tzinfo=None))
+    assert Remaining.of(naive, kept, spec).trials == 0  # the budget is spent: none more
+    assert Remaining.of(st.Job(), [], spec) == Remaining(6, frozenset(), 600)

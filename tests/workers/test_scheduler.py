@@ -96,3 +96,16 @@ def test_the_scheduler_ranks_by_the_fronts_quality_not_token_accuracy() -> None:
 def test_bad_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="eta >= 2"):
         ParetoHalving(epochs=4, grace=1, eta=1, baseline_size_bytes=10)
+
+
+def test_rungs_kept_on_disk_are_read_back_by_a_resumed_scheduler(tmp_path) -> None:
+    path = tmp_path / "rungs.json"
+    first = ParetoHalving(epochs=4, grace=1, eta=2, baseline_size_bytes=1000, state_path=path)
+    assert first.decide("a", 1, quality=0.9, size_bytes=100)
+    assert not first.decide("b", 1, quality=0.5, size_bytes=200)
+    again = ParetoHalving(epochs=4, grace=1, eta=2, baseline_size_bytes=1000, state_path=path)
+    assert again.rungs == first.rungs
+    assert again.stopped == {"b": 1}
+    # compared with what reached the rung before the restart, not promoted for being first
+    assert not again.decide("c", 1, quality=0.4, size_bytes=300)
+    assert not list(tmp_path.glob("*.tmp"))

@@ -20,3 +20,17 @@ def test_cpu_trials_use_the_cpu() -> None:
 def test_trial_numbers_come_from_the_name() -> None:
     assert trial_number("trial-007") == 7
     assert trial_number("weird") == 0
+
+
+class _Tagged:
+    def __init__(self, tag: str) -> None:
+        self.experiment_tag = tag
+
+
+def test_trial_names_skip_the_numbers_kept_trials_hold() -> None:
+    from workers.trial import TrialNames
+
+    assert [TrialNames()(_Tagged(f"{k}_x=1")) for k in (1, 2)] == ["trial-001", "trial-002"]
+    resumed = TrialNames(frozenset({1, 3, 4}))  # a resumed search: 1, 3, 4 finished
+    assert [resumed.number(_Tagged(str(k))) for k in (1, 2, 3)] == [2, 5, 6]
+    assert resumed.number(_Tagged("odd")) == 0
