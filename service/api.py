@@ -299,15 +299,24 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
 
         app.add_exception_handler(exc_type, _on_domain)
 
-    def require_token(request: Request) -> None:
-        if not settings.api_tokens:
-            return
+    principals = settings.principals
+
+    def require_token(request: Request) -> str | None:
+        """The request's principal (also ``request.state.principal``); None without
+        tokens (one user on loopback)."""
+        request.state.principal = None
+        if not principals:
+            return None
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not any(
-            hmac.compare_digest(token.encode(), t.encode()) for t in settings.api_tokens
-        ):
+        found = None
+        for known, name in principals.items():  # every token compared: constant time
+            if hmac.compare_digest(token.encode(), known.encode()):
+                found = name
+        if scheme.lower() != "bearer" or found is None:
             raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+        request.state.principal = found
+        return found
 
     auth: Any = Depends(require_token)
     uri = settings.mlflow_tracking_uri

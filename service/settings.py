@@ -5,7 +5,9 @@ Nothing happens at import time: directories are created by :meth:`Settings.prepa
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -33,7 +35,12 @@ class Settings(BaseSettings):
     )
     ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray")
     api_tokens: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="bearer tokens (comma separated); empty: no auth"
+        default_factory=list,
+        description="bearer tokens (comma separated), each 'name:token' (the principal "
+        "'name') or a bare token (a principal of its own); empty: no auth",
+    )
+    admin_principals: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="principals (comma separated) who see every job"
     )
     max_running_jobs: int = Field(default=1, ge=1, description="search drivers at once")
     driver_restarts: int = Field(
@@ -54,11 +61,21 @@ class Settings(BaseSettings):
         default=1 << 20, ge=1024, description="largest request body accepted (413 beyond)"
     )
     max_queued_jobs: int = Field(
-        default=100, ge=1, description="jobs queued at once, all clients together (429 beyond)"
+        default=100, ge=1, description="jobs queued at once per principal (429 beyond)"
+    )
+    weights_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="directories (comma separated) under which baseline.weights may name a "
+        "server path (real path checked); empty: uploads (POST /v1/weights) only",
+    )
+    max_weights_bytes: int = Field(
+        default=512 << 20, ge=1024, description="largest weights upload (413 beyond)"
     )
     public_url: str = Field(default="http://127.0.0.1:8000", description="how clients reach us")
 
-    @field_validator("api_tokens", "entrypoint_modules", mode="before")
+    @field_validator(
+        "api_tokens", "entrypoint_modules", "admin_principals", "weights_dirs", mode="before"
+    )
     @classmethod
     def _split(cls, v: object) -> object:
         if isinstance(v, str):
@@ -68,10 +85,31 @@ class Settings(BaseSettings):
     @field_validator("api_tokens")
     @classmethod
     def _no_placeholders(cls, v: list[str]) -> list[str]:
-        weak = [t for t in v if len(t) < 16 or t.lower() in {"changeme", "change-me", "secret"}]
-        if weak:
-            raise ValueError("every API token must be at least 16 characters and not a placeholder")
+        for entry in v:
+            name, token = _split_token(entry)
+            if name is not None and not _PRINCIPAL.fullmatch(name):
+                raise ValueError(
+                    f"principal {name!r} of SPARQ_API_TOKENS must match {_PRINCIPAL.pattern}"
+                )
+            if len(token) < 16 or token.lower() in {"changeme", "change-me", "secret"}:
+                raise ValueError(
+                    "every API token must be at least 16 characters and not a placeholder"
+                )
+        tokens = [_split_token(e)[1] for e in v]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("SPARQ_API_TOKENS names one token twice")
         return v
+
+    @property
+    def principals(self) -> dict[str, str]:
+        """Token -> the principal it authenticates. ``name:token`` names its principal;
+        a bare token is a principal of its own, named by a digest of it (never the
+        token itself, which must not reach logs, MLflow or the job store)."""
+        out = {}
+        for entry in self.api_tokens:
+            name, token = _split_token(entry)
+            out[token] = name or "token-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+        return out
 
     @property
     def db_url(self) -> str:
@@ -87,6 +125,15 @@ class Settings(BaseSettings):
     def prepare(self) -> Settings:
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         return self
+
+
+_PRINCIPAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _split_token(entry: str) -> tuple[str | None, str]:
+    """``name:token`` -> (name, token); a bare token -> (None, token)."""
+    name, sep, token = entry.partition(":")
+    return (name.strip(), token.strip()) if sep else (None, entry)
 
 
 def is_loopback(host: str) -> bool:
