@@ -42,6 +42,7 @@ from service.schemas import (
 )
 from service.settings import Settings, get_settings
 from service.spec import JobSpec, front_quality
+from workers import entrypoints
 
 VERSION = "0.1.0"
 
@@ -319,6 +320,7 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         return found
 
     auth: Any = Depends(require_token)
+    allowed_modules = entrypoints.prefixes(settings.entrypoint_modules)
     uri = settings.mlflow_tracking_uri
 
     @app.get("/v1/health", response_model=Health)
@@ -327,6 +329,9 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
 
     @app.post("/v1/jobs", status_code=201, response_model=JobView, dependencies=[auth])
     def create_job(spec: JobSpec) -> Any:
+        refused = _refused_entrypoints(spec, allowed_modules)
+        if refused:
+            return _unprocessable(refused)
         weights = spec.baseline.weights
         if weights and not (os.path.isfile(weights) and os.access(weights, os.R_OK)):
             rule = "no readable file at this path on the service (the workers read it too)"
@@ -423,6 +428,20 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         return _file(trial.checkpoint, f"trial {trial_id}", f"{job_id}-{trial_id}.sparq")
 
     return app
+
+
+def _refused_entrypoints(spec: JobSpec, allowed: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Problems for the spec's entrypoints the operator has not allowed (decided on
+    the names alone: nothing is imported here; the workers check again)."""
+    out = []
+    for field, source in (("model", spec.model), ("dataset", spec.dataset)):
+        if source.entrypoint is None:
+            continue
+        try:
+            entrypoints.check(source.entrypoint, f"{field}.entrypoint", allowed)
+        except entrypoints.NotAllowed as e:
+            out.append({"loc": (field, "entrypoint"), "input": source.entrypoint, "msg": e.rule})
+    return out
 
 
 def app_factory() -> FastAPI:

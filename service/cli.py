@@ -69,6 +69,16 @@ def _start_ray(settings: Settings) -> tuple[Settings, RayHead | None]:
     return get_settings().prepare(), head
 
 
+def _allowed_code(settings: Settings) -> str:
+    """What code a job may run, as ``sparq up`` says it."""
+    from workers import entrypoints
+
+    allowed = entrypoints.prefixes(settings.entrypoint_modules)
+    if not allowed:
+        return f"builtins only (allow your package's entrypoints with {entrypoints.ENV})"
+    return f"builtins and entrypoints under {', '.join(allowed)} ({entrypoints.ENV})"
+
+
 @app.command()
 def up(
     host: Annotated[str, typer.Option(help="address the REST service listens on")] = "127.0.0.1",
@@ -103,7 +113,8 @@ def up(
         settings, head = _start_ray(settings)
         console.print(
             f"MLflow UI   {mlflow.url}\nAPI docs    http://{host}:{port}/docs\n"
-            f"Ray         {settings.ray_address}\nSPARQ_HOME  {settings.home}"
+            f"Ray         {settings.ray_address}\nSPARQ_HOME  {settings.home}\n"
+            f"Models      {_allowed_code(settings)}"
         )
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     except StackError as e:
@@ -285,10 +296,10 @@ def evaluate_checkpoint(path: Path, allow_modules: tuple[str, ...] = ()) -> dict
     bound = size_report(path.read_bytes())
     if ck.dataset_spec is None:
         raise ValueError(f"{path} names no dataset to evaluate on")
+    allowed = safety.allowed_prefixes(allow_modules)
     if ck.dataset_spec.entrypoint:  # allowed by load_checkpoint; its function must be too
-        allowed = safety.allowed_prefixes(allow_modules)
         safety.import_allowed(ck.dataset_spec.entrypoint, "dataset.entrypoint", allowed)
-    _, val = build_datasets(ck.dataset_spec)
+    _, val = build_datasets(ck.dataset_spec, allowed)
     result = evaluate(ck.model, make_loader(val, 512, shuffle=False), torch.device("cpu"))
     return {
         "accuracy": result.accuracy,

@@ -144,6 +144,8 @@ def driver_env(settings: Settings) -> dict[str, str]:
         SPARQ_HOME=str(settings.home),
         SPARQ_DATABASE_URL=settings.db_url,
         SPARQ_MLFLOW_TRACKING_URI=settings.mlflow_tracking_uri,
+        # the code the API allowed; the driver and its workers check it again
+        SPARQ_ENTRYPOINT_MODULES=",".join(settings.entrypoint_modules),
         PYTHONUNBUFFERED="1",
     )
     if settings.ray_address:

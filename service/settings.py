@@ -54,8 +54,8 @@ class Settings(BaseSettings):
     )
     entrypoint_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="module prefixes (comma separated) whose entrypoints a downloaded "
-        "checkpoint may name; read from the environment by workers.checkpoint too",
+        description="module prefixes (comma separated) whose entrypoints job specs and "
+        "checkpoints may name (workers/entrypoints.py); empty: builtins only",
     )
     max_request_bytes: int = Field(
         default=1 << 20, ge=1024, description="largest request body accepted (413 beyond)"

@@ -12,6 +12,13 @@ import pytest
 from service.settings import Settings, get_settings
 
 
+@pytest.fixture(autouse=True)
+def _allow_test_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite allows its own test models (``tests.nets``, ...) as an operator allows
+    theirs: SPARQ_ENTRYPOINT_MODULES. Tests of the rule set it themselves."""
+    monkeypatch.setenv("SPARQ_ENTRYPOINT_MODULES", "tests")
+
+
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """Settings rooted in a fresh SPARQ_HOME (job store, job dirs)."""

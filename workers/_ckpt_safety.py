@@ -17,15 +17,14 @@ never allocates more than a bounded multiple of its size:
   legitimately go below that, and the bound leaves them 32 weights a byte (0.25
   bits a weight, over the whole file).
 - Entrypoints named by the header (model or dataset) are imported only when the
-  caller allows their module (:func:`check_entrypoint`), decided before importing.
+  caller allows their module (:func:`check_entrypoint`, the rule of
+  :mod:`workers.entrypoints`), decided before importing.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import struct
-import sys
 import zlib
 from collections.abc import Iterable
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from search_spaces._policy import NM_KINDS
+from workers import entrypoints
 from workers.errors import CheckpointError
 
 MAX_HEADER_BYTES = 4 << 20  # inflated JSON header
@@ -43,8 +43,6 @@ ELEMENTS_PER_BYTE = 32  # ...plus this many per byte of the file
 MAX_PRUNING_STEPS = 10_000
 MAX_EXAMPLE_ELEMENTS = 1 << 20
 EXAMPLE_DTYPES = ("float32", "float16", "float64", "int64", "int32", "uint8", "bool")
-ENV_MODULES = "SPARQ_ENTRYPOINT_MODULES"
-SPARQ_PACKAGES = ("service", "workers", "search_spaces", "dashboards")
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 _RAW_ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1}
@@ -314,63 +312,35 @@ def check_tensor_bytes(row: list[Any], blob: bytes) -> None:
 
 
 # ---------------------------------------------------------------- entrypoints
-
-
-def _under(module: str, prefix: str) -> bool:
-    return module == prefix or module.startswith(prefix + ".")
-
-
-def never_allowed(module: str) -> str | None:
-    """Why a module can never be allowed (stdlib, builtins, sparq's own), or None."""
-    top = module.split(".")[0]
-    if top in sys.stdlib_module_names or top in ("builtins", "__main__"):
-        return "it is Python's standard library"
-    if top in SPARQ_PACKAGES:
-        return "it is sparq's own package"
-    return None
+# The rule is workers/entrypoints.py's; a checkpoint says how its caller allows more.
 
 
 def allowed_prefixes(allow_modules: Iterable[str]) -> tuple[str, ...]:
     """``allow_modules`` plus ``$SPARQ_ENTRYPOINT_MODULES`` (comma separated)."""
-    env = [m.strip() for m in os.environ.get(ENV_MODULES, "").split(",") if m.strip()]
-    return tuple(dict.fromkeys([*(m.strip() for m in allow_modules if m.strip()), *env]))
+    return entrypoints.allowed_prefixes(allow_modules)
+
+
+def _how(entrypoint: str) -> str:
+    module = entrypoint.partition(":")[0]
+    return (
+        f"pass model=... (the module to load into) or --allow-module {module} "
+        f"(allow_modules=[{module!r}], or {entrypoints.ENV}) if you trust it"
+    )
 
 
 def check_entrypoint(entrypoint: str, field: str, allowed: tuple[str, ...]) -> str:
     """The allowed prefix the entrypoint's module lies under; raises (before any import)
     when there is none."""
-    module = entrypoint.partition(":")[0]
-    why = never_allowed(module)
-    if why:
-        raise CheckpointError(
-            f"checkpoint {field} {entrypoint!r} is refused: module {module!r} cannot be "
-            f"allowed ({why})"
-        )
-    for prefix in allowed:
-        if _under(module, prefix) and never_allowed(prefix) is None:
-            return prefix
-    raise CheckpointError(
-        f"checkpoint {field} {entrypoint!r} would import module {module!r}, which is not "
-        f"allowed; pass model=... (the module to load into) or --allow-module {module} "
-        f"(allow_modules=[{module!r}], or {ENV_MODULES}) if you trust it"
-    )
+    try:
+        return entrypoints.check(entrypoint, f"checkpoint {field}", allowed, _how(entrypoint))
+    except entrypoints.NotAllowed as e:
+        raise CheckpointError(str(e)) from None
 
 
 def import_allowed(entrypoint: str, field: str, allowed: tuple[str, ...]) -> Any:
     """Import an allowed entrypoint (as a spec's is imported); the function itself must
     come from the allowed module too (no ``os.system`` re-exported through it)."""
-    from workers.errors import SpecError
-    from workers.models import import_entrypoint
-
-    prefix = check_entrypoint(entrypoint, field, allowed)
     try:
-        fn = import_entrypoint(entrypoint, f"checkpoint {field}")
-    except SpecError as e:
-        raise CheckpointError(str(e)) from e
-    origin = getattr(fn, "__module__", None)
-    if not isinstance(origin, str) or not _under(origin, prefix):
-        raise CheckpointError(
-            f"checkpoint {field} {entrypoint!r}: {entrypoint.partition(':')[2]!r} is not a "
-            f"callable defined under the allowed {prefix!r} (it comes from {origin!r})"
-        )
-    return fn
+        return entrypoints.load(entrypoint, f"checkpoint {field}", allowed, _how(entrypoint))
+    except (entrypoints.NotAllowed, ImportError, AttributeError) as e:
+        raise CheckpointError(str(e)) from None

@@ -66,11 +66,15 @@ BUILTINS: dict[str, Callable[..., tuple[Dataset, Dataset]]] = {
 }
 
 
-def build_datasets(spec: DatasetSpec) -> tuple[Dataset, Dataset]:
+def build_datasets(
+    spec: DatasetSpec, allowed: tuple[str, ...] | None = None
+) -> tuple[Dataset, Dataset]:
+    """The (train, val) datasets a spec names; an entrypoint only if allowed
+    (``$SPARQ_ENTRYPOINT_MODULES`` unless ``allowed`` is given)."""
     fn = (
         BUILTINS[spec.builtin]
         if spec.builtin
-        else import_entrypoint(str(spec.entrypoint), "dataset.entrypoint")
+        else import_entrypoint(str(spec.entrypoint), "dataset.entrypoint", allowed)
     )
     out = fn(**spec.kwargs)
     if not (isinstance(out, tuple) and len(out) == 2):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from service.spec import BUILTIN_MODELS, ModelSpec
+from workers import entrypoints
 from workers.errors import SpecError
 
 
@@ -71,28 +71,27 @@ if tuple(BUILTINS) != BUILTIN_MODELS:  # the spec's list must name exactly these
     raise RuntimeError(f"builtin models {tuple(BUILTINS)} differ from the spec's {BUILTIN_MODELS}")
 
 
-def import_entrypoint(entrypoint: str, field: str) -> Callable[..., Any]:
-    """Import ``module:function``; errors name the spec field and the value."""
-    module_name, _, attr = entrypoint.partition(":")
+def import_entrypoint(
+    entrypoint: str, field: str, allowed: tuple[str, ...] | None = None
+) -> Callable[..., Any]:
+    """Import ``module:function`` if the operator allows it (workers/entrypoints.py:
+    checked here, on the worker, before the import, whatever the API checked);
+    ``allowed`` defaults to ``$SPARQ_ENTRYPOINT_MODULES``. Errors name the spec field
+    and the value."""
     try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise SpecError(
-            f"{field}={entrypoint!r}: module {module_name!r} cannot be imported on this worker "
-            f"({type(e).__name__}: {e})"
-        ) from e
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise SpecError(f"{field}={entrypoint!r}: {module_name} has no callable {attr!r}")
-    return fn
+        return entrypoints.load(
+            entrypoint, field, entrypoints.allowed_prefixes() if allowed is None else allowed
+        )
+    except (entrypoints.NotAllowed, ImportError, AttributeError) as e:
+        raise SpecError(str(e)) from e
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
+def build_model(spec: ModelSpec, allowed: tuple[str, ...] | None = None) -> nn.Module:
     """Instantiate the model a spec names (float, untrained weights)."""
     fn = (
         BUILTINS[spec.builtin]
         if spec.builtin
-        else import_entrypoint(str(spec.entrypoint), "model.entrypoint")
+        else import_entrypoint(str(spec.entrypoint), "model.entrypoint", allowed)
     )
     try:
         model = fn(**spec.kwargs)

@@ -38,6 +38,7 @@ class Up:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SPARQ_"))}
         base = {k: v for k, v in base.items() if not k.startswith("RAY_")}
         self.env = {**base, "SPARQ_HOME": str(home), "PYTHONUNBUFFERED": "1", **env}
+        self.env.setdefault("SPARQ_ENTRYPOINT_MODULES", "tests")  # its test models
         self.procs: list[subprocess.Popen[bytes]] = []
 
     @property

@@ -63,10 +63,12 @@ class Stack:
 @contextmanager
 def sparq_up(home: Path, **extra_env: str) -> Iterator[Stack]:
     """`sparq up` on free loopback ports under ``home``, in an environment without the
-    caller's MLFLOW_/SPARQ_/RAY_ variables (a test may have exported some)."""
+    caller's MLFLOW_/SPARQ_/RAY_ variables (a test may have exported some), allowing the
+    suite's test models (SPARQ_ENTRYPOINT_MODULES=tests) as an operator allows theirs."""
     port, mlflow_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SPARQ_", "RAY_"))}
-    env.update(SPARQ_HOME=str(home), PYTHONUNBUFFERED="1", **extra_env)
+    env.update(SPARQ_HOME=str(home), PYTHONUNBUFFERED="1", SPARQ_ENTRYPOINT_MODULES="tests")
+    env.update(extra_env)
     log = (home / "up.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "up", "--port", str(port),
