@@ -321,14 +321,29 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
 
     auth: Any = Depends(require_token)
     allowed_modules = entrypoints.prefixes(settings.entrypoint_modules)
+    admins = frozenset(settings.admin_principals)
     uri = settings.mlflow_tracking_uri
+
+    def whose(principal: str | None) -> str | None:
+        """Whose jobs a principal sees: its own; everyone's for an admin, and without
+        tokens (one user)."""
+        return None if principal is None or principal in admins else principal
+
+    def visible(job_id: str, principal: str | None) -> st.Job:
+        """The job, if the principal may see it. Another's job is answered exactly as
+        one that does not exist, so that its id is not confirmed."""
+        job = store.get(job_id)
+        owner = whose(principal)
+        if owner is not None and job.owner != owner:
+            raise st.JobNotFound(job_id)
+        return job
 
     @app.get("/v1/health", response_model=Health)
     def health() -> Health:
         return Health(status="ok", version=VERSION, tracking_uri=uri)
 
-    @app.post("/v1/jobs", status_code=201, response_model=JobView, dependencies=[auth])
-    def create_job(spec: JobSpec) -> Any:
+    @app.post("/v1/jobs", status_code=201, response_model=JobView)
+    def create_job(spec: JobSpec, principal: str | None = auth) -> Any:
         refused = _refused_entrypoints(spec, allowed_modules)
         if refused:
             return _unprocessable(refused)
@@ -336,43 +351,45 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         if weights and not (os.path.isfile(weights) and os.access(weights, os.R_OK)):
             rule = "no readable file at this path on the service (the workers read it too)"
             return _unprocessable([{"loc": ("baseline", "weights"), "input": weights, "msg": rule}])
-        # global for now (all clients together); per principal once tokens name principals
-        queued = store.count(status=st.QUEUED)
+        queued = store.count(status=st.QUEUED, owner=principal)  # admins' own too
         if queued >= settings.max_queued_jobs:
+            whose_jobs = f"jobs of {principal!r}" if principal else "jobs"
+            per = " per principal" if principal else ""
             raise TooManyJobs(
-                f"{queued} jobs are queued, the limit is {settings.max_queued_jobs} "
-                "(SPARQ_MAX_QUEUED_JOBS); retry when some have started"
+                f"{queued} {whose_jobs} are queued, the limit is {settings.max_queued_jobs}"
+                f"{per} (SPARQ_MAX_QUEUED_JOBS); retry when some have started"
             )
-        job = store.create(spec.model_dump(mode="json"))
+        job = store.create(spec.model_dump(mode="json"), owner=principal)
         launcher.poke()
         return JobView.of(job, uri)
 
-    @app.get("/v1/jobs", response_model=JobPage, dependencies=[auth])
+    @app.get("/v1/jobs", response_model=JobPage)
     def list_jobs(
         status: JobStatus | None = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
         cursor: Annotated[str | None, Query(max_length=512)] = None,
+        principal: str | None = auth,
     ) -> Any:
         before = _decode_cursor(cursor) if cursor else None
-        jobs = store.page(status=status, limit=limit + 1, before=before)
+        jobs = store.page(status=status, limit=limit + 1, before=before, owner=whose(principal))
         more, jobs = len(jobs) > limit, jobs[:limit]
         return JobPage(
             jobs=[JobSummary.of(j, uri) for j in jobs],
             next_cursor=_encode_cursor(jobs[-1]) if more else None,
         )
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobView, dependencies=[auth])
-    def get_job(job_id: str) -> JobView:
-        return JobView.of(store.get(job_id), uri)
+    @app.get("/v1/jobs/{job_id}", response_model=JobView)
+    def get_job(job_id: str, principal: str | None = auth) -> JobView:
+        return JobView.of(visible(job_id, principal), uri)
 
-    @app.get("/v1/jobs/{job_id}/trials", response_model=list[TrialView], dependencies=[auth])
-    def list_trials(job_id: str) -> list[TrialView]:
-        store.get(job_id)
+    @app.get("/v1/jobs/{job_id}/trials", response_model=list[TrialView])
+    def list_trials(job_id: str, principal: str | None = auth) -> list[TrialView]:
+        visible(job_id, principal)
         return [TrialView.of(t) for t in store.trials(job_id)]
 
-    @app.get("/v1/jobs/{job_id}/pareto", response_model=ParetoView, dependencies=[auth])
-    def pareto(job_id: str) -> ParetoView:
-        job = store.get(job_id)
+    @app.get("/v1/jobs/{job_id}/pareto", response_model=ParetoView)
+    def pareto(job_id: str, principal: str | None = auth) -> ParetoView:
+        job = visible(job_id, principal)
         done = {t.trial_id: t for t in store.trials(job_id) if t.status == st.TRIAL_COMPLETED}
         baseline, points = None, []
         if job.baseline_size_bytes and job.baseline_accuracy is not None:
@@ -407,8 +424,9 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
             points=points,
         )
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobView, dependencies=[auth])
-    def cancel(job_id: str) -> JobView:
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobView)
+    def cancel(job_id: str, principal: str | None = auth) -> JobView:
+        visible(job_id, principal)
         return JobView.of(launcher.cancel(job_id), uri)
 
     def _file(path: str | None, what: str, filename: str) -> FileResponse:
@@ -416,14 +434,15 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
             raise Conflict(f"{what} has no checkpoint yet")
         return FileResponse(path, media_type="application/octet-stream", filename=filename)
 
-    @app.get("/v1/jobs/{job_id}/checkpoint", dependencies=[auth])
-    def checkpoint(job_id: str) -> FileResponse:
-        job = store.get(job_id)
+    @app.get("/v1/jobs/{job_id}/checkpoint")
+    def checkpoint(job_id: str, principal: str | None = auth) -> FileResponse:
+        job = visible(job_id, principal)
         why = f"job {job_id} ({job.status}{': ' + job.message if job.message else ''})"
         return _file(job.best_checkpoint, why, f"{job_id}.sparq")
 
-    @app.get("/v1/jobs/{job_id}/trials/{trial_id}/checkpoint", dependencies=[auth])
-    def trial_checkpoint(job_id: str, trial_id: str) -> FileResponse:
+    @app.get("/v1/jobs/{job_id}/trials/{trial_id}/checkpoint")
+    def trial_checkpoint(job_id: str, trial_id: str, principal: str | None = auth) -> FileResponse:
+        visible(job_id, principal)
         trial = store.trial(job_id, trial_id)
         return _file(trial.checkpoint, f"trial {trial_id}", f"{job_id}-{trial_id}.sparq")
 

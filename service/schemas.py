@@ -44,6 +44,7 @@ class JobSummary(BaseModel):
 
     id: str
     name: str
+    owner: str | None = None  # the principal who submitted it (never a token); None: no tokens
     status: str
     created_at: Time
     started_at: Time | None
@@ -85,6 +86,7 @@ class JobSummary(BaseModel):
         return {
             "id": job.id,
             "name": job.name,
+            "owner": job.owner,
             "status": job.status,
             "created_at": job.created_at,
             "started_at": job.started_at,
@@ -223,9 +225,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "a request the route cannot use (a body it cannot parse)",
     },
     401: {"model": ErrorBody, "description": "no valid bearer token"},
-    404: {"model": ErrorBody, "description": "no such job or trial"},
+    404: {"model": ErrorBody, "description": "no such job or trial (or another principal's)"},
     409: {"model": ErrorBody, "description": "not possible in the job's state"},
     413: {"model": TooLarge, "description": "request body over SPARQ_MAX_REQUEST_BYTES"},
     422: {"model": InvalidBody, "description": "invalid input, per field"},
-    429: {"model": ErrorBody, "description": "too many queued jobs"},
+    429: {"model": ErrorBody, "description": "too many queued jobs of this principal"},
 }

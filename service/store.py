@@ -61,6 +61,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The principal who submitted it (SPARQ_API_TOKENS); None: no tokens, one user
+    owner: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -149,6 +151,7 @@ _ADDED_COLUMNS = {
     ("jobs", "mlflow_pending"): "INTEGER",
     ("jobs", "mlflow_synced"): "BOOLEAN NOT NULL DEFAULT FALSE",
     ("trials", "node_id"): "VARCHAR(64)",
+    ("jobs", "owner"): "VARCHAR(64)",
 }
 
 
@@ -178,11 +181,12 @@ class JobStore:
         with self._session.begin() as s:
             yield s
 
-    def create(self, spec: dict[str, Any]) -> Job:
+    def create(self, spec: dict[str, Any], owner: str | None = None) -> Job:
         job = Job(
             id=uuid.uuid4().hex[:12],
             name=str(spec.get("name", "default")),
             spec=spec,
+            owner=owner,
             status=QUEUED,
             created_at=utcnow(),
             trials_total=int(spec["search"]["trials"]),
@@ -207,13 +211,20 @@ class JobStore:
             return list(s.scalars(q))
 
     def page(
-        self, status: str | None, limit: int, before: tuple[datetime, str] | None = None
+        self,
+        status: str | None,
+        limit: int,
+        before: tuple[datetime, str] | None = None,
+        owner: str | None = None,
     ) -> list[Job]:
         """Newest first (``created_at``, then ``id``), after ``before`` (the last job of
-        the previous page): a stable cursor order even for jobs created at once."""
+        the previous page): a stable cursor order even for jobs created at once. With
+        ``owner``: only that principal's jobs; without: everyone's."""
         q = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
         if status:
             q = q.where(Job.status == status)
+        if owner is not None:
+            q = q.where(Job.owner == owner)
         if before is not None:
             created, job_id = before
             q = q.where(
@@ -222,10 +233,13 @@ class JobStore:
         with self.session() as s:
             return list(s.scalars(q))
 
-    def count(self, status: str | None = None) -> int:
+    def count(self, status: str | None = None, owner: str | None = None) -> int:
+        """Jobs (in ``status``), of ``owner`` only if given."""
         q = select(func.count()).select_from(Job)
         if status:
             q = q.where(Job.status == status)
+        if owner is not None:
+            q = q.where(Job.owner == owner)
         with self.session() as s:
             return int(s.scalar(q) or 0)
 

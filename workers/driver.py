@@ -274,6 +274,17 @@ def _process_env() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
+def mlflow_names(owner: str | None, name: str) -> tuple[str, str]:
+    """The job's MLflow experiment and registered model. Jobs of one owner with one
+    ``name`` share both (the grouping a name asks for: one experiment, versions of one
+    model); two owners never do, so no one moves another's ``best`` alias. ``~``
+    occurs in no principal and no job name (nor ``/``), so no owner/name pair spells
+    another's. Without an owner (no tokens, one user): the names sparq always used."""
+    if owner is None:
+        return f"sparq/{name}", f"sparq-{name}"
+    return f"sparq/{owner}/{name}", f"sparq-{owner}~{name}"
+
+
 class Tracking:
     """The job's MLflow side: the driver's outbox stream and the one sender of the
     job's outbox (which tells the job store the MLflow ids as they exist)."""
@@ -351,7 +362,7 @@ def run_search(
     tr = Tracking(store, settings, job_id, job_dir)
     rec, parent = tr.rec, tracking.PARENT
     # Said again by a resumed driver: the sender creates each once (by key).
-    rec.experiment(f"sparq/{spec.name}")
+    rec.experiment(mlflow_names(job.owner, spec.name)[0])
     rec.run(parent, f"job-{job_id}", {"sparq.job_id": job_id})
     rec.status(parent, "RUNNING")
     left = Remaining.of(store.get(job_id), store.trials(job_id), spec)
@@ -657,7 +668,7 @@ def _finish(
     rec.register(
         parent,
         "model",
-        name=f"sparq-{spec.name}",
+        name=mlflow_names(store.get(job_id).owner, spec.name)[1],
         tags={
             "sparq.job_id": job_id,
             "sparq.trial_id": best.trial_id,

@@ -72,3 +72,32 @@ def test_an_old_store_gains_the_driver_identity_and_warnings_columns(tmp_path: P
     assert (again.driver_started, again.warnings) == ("123", ["slow disk"])
     assert store.create({"name": "new", "search": {"trials": 1}}).warnings == []
     store.close()
+
+
+def test_an_old_store_gains_the_owner_column_and_filters_by_it(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = sa.MetaData()
+    sa.Table("jobs", old, *[c.copy() for c in st.Job.__table__.columns if c.name != "owner"])  # type: ignore[attr-defined]
+    engine = sa.create_engine(url)
+    old.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO jobs (id, name, spec, status, created_at, cancel_requested, "
+                "restarts, trials_total, trials_completed, trials_failed, trials_stopped, "
+                "front_size, warnings, mlflow_synced) VALUES ('j1', 'old', '{}', 'queued', "
+                "'2026-01-01 00:00:00', 0, 0, 1, 0, 0, 0, 0, '[]', 0)"
+            )
+        )
+    engine.dispose()
+
+    store = st.JobStore(url)
+
+    assert store.get("j1").owner is None  # from before tokens named principals
+    mine = store.create({"name": "new", "search": {"trials": 1}}, owner="alice")
+    assert store.get(mine.id).owner == "alice"
+    assert [j.id for j in store.page(None, 10, owner="alice")] == [mine.id]
+    assert {j.id for j in store.page(None, 10)} == {"j1", mine.id}
+    assert (store.count(st.QUEUED, owner="alice"), store.count(st.QUEUED)) == (1, 2)
+    assert store.count(owner="bob") == 0
+    store.close()

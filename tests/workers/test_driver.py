@@ -1,14 +1,18 @@
-"""The driver's decisions that need no cluster: where a trial can run, and whether
-the Ray cluster it joined is gone."""
+"""The driver's decisions that need no cluster: where a trial can run, whether the
+Ray cluster it joined is gone, and the MLflow names of a job."""
 
 from __future__ import annotations
 
 import socket
 
 import pytest
+from pydantic import ValidationError
 
-from workers.driver import check_fits, ray_lost
+from service.settings import _PRINCIPAL
+from service.spec import JobSpec
+from workers.driver import check_fits, mlflow_names, ray_lost
 
+MINIMAL_SPEC = {"model": {"builtin": "digits-mlp"}, "dataset": {"builtin": "digits"}}
 TWO_NODES = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 1.0, "memory": 1e9}]
 
 
@@ -73,3 +77,17 @@ def test_a_resumed_search_runs_only_what_the_job_store_lacks() -> None:
     naive = st.Job(started_at=(st.utcnow() - timedelta(seconds=700)).replace(tzinfo=None))
     assert Remaining.of(naive, kept, spec).trials == 0  # the budget is spent: none more
     assert Remaining.of(st.Job(), [], spec) == Remaining(6, frozenset(), 600)
+
+
+def test_mlflow_names_include_the_owner_and_never_collide_across_owners() -> None:
+    assert mlflow_names(None, "digits") == ("sparq/digits", "sparq-digits")  # as always
+    assert mlflow_names("alice", "digits") == ("sparq/alice/digits", "sparq-alice~digits")
+    # owners and names may hold '-': with '-' between them these two would share a model
+    pairs = [("ml", "team-x"), ("ml-team", "x"), (None, "ml-team-x"), (None, "ml")]
+    experiments, models = zip(*(mlflow_names(o, n) for o, n in pairs), strict=True)
+    assert len(set(experiments)) == len(set(models)) == len(pairs)
+    # which holds since neither a principal nor a job name can hold '~' or '/'
+    for bad in ("ml~team", "ml/team"):
+        assert not _PRINCIPAL.fullmatch(bad)
+        with pytest.raises(ValidationError, match="name"):
+            JobSpec.model_validate({**MINIMAL_SPEC, "name": bad})
