@@ -25,6 +25,11 @@ own: a driver, which holds no API token, hides the passwords and the Ray token f
 what it stores; the API hides the API tokens too from what it shows, so a token that
 user code found anyway (the service's ``/proc/PID/environ`` is readable by the same
 user) and a driver stored is not shown.
+
+Not covered: user code runs as the service's user, so it can still read what that
+user can (the service's memory and environment, the job store through the driver's
+URL) and write it anywhere but the job store's texts; only another user or a
+container for user code would stop that.
 """
 
 from __future__ import annotations
