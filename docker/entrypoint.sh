@@ -22,7 +22,10 @@ if [ "${1:-}" = "uvicorn" ]; then
     case "${SPARQ_RAY_ADDRESS:-}" in
     "" | ray://*) ;;  # a local Ray per driver, or Ray Client: no node needed here
     *)
-        ray start --address="${SPARQ_RAY_ADDRESS}" --num-cpus=0 --num-gpus=0 \
+        # The node's raylet and workers inherit this environment: not the secrets
+        # only the API and the drivers need (see service/secrets.py).
+        env -u SPARQ_API_TOKENS -u SPARQ_DATABASE_URL \
+            ray start --address="${SPARQ_RAY_ADDRESS}" --num-cpus=0 --num-gpus=0 \
             --disable-usage-stats
         ;;
     esac

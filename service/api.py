@@ -16,6 +16,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -40,6 +41,7 @@ from service.schemas import (
     ParetoView,
     TrialView,
 )
+from service.secrets import known_secrets, scrub
 from service.settings import Settings, get_settings
 from service.spec import JobSpec, front_quality
 from workers import entrypoints
@@ -247,7 +249,8 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 def create_app(settings: Settings | None = None, *, launch: bool = True) -> FastAPI:
     """The app. ``launch=False`` serves the store without starting drivers (tests)."""
     settings = (settings or get_settings()).prepare()
-    store = st.JobStore(settings.db_url)
+    secrets = known_secrets(settings)
+    store = st.JobStore(settings.db_url, secrets)
     launcher = Launcher(settings, store)
     flusher = Flusher(settings, store)
 
@@ -323,6 +326,7 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
     allowed_modules = entrypoints.prefixes(settings.entrypoint_modules)
     admins = frozenset(settings.admin_principals)
     uri = settings.mlflow_tracking_uri
+    hide = partial(scrub, secrets=secrets)
 
     def whose(principal: str | None) -> str | None:
         """Whose jobs a principal sees: its own; everyone's for an admin, and without
@@ -340,7 +344,7 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
 
     @app.get("/v1/health", response_model=Health)
     def health() -> Health:
-        return Health(status="ok", version=VERSION, tracking_uri=uri)
+        return Health(status="ok", version=VERSION)
 
     @app.post("/v1/jobs", status_code=201, response_model=JobView)
     def create_job(spec: JobSpec, principal: str | None = auth) -> Any:
@@ -361,7 +365,7 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
             )
         job = store.create(spec.model_dump(mode="json"), owner=principal)
         launcher.poke()
-        return JobView.of(job, uri)
+        return JobView.of(job, uri, hide=hide)
 
     @app.get("/v1/jobs", response_model=JobPage)
     def list_jobs(
@@ -374,18 +378,18 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         jobs = store.page(status=status, limit=limit + 1, before=before, owner=whose(principal))
         more, jobs = len(jobs) > limit, jobs[:limit]
         return JobPage(
-            jobs=[JobSummary.of(j, uri) for j in jobs],
+            jobs=[JobSummary.of(j, uri, hide=hide) for j in jobs],
             next_cursor=_encode_cursor(jobs[-1]) if more else None,
         )
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView)
     def get_job(job_id: str, principal: str | None = auth) -> JobView:
-        return JobView.of(visible(job_id, principal), uri)
+        return JobView.of(visible(job_id, principal), uri, hide=hide)
 
     @app.get("/v1/jobs/{job_id}/trials", response_model=list[TrialView])
     def list_trials(job_id: str, principal: str | None = auth) -> list[TrialView]:
         visible(job_id, principal)
-        return [TrialView.of(t) for t in store.trials(job_id)]
+        return [TrialView.of(t, hide=hide) for t in store.trials(job_id)]
 
     @app.get("/v1/jobs/{job_id}/pareto", response_model=ParetoView)
     def pareto(job_id: str, principal: str | None = auth) -> ParetoView:
@@ -427,7 +431,7 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
     @app.post("/v1/jobs/{job_id}/cancel", response_model=JobView)
     def cancel(job_id: str, principal: str | None = auth) -> JobView:
         visible(job_id, principal)
-        return JobView.of(launcher.cancel(job_id), uri)
+        return JobView.of(launcher.cancel(job_id), uri, hide=hide)
 
     def _file(path: str | None, what: str, filename: str) -> FileResponse:
         if not path or not Path(path).is_file():
@@ -437,7 +441,7 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
     @app.get("/v1/jobs/{job_id}/checkpoint")
     def checkpoint(job_id: str, principal: str | None = auth) -> FileResponse:
         job = visible(job_id, principal)
-        why = f"job {job_id} ({job.status}{': ' + job.message if job.message else ''})"
+        why = f"job {job_id} ({job.status}{': ' + hide(job.message) if job.message else ''})"
         return _file(job.best_checkpoint, why, f"{job_id}.sparq")
 
     @app.get("/v1/jobs/{job_id}/trials/{trial_id}/checkpoint")

@@ -34,6 +34,7 @@ from typing import Protocol
 
 from service import store as st
 from service.procs import process_start, same_process, signal_group
+from service.secrets import RAY_AUTH, scrub_env
 from service.settings import Settings
 
 log = logging.getLogger("sparq.launcher")
@@ -137,9 +138,11 @@ class _Stopping:
 
 
 def driver_env(settings: Settings) -> dict[str, str]:
-    """The environment of a search driver: ours plus where the store, MLflow and Ray
-    are (the settings win over inherited SPARQ_ variables)."""
-    env = dict(os.environ)
+    """The environment of a search driver: ours without the secrets it does not need
+    (no API token: user code runs in the driver; see :mod:`service.secrets`), plus
+    where the store, MLflow and Ray are (the settings win over inherited SPARQ_
+    variables)."""
+    env = scrub_env(os.environ, keep=RAY_AUTH)
     env.update(
         SPARQ_HOME=str(settings.home),
         SPARQ_DATABASE_URL=settings.db_url,

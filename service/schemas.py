@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Self
 
@@ -16,6 +17,14 @@ def _utc(t: datetime) -> datetime:
 
 # RFC 3339 as the schema's date-time says: with its zone, e.g. 2026-12-02T10:13:26Z
 Time = Annotated[datetime, AfterValidator(_utc)]
+# Hides the service's secrets from a text (``service.secrets.scrub`` with them): the
+# store hides them as it writes, the views again as they show (a row written by a
+# process that knew fewer secrets, or before there was hiding)
+Hide = Callable[[str], str]
+
+
+def _hidden(text: str | None, hide: Hide) -> str | None:
+    return None if text is None else hide(text)
 
 
 class Measured(BaseModel):
@@ -65,11 +74,11 @@ class JobSummary(BaseModel):
     warnings: list[str] = []  # what to know that did not change the outcome
 
     @classmethod
-    def of(cls, job: st.Job, tracking_uri: str) -> Self:
-        return cls(**cls._fields_of(job, tracking_uri))
+    def of(cls, job: st.Job, tracking_uri: str, *, hide: Hide) -> Self:
+        return cls(**cls._fields_of(job, tracking_uri, hide))
 
     @classmethod
-    def _fields_of(cls, job: st.Job, tracking_uri: str) -> dict[str, Any]:
+    def _fields_of(cls, job: st.Job, tracking_uri: str, hide: Hide) -> dict[str, Any]:
         baseline = best = None
         if job.baseline_accuracy is not None and job.baseline_size_bytes:
             baseline = Measured(accuracy=job.baseline_accuracy, size_bytes=job.baseline_size_bytes)
@@ -107,11 +116,11 @@ class JobSummary(BaseModel):
                 pending_bytes=job.mlflow_pending,
                 synced=bool(job.mlflow_synced),
             ),
-            "error": job.error,
-            "message": job.message,
+            "error": _hidden(job.error, hide),
+            "message": _hidden(job.message, hide),
             "cancel_requested": job.cancel_requested,
             "restarts": job.restarts or 0,
-            "warnings": list(job.warnings or []),
+            "warnings": [hide(str(w)) for w in job.warnings or []],
         }
 
 
@@ -121,8 +130,8 @@ class JobView(JobSummary):
     spec: dict[str, Any]
 
     @classmethod
-    def _fields_of(cls, job: st.Job, tracking_uri: str) -> dict[str, Any]:
-        return {**super()._fields_of(job, tracking_uri), "spec": job.spec}
+    def _fields_of(cls, job: st.Job, tracking_uri: str, hide: Hide) -> dict[str, Any]:
+        return {**super()._fields_of(job, tracking_uri, hide), "spec": job.spec}
 
 
 class JobPage(BaseModel):
@@ -150,7 +159,7 @@ class TrialView(BaseModel):
     has_checkpoint: bool
 
     @classmethod
-    def of(cls, t: st.Trial) -> TrialView:
+    def of(cls, t: st.Trial, *, hide: Hide) -> TrialView:
         return cls(
             trial_id=t.trial_id,
             number=t.number,
@@ -162,7 +171,7 @@ class TrialView(BaseModel):
             relative_bops=t.relative_bops,
             duration_s=t.duration_s,
             policy=t.policy,
-            error=t.error,
+            error=_hidden(t.error, hide),
             mlflow_run_id=t.mlflow_run_id,
             node_id=t.node_id,
             has_checkpoint=bool(t.checkpoint),
@@ -192,9 +201,10 @@ class ParetoView(BaseModel):
 
 
 class Health(BaseModel):
+    """Liveness, and nothing about where the service's parts are."""
+
     status: str
     version: str
-    tracking_uri: str
 
 
 class ErrorBody(BaseModel):

@@ -1,19 +1,25 @@
 """Settings from the environment (``SPARQ_*``), behind a cached ``get_settings()``.
 
-Nothing happens at import time: directories are created by :meth:`Settings.prepare`.
+Nothing happens at import time: directories are created (private to this user) by
+:meth:`Settings.prepare`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
+import os
 import re
+import stat
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger("sparq.settings")
 
 
 class Settings(BaseSettings):
@@ -123,7 +129,17 @@ class Settings(BaseSettings):
         return self.jobs_dir / job_id
 
     def prepare(self) -> Settings:
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        """Create the data directory, private to this user: umask 077 for this process
+        and every process it starts (drivers, Ray, MLflow inherit it), so what sparq
+        writes (the job store, logs, checkpoints) is 0600 in directories 0700; a home
+        left more open than 0700 is closed."""
+        os.umask(0o077)
+        self.home.mkdir(parents=True, exist_ok=True)
+        mode = stat.S_IMODE(self.home.stat().st_mode)
+        if mode & 0o077:
+            log.warning("SPARQ_HOME %s was open to others (%04o); made it 0700", self.home, mode)
+            self.home.chmod(0o700)
+        self.jobs_dir.mkdir(exist_ok=True)
         return self
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from service.secrets import OBJECT_STORE, RAY_AUTH, scrub_env
+
 
 class StackError(RuntimeError):
     pass
@@ -87,7 +89,11 @@ def start_mlflow(
     """``mlflow server`` with proxied artifacts: on SQLite under ``home/mlflow`` by
     default, or on ``backend_uri`` (SPARQ_MLFLOW_BACKEND_URI, e.g. a PostgreSQL URL)
     with artifacts in ``artifacts_destination`` (SPARQ_MLFLOW_ARTIFACTS_DESTINATION,
-    e.g. ``s3://bucket/path``; the server's environment carries the credentials)."""
+    e.g. ``s3://bucket/path``; the server's environment carries the credentials).
+
+    Its environment is ours without the secrets it does not need, the object store's
+    credentials kept (:mod:`service.secrets`); the backend URI, which may hold a
+    password, goes in the environment too, not on the command line ``ps`` shows."""
     if port_in_use(host, port):
         raise StackError(f"--mlflow-port {port} is already in use on {host}; choose another port")
     root = home / "mlflow"
@@ -95,11 +101,14 @@ def start_mlflow(
     log = root / "server.log"
     cmd = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", backend_uri or f"sqlite:///{root / 'mlflow.db'}",
         "--artifacts-destination", artifacts_destination or str(root / "artifacts"),
         "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    env = {"MLFLOW_DISABLE_TELEMETRY": "true", **os.environ}  # no phoning home
+    env = {
+        "MLFLOW_DISABLE_TELEMETRY": "true",  # no phoning home
+        **scrub_env(os.environ, keep=OBJECT_STORE),
+        "MLFLOW_BACKEND_STORE_URI": backend_uri or f"sqlite:///{root / 'mlflow.db'}",
+    }
     with log.open("ab") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -182,7 +191,8 @@ def start_ray(home: Path, num_cpus: int | None = None, host: str = "127.0.0.1") 
     ]  # fmt: skip
     # Stopped (or its stack dead): no 30 s drain serving the old stack's drivers. The
     # service stops its drivers first, and after a crash they are resumed anew.
-    env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ}
+    # Its workers (the trials) inherit its environment: no secret but Ray's own.
+    env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **scrub_env(os.environ, keep=RAY_AUTH)}
     with log.open("ab") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

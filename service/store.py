@@ -5,13 +5,17 @@ It is the one source of truth for job state. The service creates jobs and asks f
 cancellation; the search driver (a separate process) writes progress, trials and
 the outcome; the launcher records which driver process runs a job (pid, start time,
 Ray address) and marks jobs whose driver died.
+
+Every text written (a job's ``error``, ``message`` and ``warnings``, a trial's
+``error``) has the store's secrets hidden first (:func:`service.secrets.scrub`): the
+secrets its process knows, passed at construction, and the password in its own URL.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +39,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from service.secrets import scrub, url_password
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued",
@@ -170,7 +176,8 @@ def _add_missing_columns(engine: Engine) -> None:
 class JobStore:
     """Thin, explicit data access. Every method is one short transaction."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, secrets: Iterable[str] = ()) -> None:
+        self.secrets = frozenset(secrets) | url_password(url)
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
@@ -180,6 +187,17 @@ class JobStore:
     def session(self) -> Iterator[Session]:
         with self._session.begin() as s:
             yield s
+
+    def _scrubbed(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` with the secrets hidden from their texts (user code's errors may
+        quote anything the process can read)."""
+        out = dict(fields)
+        for key in ("error", "message"):
+            if isinstance(out.get(key), str):
+                out[key] = scrub(out[key], self.secrets)
+        if out.get("warnings"):
+            out["warnings"] = [scrub(str(w), self.secrets) for w in out["warnings"]]
+        return out
 
     def create(self, spec: dict[str, Any], owner: str | None = None) -> Job:
         job = Job(
@@ -265,7 +283,7 @@ class JobStore:
             job = s.get(Job, job_id, with_for_update=True)
             if job is None:
                 raise JobNotFound(job_id)
-            for k, v in fields.items():
+            for k, v in self._scrubbed(fields).items():
                 setattr(job, k, v)
             return job
 
@@ -281,7 +299,7 @@ class JobStore:
         stmt = (
             update(Job)
             .where(Job.id == job_id, Job.status.in_(list(allowed_from)))
-            .values(**fields)
+            .values(**self._scrubbed(fields))
             .execution_options(synchronize_session=False)
         )
         with self.session() as s:
@@ -296,6 +314,7 @@ class JobStore:
     def upsert_trial(self, job_id: str, trial_id: str, **fields: Any) -> Trial:
         with self.session() as s:
             trial = s.get(Trial, (job_id, trial_id))
+            fields = self._scrubbed(fields)
             if trial is None:
                 trial = Trial(job_id=job_id, trial_id=trial_id, **fields)
                 s.add(trial)
@@ -316,7 +335,7 @@ class JobStore:
             trial = s.get(Trial, (job_id, trial_id))
             if trial is None:
                 return False
-            for k, v in fields.items():
+            for k, v in self._scrubbed(fields).items():
                 setattr(trial, k, v)
             return True
 

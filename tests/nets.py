@@ -167,3 +167,21 @@ class _Untrainable(nn.Module):
 
 def untrainable() -> nn.Module:
     return _Untrainable()
+
+
+def environ_digits(dump: str) -> tuple[object, object]:
+    """A dataset entrypoint that does what hostile user code would: appends the
+    environment of the process it runs in to ``dump``, and in a Ray worker (the
+    baseline's) fails with that environment as its error, which the job then shows.
+    In the driver it returns digits, so the search goes on to the worker."""
+    import os
+    from pathlib import Path
+
+    from workers.data import digits
+
+    environ = Path("/proc/self/environ").read_text()
+    with open(dump, "a") as f:
+        f.write(environ.replace("\0", "\n") + "\n")
+    if "SPARQ_DATABASE_URL" not in os.environ:  # a Ray worker: only the driver has it
+        raise ValueError(f"could not parse {environ!r}")
+    return digits()

@@ -393,6 +393,26 @@ def test_entrypoint_joins_ray_then_serves(fake_bin: Path) -> None:
     assert calls[1] == "uvicorn --factory service.api:app_factory"
 
 
+def test_entrypoint_joins_ray_without_the_api_secrets(fake_bin: Path) -> None:
+    """The Ray node's raylet and workers inherit `ray start`'s environment: neither
+    the API tokens nor the job store's URL (its password); the Ray token stays."""
+    seen = fake_bin.parent / "ray-env"
+    (fake_bin / "ray").write_text(f'#!/bin/sh\nenv > "{seen}"\n')
+    proc, _ = run_entrypoint(
+        fake_bin,
+        ["uvicorn", "app"],
+        SPARQ_API_TOKENS=SECRETS["SPARQ_API_TOKENS"],
+        SPARQ_DATABASE_URL=f"postgresql+psycopg://sparq:{SECRETS['POSTGRES_PASSWORD']}@pg/sparq",
+        RAY_AUTH_TOKEN=SECRETS["RAY_AUTH_TOKEN"],
+        SPARQ_RAY_ADDRESS="ray-head:6379",
+    )
+    assert proc.returncode == 0, proc.stderr
+    env = seen.read_text()
+    assert SECRETS["SPARQ_API_TOKENS"] not in env
+    assert SECRETS["POSTGRES_PASSWORD"] not in env
+    assert f"RAY_AUTH_TOKEN={SECRETS['RAY_AUTH_TOKEN']}" in env
+
+
 @pytest.mark.parametrize("address", ["", "ray://ray-head:10001"])
 def test_entrypoint_starts_no_ray_node_without_a_cluster_address(
     fake_bin: Path, address: str

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from service import store as st
 from service.flusher import WARNING_PREFIX, record_mlflow_id
 from service.procs import process_start
+from service.secrets import known_secrets, scrub
 from service.settings import Settings, get_settings
 from service.spec import JobSpec, front_quality
 from workers import entrypoints
@@ -491,7 +492,7 @@ def run_search(
         status = "KILLED" if store.get(job_id).status == st.CANCELLED else "FINISHED"
         rec.status(parent, status)
     except BaseException as e:
-        rec.tags(parent, {"sparq.error": f"{type(e).__name__}: {e}"[:5000]})
+        rec.tags(parent, {"sparq.error": scrub(f"{type(e).__name__}: {e}", store.secrets)[:5000]})
         rec.status(parent, "FAILED")
         raise
     finally:
@@ -688,8 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _process_env()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = get_settings()
-    store = st.JobStore(settings.db_url)
+    settings = get_settings().prepare()  # umask 077, as the service's (if it started us)
+    store = st.JobStore(settings.db_url, known_secrets(settings))
     job_id = args.job_id
     me = {  # who runs the job: the launcher adopts or resumes it by these
         "driver_pid": os.getpid(),

@@ -18,6 +18,8 @@ from ray import tune
 from dashboards import FrontPoint, non_dominated_ranks, sparq_front
 from search_spaces import KnobSpace, policy_from_params
 from service import store as st
+from service.secrets import known_secrets
+from service.settings import get_settings
 from service.spec import front_quality
 from workers import live, outbox, tracking
 from workers.errors import last_line
@@ -38,7 +40,8 @@ class _Lazy:
     @property
     def store(self) -> st.JobStore:
         if getattr(self, "_store", None) is None:
-            self._store = st.JobStore(self.db_url)
+            # the secrets not pickled with the run config: this process's own
+            self._store = st.JobStore(self.db_url, known_secrets(get_settings()))
         return self._store
 
     db_url: str

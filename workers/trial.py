@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from search_spaces import KnobSpace, Policy, policy_from_params
+from service.secrets import known_secrets, scrub
+from service.settings import get_settings
 from service.spec import JobSpec, front_quality
 from workers import checkpoint as ckpt
 from workers import quant, tracking
@@ -286,7 +288,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             rec.status(run, "KILLED")
         raise
     except Exception as e:  # the trial's own failure: its final result says so
-        why = f"{type(e).__name__}: {e}"
+        # user code's error may quote what this worker can read (the Ray token)
+        why = scrub(f"{type(e).__name__}: {e}", known_secrets(get_settings()))
         rec.tags(run, {"sparq.error": why[:5000]})
         rec.status(run, "FAILED")
         tune.report({"failed": True, "error": last_line(why, why)[:2000], "final": True, **told})

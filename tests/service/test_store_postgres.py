@@ -128,3 +128,16 @@ def test_an_old_store_gains_the_added_columns_in_place(pg_url: str) -> None:
     assert store.trial("old", "t1").node_id == "abc"
     st.JobStore(pg_url).close()  # idempotent: a second start adds nothing
     store.close()
+
+
+def test_the_password_of_the_store_url_is_hidden_from_what_it_writes(pg_url: str) -> None:
+    # trust authentication: the server ignores the password, the store must hide it
+    url = pg_url.replace("://sparq@", "://sparq:pg%2Fsecret-0123@")
+    assert url != pg_url
+    store = st.JobStore(url)
+    job = store.create(SPEC)
+    store.update(job.id, error=f"could not connect to {url} (pg/secret-0123)")
+    error = store.get(job.id).error or ""
+    assert "secret-0123" not in error
+    assert error.count("***") == 2
+    store.close()
