@@ -37,6 +37,7 @@ from service.flusher import WARNING_PREFIX, record_mlflow_id
 from service.procs import process_start
 from service.settings import Settings, get_settings
 from service.spec import JobSpec, front_quality
+from service.weights import Roots
 from workers.baseline import (
     describe_model,
     export_onnx,
@@ -231,7 +232,7 @@ class BaselineWatch:
         return self._result
 
 
-def _submit_baseline(spec: JobSpec, spec_json: dict[str, Any]) -> tuple[Any, Any]:
+def _submit_baseline(spec: JobSpec, spec_json: dict[str, Any], roots: Roots) -> tuple[Any, Any]:
     """The baseline task, in a placement group of its own: the search starts while it
     trains and its first trials wait for it holding their CPUs, so the baseline's
     resources are reserved first (never taken by a waiting trial: no deadlock)."""
@@ -250,7 +251,7 @@ def _submit_baseline(spec: JobSpec, spec_json: dict[str, Any]) -> tuple[Any, Any
             num_gpus=spec.resources.gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
         )
-        .remote(spec_json)
+        .remote(spec_json, roots)
     )
     return ref, pg
 
@@ -330,7 +331,7 @@ def run_search(
     reserved = None
     if saved is None:
         log.info("training the float baseline")
-        baseline_ref, reserved = _submit_baseline(spec, spec_json)
+        baseline_ref, reserved = _submit_baseline(spec, spec_json, Roots.of(settings))
     else:
         baseline_ref = ray.put(saved)  # a resumed driver starts from it, not again
 
