@@ -17,7 +17,9 @@ from service import weights as wt
 from service.api import create_app
 from service.cli import upload_local_weights
 from service.client import Client
+from service.launcher import driver_env
 from service.settings import Settings
+from service.weights import Roots
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
 AS_ALICE = {"Authorization": f"Bearer {ALICE}"}
@@ -230,3 +232,44 @@ def test_submit_uploads_a_local_file_and_names_it_by_id(client: TestClient, tmp_
     for left in (weights_id, "/srv/weights/not-here.pt"):
         same = {**MINIMAL, "baseline": {"weights": left}}
         assert upload_local_weights(api, same, tmp_path) is same
+
+
+def test_the_driver_hands_the_baseline_task_the_services_roots(
+    conf: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's settings come from driver_env: the same roots as the service's,
+    whatever the service's own environment said (settings from code included)."""
+    monkeypatch.setenv("SPARQ_WEIGHTS_DIRS", "/somewhere/else")
+    env = driver_env(conf)
+    for var in ("SPARQ_HOME", "SPARQ_WEIGHTS_DIRS"):
+        monkeypatch.setenv(var, env[var])
+    assert Roots.of(Settings()) == Roots.of(conf)
+
+
+def test_sparq_submit_says_what_it_uploaded(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from service import cli
+
+    api = Client("http://testserver")
+    api.http = client
+    client.headers.update(AS_ALICE)
+    monkeypatch.setattr(cli, "_client", lambda url, token: api)
+    (tmp_path / "model.pt").write_bytes(_linear())
+    spec = {**MINIMAL, "baseline": {"weights": "model.pt"}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    r = CliRunner().invoke(cli.app, ["submit", str(tmp_path / "job.yaml")])
+    assert r.exit_code == 0, r.output
+    [line] = [ln for ln in r.output.splitlines() if ln.startswith("uploaded")]
+    assert str(tmp_path / "model.pt") in line
+    assert "as weights w-" in line
+    job = client.get("/v1/jobs").json()["jobs"][0]
+    assert wt.WEIGHTS_ID.fullmatch(
+        client.get(f"/v1/jobs/{job['id']}").json()["spec"]["baseline"]["weights"]
+    )
+    r = CliRunner().invoke(cli.app, ["submit", "--no-upload", str(tmp_path / "job.yaml")])
+    assert r.exit_code == 2  # a relative path, sent as it is: the service refuses it
+    assert "absolute path" in r.output
