@@ -501,11 +501,21 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
             raise
         return _weights_view(meta)
 
-    @app.get("/v1/weights/{weights_id}", response_model=WeightsView, dependencies=[auth])
-    def get_weights(weights_id: str, request: Request) -> WeightsView:
+    def _own_upload(weights_id: str, request: Request) -> dict[str, Any]:
         meta = wt.read_meta(roots, weights_id)
         if meta is None or meta.get("owner") != request.state.principal:
             raise NotFound(f"no uploaded weights {weights_id!r} of yours")
+        return meta
+
+    @app.get("/v1/weights/{weights_id}", response_model=WeightsView, dependencies=[auth])
+    def get_weights(weights_id: str, request: Request) -> WeightsView:
+        return _weights_view(_own_upload(weights_id, request))
+
+    @app.delete("/v1/weights/{weights_id}", response_model=WeightsView, dependencies=[auth])
+    def delete_weights(weights_id: str, request: Request) -> WeightsView:
+        """Forget an upload (a queued job naming it then fails at its baseline)."""
+        meta = _own_upload(weights_id, request)
+        wt.forget(roots, meta)
         return _weights_view(meta)
 
     def _file(path: str | None, what: str, filename: str) -> FileResponse:

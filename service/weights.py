@@ -22,7 +22,7 @@ from typing import Any
 
 from service.spec import WEIGHT_SUFFIXES, WEIGHTS_ID
 
-__all__ = ["WEIGHTS_ID", "WEIGHT_SUFFIXES", "Refused", "Roots", "check", "keep"]
+__all__ = ["WEIGHTS_ID", "WEIGHT_SUFFIXES", "Refused", "Roots", "check", "forget", "keep"]
 UNKNOWN_ID = "no uploaded weights with this id are yours (POST /v1/weights gives ids)"
 
 
@@ -103,6 +103,14 @@ def suffix_of(path: Path, filename: str | None) -> str:
         return ".npz" if names and all(n.endswith(".npy") for n in names) else ".pt"
     except (OSError, zipfile.BadZipFile):
         return ".pt"
+
+
+def forget(roots: Roots, meta: dict[str, Any]) -> None:
+    """Remove an upload: its sidecar first, so that the id is unknown at once."""
+    (roots.uploads / f"{meta['id']}.json").unlink(missing_ok=True)
+    file = Path(str(meta.get("file") or "")).name
+    if file:
+        (roots.uploads / file).unlink(missing_ok=True)
 
 
 def keep(

@@ -273,3 +273,17 @@ def test_sparq_submit_says_what_it_uploaded(
     r = CliRunner().invoke(cli.app, ["submit", "--no-upload", str(tmp_path / "job.yaml")])
     assert r.exit_code == 2  # a relative path, sent as it is: the service refuses it
     assert "absolute path" in r.output
+
+
+def test_an_owner_deletes_an_upload_and_then_it_is_unknown(
+    client: TestClient, conf: Settings
+) -> None:
+    up = _upload(client, _linear()).json()
+    assert client.delete(f"/v1/weights/{up['id']}", headers=AS_BOB).status_code == 404
+    assert len(_left(conf)) == 2
+    r = client.delete(f"/v1/weights/{up['id']}", headers=AS_ALICE)
+    assert r.status_code == 200
+    assert r.json() == up
+    assert _left(conf) == []
+    assert client.delete(f"/v1/weights/{up['id']}", headers=AS_ALICE).status_code == 404
+    assert _submit(client, up["id"]).json()["detail"][0]["rule"] == wt.UNKNOWN_ID
