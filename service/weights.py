@@ -81,11 +81,10 @@ def check(value: str, roots: Roots, principal: str | None, *, owner_checked: boo
         return Path(real)
     real = os.path.realpath(value)
     if not any(_under(real, d) for d in roots.dirs):
-        where = f"one of {list(roots.dirs)}" if roots.dirs else "none: unset"
-        raise Refused(
-            f"a server path must be under SPARQ_WEIGHTS_DIRS ({where}) once symlinks are "
-            "resolved; upload the file instead (POST /v1/weights; `sparq submit` does it "
-            "for a local file)"
+        raise Refused(  # which directories those are is the operator's to tell
+            "a path on the service must be under a directory of the service's "
+            "SPARQ_WEIGHTS_DIRS once symlinks are resolved; upload the file instead (POST "
+            "/v1/weights; `sparq submit` does it for a local file)"
         )
     if not (os.path.isfile(real) and os.access(real, os.R_OK)):
         raise Refused("no readable file at this path on the service (the workers read it too)")

@@ -212,6 +212,7 @@ def test_a_server_path_only_under_weights_dirs(
         assert d["field"] == "baseline.weights"
         assert d["value"] == str(path)
         assert "SPARQ_WEIGHTS_DIRS" in d["rule"]
+        assert str(allowed) not in d["rule"]  # where they are is not told
     assert len(client.get("/v1/jobs", headers=AS_ALICE).json()["jobs"]) == 1
 
 
