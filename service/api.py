@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 import math
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -24,10 +26,12 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dashboards import FrontPoint, sparq_front
 from service import store as st
+from service import weights as wt
 from service.flusher import Flusher
 from service.launcher import Launcher
 from service.schemas import (
@@ -40,6 +44,7 @@ from service.schemas import (
     ParetoPoint,
     ParetoView,
     TrialView,
+    WeightsView,
 )
 from service.secrets import known_secrets, scrub
 from service.settings import Settings, get_settings
@@ -83,6 +88,20 @@ class TooManyJobs(ApiError):
     status_code = 429
 
 
+def _too_large_message(limit: int, setting: str) -> str:
+    return f"request body is larger than the limit of {limit} bytes ({setting})"
+
+
+class BodyTooLarge(ApiError):
+    """A 413 for a body a route counts itself as it streams it (a weights upload)."""
+
+    status_code = 413
+
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(_too_large_message(limit, setting))
+        self.limit_bytes = limit
+
+
 ERROR_STATUS: dict[type[Exception], int] = {
     st.JobNotFound: 404,
     LookupError: 404,
@@ -91,6 +110,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     Unauthorized: 401,
     Invalid: 422,
     TooManyJobs: 429,
+    BodyTooLarge: 413,
     ApiError: 400,
 }
 
@@ -148,29 +168,37 @@ def non_finite_fields(body: bytes) -> list[dict[str, Any]] | None:
 class BodyGuard:
     """ASGI middleware: a body over ``max_bytes`` gets 413 before anything parses it
     (by Content-Length, and by counting a streamed body); a JSON body holding NaN or
-    Infinity anywhere gets 422 naming the fields. The body is then replayed."""
+    Infinity anywhere gets 422 naming the fields. The body is then replayed.
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    ``streamed``: POST paths whose route streams its body to disk and counts it itself
+    (path -> limit, setting): only their Content-Length is checked here, against
+    their own limit, and the body passes through unread."""
 
-    def _too_large(self) -> JSONResponse:
+    def __init__(
+        self, app: Any, max_bytes: int, streamed: dict[str, tuple[int, str]] | None = None
+    ) -> None:
+        self.app, self.max_bytes, self.streamed = app, max_bytes, streamed or {}
+
+    @staticmethod
+    def _too_large(limit: int, setting: str) -> JSONResponse:
         return JSONResponse(
             status_code=413,
-            content={
-                "message": f"request body is larger than the limit of {self.max_bytes} bytes "
-                "(SPARQ_MAX_REQUEST_BYTES)",
-                "limit_bytes": self.max_bytes,
-            },
+            content={"message": _too_large_message(limit, setting), "limit_bytes": limit},
         )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        stream = self.streamed.get(scope.get("path", "")) if scope["method"] == "POST" else None
+        limit, setting = stream or (self.max_bytes, "SPARQ_MAX_REQUEST_BYTES")
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"").decode("latin-1").strip()
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._too_large()(scope, receive, send)
+        if declared.isdigit() and int(declared) > limit:
+            await self._too_large(limit, setting)(scope, receive, send)
+            return
+        if stream:
+            await self.app(scope, receive, send)
             return
         chunks, total, more = [], 0, True
         while more:
@@ -179,8 +207,8 @@ class BodyGuard:
                 return
             chunk = message.get("body", b"")
             total += len(chunk)
-            if total > self.max_bytes:
-                await self._too_large()(scope, receive, send)
+            if total > limit:
+                await self._too_large(limit, setting)(scope, receive, send)
                 return
             chunks.append(chunk)
             more = bool(message.get("more_body"))
@@ -275,7 +303,12 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         responses=ERROR_RESPONSES,  # every route's errors, as the handlers below shape them
     )
     app.state.store, app.state.launcher, app.state.settings = store, launcher, settings
-    app.add_middleware(BodyGuard, max_bytes=settings.max_request_bytes)
+    weights_limit = (settings.max_weights_bytes, "SPARQ_MAX_WEIGHTS_BYTES")
+    app.add_middleware(
+        BodyGuard,
+        max_bytes=settings.max_request_bytes,
+        streamed={"/v1/weights": weights_limit},
+    )
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -299,7 +332,10 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         async def _on_domain(_: Request, exc: Exception) -> JSONResponse:
             if isinstance(exc, Invalid):
                 return _unprocessable([exc.problem], "request")
-            return JSONResponse(status_code=_status_for(exc), content={"message": str(exc)})
+            content: dict[str, Any] = {"message": str(exc)}
+            if isinstance(exc, BodyTooLarge):
+                content["limit_bytes"] = exc.limit_bytes
+            return JSONResponse(status_code=_status_for(exc), content=content)
 
         app.add_exception_handler(exc_type, _on_domain)
 
@@ -342,6 +378,8 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
             raise st.JobNotFound(job_id)
         return job
 
+    roots = wt.Roots.of(settings)
+
     @app.get("/v1/health", response_model=Health)
     def health() -> Health:
         return Health(status="ok", version=VERSION)
@@ -352,9 +390,12 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         if refused:
             return _unprocessable(refused)
         weights = spec.baseline.weights
-        if weights and not (os.path.isfile(weights) and os.access(weights, os.R_OK)):
-            rule = "no readable file at this path on the service (the workers read it too)"
-            return _unprocessable([{"loc": ("baseline", "weights"), "input": weights, "msg": rule}])
+        if weights:
+            try:  # an upload of this principal's, or a file under SPARQ_WEIGHTS_DIRS
+                wt.check(weights, roots, principal)
+            except wt.Refused as e:
+                problem = {"loc": ("baseline", "weights"), "input": weights, "msg": str(e)}
+                return _unprocessable([problem])
         queued = store.count(status=st.QUEUED, owner=principal)  # admins' own too
         if queued >= settings.max_queued_jobs:
             whose_jobs = f"jobs of {principal!r}" if principal else "jobs"
@@ -433,6 +474,78 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
         visible(job_id, principal)
         return JobView.of(launcher.cancel(job_id), uri, hide=hide)
 
+    @app.post(
+        "/v1/weights",
+        status_code=201,
+        response_model=WeightsView,
+        dependencies=[auth],
+        openapi_extra={"requestBody": UPLOAD_BODY},
+    )
+    async def upload_weights(
+        request: Request,
+        filename: Annotated[
+            str | None,
+            Query(
+                max_length=255,
+                pattern=r"^[^/\\]+\.(pt|pth|npz)$",
+                description="the file's name; its suffix says how it is read (else sniffed)",
+            ),
+        ] = None,
+    ) -> WeightsView:
+        """Upload a state dict (the body: the file's bytes) for ``baseline.weights`` of
+        this principal's jobs. Checked now with the loader the baseline uses."""
+        roots.uploads.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=roots.uploads, prefix=".upload-", suffix=".part")
+        tmp = Path(name)
+        try:
+            digest, size = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():  # to disk as it comes, counted
+                    size += len(chunk)
+                    if size > weights_limit[0]:
+                        raise BodyTooLarge(*weights_limit)
+                    digest.update(chunk)
+                    f.write(chunk)
+            if not size:
+                rule = f"the body is empty; it must be the bytes of a state dict file ({SUFFIXES})"
+                raise Invalid("body", "", rule)
+            suffix = wt.suffix_of(tmp, filename)
+            tmp = tmp.replace(tmp.with_name(tmp.stem + suffix))  # the loader goes by it
+            problem = await run_in_threadpool(_state_dict_problem, tmp)
+            if problem:
+                rule = f"must be a state dict of tensors ({SUFFIXES}): {problem}"
+                raise Invalid("body", filename or f"{size} bytes", rule)
+            meta = wt.keep(
+                roots,
+                tmp,
+                suffix=suffix,
+                owner=request.state.principal,
+                sha256=digest.hexdigest(),
+                size_bytes=size,
+                filename=filename,
+            )
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return _weights_view(meta)
+
+    def _own_upload(weights_id: str, request: Request) -> dict[str, Any]:
+        meta = wt.read_meta(roots, weights_id)
+        if meta is None or meta.get("owner") != request.state.principal:
+            raise NotFound(f"no uploaded weights {weights_id!r} of yours")
+        return meta
+
+    @app.get("/v1/weights/{weights_id}", response_model=WeightsView, dependencies=[auth])
+    def get_weights(weights_id: str, request: Request) -> WeightsView:
+        return _weights_view(_own_upload(weights_id, request))
+
+    @app.delete("/v1/weights/{weights_id}", response_model=WeightsView, dependencies=[auth])
+    def delete_weights(weights_id: str, request: Request) -> WeightsView:
+        """Forget an upload (a queued job naming it then fails at its baseline)."""
+        meta = _own_upload(weights_id, request)
+        wt.forget(roots, meta)
+        return _weights_view(meta)
+
     def _file(path: str | None, what: str, filename: str) -> FileResponse:
         if not path or not Path(path).is_file():
             raise Conflict(f"{what} has no checkpoint yet")
@@ -465,6 +578,29 @@ def _refused_entrypoints(spec: JobSpec, allowed: tuple[str, ...]) -> list[dict[s
         except entrypoints.NotAllowed as e:
             out.append({"loc": (field, "entrypoint"), "input": source.entrypoint, "msg": e.rule})
     return out
+
+
+SUFFIXES = "read with torch.load(weights_only=True) for .pt/.pth, without pickle for .npz"
+UPLOAD_BODY = {
+    "required": True,
+    "description": "the bytes of a state dict file (at most SPARQ_MAX_WEIGHTS_BYTES)",
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}
+
+
+def _state_dict_problem(path: Path) -> str | None:
+    """Why ``path`` is not a state dict the baseline task would load, or None."""
+    from workers.baseline import read_state_dict  # torch: on the first upload only
+
+    try:
+        read_state_dict(path)
+    except ValueError as e:
+        return " ".join(str(e).split())  # torch's message spans paragraphs
+    return None
+
+
+def _weights_view(meta: dict[str, Any]) -> WeightsView:
+    return WeightsView(**{k: meta.get(k) for k in WeightsView.model_fields})
 
 
 def app_factory() -> FastAPI:

@@ -17,6 +17,7 @@ from rich.console import Console
 from service import views
 from service.client import Client, ClientError
 from service.settings import Settings, get_settings, is_loopback
+from service.spec import WEIGHTS_ID
 
 if TYPE_CHECKING:
     from service.stack import RayHead
@@ -175,17 +176,48 @@ def _load_spec(path: Path) -> dict[str, Any]:
     return data
 
 
+def upload_local_weights(client: Client, spec: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The spec with ``baseline.weights`` naming a file on this machine (relative: to
+    ``base``, the spec's directory) uploaded and replaced by its id: the service reads
+    no client paths. Anything else is left for the service to judge (an id, or a path
+    under its SPARQ_WEIGHTS_DIRS)."""
+    baseline = spec.get("baseline")
+    if not isinstance(baseline, dict):
+        return spec
+    weights = baseline.get("weights")
+    if not isinstance(weights, str) or WEIGHTS_ID.fullmatch(weights):
+        return spec
+    path = Path(weights).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        return spec
+    up = client.upload_weights(path)
+    console.print(f"uploaded {path} ({up['size_bytes']} bytes) as weights [bold]{up['id']}[/bold]")
+    return {**spec, "baseline": {**baseline, "weights": up["id"]}}
+
+
 @app.command()
 def submit(
     spec: Annotated[Path, typer.Argument(help="job spec, YAML or JSON")],
     wait: Annotated[bool, typer.Option("--wait", help="watch until the job ends")] = False,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
+    upload: Annotated[
+        bool,
+        typer.Option(
+            "--upload/--no-upload",
+            help="upload baseline.weights when it names a local file (--no-upload: leave "
+            "it as a path on the service, under its SPARQ_WEIGHTS_DIRS)",
+        ),
+    ] = True,
 ) -> None:
     """Submit a compression job."""
     client = _client(url, token)
     try:
-        job = client.submit(_load_spec(spec))
+        body = _load_spec(spec)
+        if upload:
+            body = upload_local_weights(client, body, spec.parent)
+        job = client.submit(body)
         console.print(f"submitted job [bold]{job['id']}[/bold]")
         if wait:
             job = watch(client, job["id"])

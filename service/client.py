@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,29 @@ class Client:
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return dict(self._call("POST", "/v1/jobs", json=spec))
+
+    def upload_weights(self, path: Path) -> dict[str, Any]:
+        """POST a state dict file to /v1/weights, streamed from disk; its id and sums."""
+        size = path.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        return dict(
+            self._call(
+                "POST",
+                "/v1/weights",
+                params={"filename": path.name},
+                content=chunks(),
+                headers=headers,
+            )
+        )
+
+    def weights(self, weights_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/weights/{weights_id}"))
 
     def job(self, job_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/v1/jobs/{job_id}"))

@@ -151,6 +151,8 @@ def driver_env(settings: Settings) -> dict[str, str]:
         SPARQ_ENTRYPOINT_MODULES=",".join(settings.entrypoint_modules),
         PYTHONUNBUFFERED="1",
     )
+    # where baseline.weights may be read from: the driver hands it to the baseline task
+    env["SPARQ_WEIGHTS_DIRS"] = ",".join(str(d) for d in settings.weights_dirs)
     if settings.ray_address:
         env["SPARQ_RAY_ADDRESS"] = settings.ray_address
     if settings.ray_num_cpus:

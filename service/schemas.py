@@ -200,6 +200,17 @@ class ParetoView(BaseModel):
     points: list[ParetoPoint]
 
 
+class WeightsView(BaseModel):
+    """An upload of weights (``POST /v1/weights``): ``id`` is what ``baseline.weights``
+    takes, for jobs of the same principal only."""
+
+    id: str
+    filename: str | None  # as the client named it, if it did
+    size_bytes: int
+    sha256: str
+    created_at: Time
+
+
 class Health(BaseModel):
     """Liveness, and nothing about where the service's parts are."""
 
@@ -235,9 +246,16 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "a request the route cannot use (a body it cannot parse)",
     },
     401: {"model": ErrorBody, "description": "no valid bearer token"},
-    404: {"model": ErrorBody, "description": "no such job or trial (or another principal's)"},
+    404: {
+        "model": ErrorBody,
+        "description": "no such job, trial or weights (or another principal's)",
+    },
     409: {"model": ErrorBody, "description": "not possible in the job's state"},
-    413: {"model": TooLarge, "description": "request body over SPARQ_MAX_REQUEST_BYTES"},
+    413: {
+        "model": TooLarge,
+        "description": "request body over SPARQ_MAX_REQUEST_BYTES (a weights upload: "
+        "SPARQ_MAX_WEIGHTS_BYTES)",
+    },
     422: {"model": InvalidBody, "description": "invalid input, per field"},
     429: {"model": ErrorBody, "description": "too many queued jobs of this principal"},
 }

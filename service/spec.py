@@ -125,6 +125,7 @@ class DatasetSpec(_Source):
 
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".npz")
+WEIGHTS_ID = re.compile(r"w-[0-9a-f]{16}")  # an upload's id (service.weights)
 DEFAULT_BASELINE_EPOCHS = 40
 
 
@@ -144,18 +145,23 @@ class BaselineSpec(_Strict):
     weights: str | None = Field(
         default=None,
         max_length=MAX_PATH,
-        description="absolute path of a state dict for the model (.pt/.pth, read with "
-        "torch.load(weights_only=True), or .npz), readable by the service and the Ray "
-        "workers; the baseline starts from it instead of from scratch",
+        description="a state dict for the model (.pt/.pth, read with "
+        "torch.load(weights_only=True), or .npz): the id POST /v1/weights gave for an "
+        "upload of yours (`sparq submit` uploads a local file for you), or an absolute "
+        "path on the service under SPARQ_WEIGHTS_DIRS; the baseline starts from it "
+        "instead of from scratch",
     )
 
     @field_validator("weights")
     @classmethod
     def _weights(cls, v: str | None) -> str | None:
-        if v is None:
+        if v is None or WEIGHTS_ID.fullmatch(v):
             return v
         if not v.startswith("/"):
-            raise ValueError(f"weights must be an absolute path, but got {v!r}")
+            raise ValueError(
+                "weights must be an uploaded weights id (w- and 16 hex digits, from POST "
+                f"/v1/weights) or an absolute path on the service, but got {v!r}"
+            )
         if not v.endswith(WEIGHT_SUFFIXES):
             raise ValueError(
                 f"weights must be a state dict file ending in one of {list(WEIGHT_SUFFIXES)}, "

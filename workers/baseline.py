@@ -7,6 +7,7 @@ of every job."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from search_spaces import KnobSpace
+    from service.weights import Roots
     from workers.train import EvalResult
 
 EVAL_BATCH = 512
@@ -84,33 +86,62 @@ def knob_space(spec: JobSpec, model: dict[str, Any]) -> KnobSpace:
     return spec.search_space.knob_space(model["layers"], model["pruning_report"]["groups"])
 
 
-def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Load a user's state dict into ``model`` (strictly: every key, every shape), from
-    ``.pt``/``.pth`` (``torch.load(weights_only=True)``: tensors only, never arbitrary
-    objects) or ``.npz`` (no pickle). A checkpoint dict holding the state dict under
-    ``state_dict`` or ``model`` is accepted too."""
+def _why(e: Exception) -> str:
+    """A load error in one line: torch's weights-only refusal is paragraphs of advice
+    (with terminal colours) around the one line that says what it met."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    said = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text)
+    if said:
+        return f"torch.load(weights_only=True) refused it: {said.group(1).strip()}"
+    return " ".join(text.split())[:500]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.pt``/``.pth`` (``torch.load(weights_only=True)``: tensors
+    only, never arbitrary objects) or ``.npz`` (no pickle); a checkpoint dict holding
+    it under ``state_dict`` or ``model`` is accepted too. ``ValueError`` (the rule)
+    otherwise. The service checks an upload with it too."""
     import numpy as np
     import torch
 
-    from workers.errors import SpecError
-
-    field = f"baseline.weights={path!r}"
     try:
-        if path.endswith(".npz"):
+        if str(path).endswith(".npz"):
             with np.load(path, allow_pickle=False) as z:
                 state: Any = {k: torch.from_numpy(z[k]) for k in z.files}
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise SpecError(f"{field}: no such file on this worker") from None
+        raise
     except Exception as e:  # unreadable, not a state dict, or holding non-tensor objects
-        raise SpecError(f"{field}: cannot be read as a state dict: {e}") from None
+        raise ValueError(f"cannot be read as a state dict: {_why(e)}") from None
     if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         state = next((state[k] for k in ("state_dict", "model") if k in state), state)
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
-        raise SpecError(f"{field}: must hold a mapping of parameter names to tensors")
+        raise ValueError("must hold a mapping of parameter names to tensors")
+    if not state:
+        raise ValueError("must hold a mapping of parameter names to tensors, not nothing")
+    return state
+
+
+def load_weights(model: torch.nn.Module, path: str, roots: Roots | None = None) -> None:
+    """Load a user's state dict (:func:`read_state_dict`) into ``model`` strictly: every
+    key, every shape. ``path`` is ``baseline.weights``: an uploaded id or a server
+    path, checked again here against ``roots`` (the service's, from the driver; the
+    environment's settings without) before anything is opened."""
+    from service import weights as wt
+    from service.settings import get_settings
+    from workers.errors import SpecError
+
+    field = f"baseline.weights={path!r}"
+    try:
+        real = wt.check(path, roots or wt.Roots.of(get_settings()), None, owner_checked=False)
+        state = read_state_dict(real)
+    except FileNotFoundError:
+        raise SpecError(f"{field}: no such file on this worker") from None
+    except ValueError as e:  # wt.Refused included
+        raise SpecError(f"{field}: {e}") from None
     want = model.state_dict()
     missing = sorted(set(want) - set(state))
     unexpected = sorted(set(state) - set(want))
@@ -127,8 +158,9 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(state)
 
 
-def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
-    """Ray task: train the float model once; return its weights and measurements."""
+def train_baseline(spec_json: dict[str, Any], roots: Roots | None = None) -> dict[str, Any]:
+    """Ray task: train the float model once; return its weights and measurements.
+    ``roots``: where the service lets ``baseline.weights`` be read from."""
     import torch
 
     from workers import checkpoint as ckpt
@@ -142,7 +174,7 @@ def train_baseline(spec_json: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(spec.search.seed)
     model = build_model(spec.model)
     if spec.baseline.weights:  # warm start: the user's trained weights
-        load_weights(model, spec.baseline.weights)
+        load_weights(model, spec.baseline.weights, roots)
     train, val = build_datasets(spec.dataset)
     epochs = spec.baseline.train_epochs  # 0: the given weights as they are
     losses = (

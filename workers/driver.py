@@ -38,6 +38,7 @@ from service.procs import process_start
 from service.secrets import known_secrets, scrub
 from service.settings import Settings, get_settings
 from service.spec import JobSpec, front_quality
+from service.weights import Roots
 from workers import entrypoints
 from workers.baseline import (
     describe_model,
@@ -236,7 +237,7 @@ class BaselineWatch:
         return self._result
 
 
-def _submit_baseline(spec: JobSpec, spec_json: dict[str, Any]) -> tuple[Any, Any]:
+def _submit_baseline(spec: JobSpec, spec_json: dict[str, Any], roots: Roots) -> tuple[Any, Any]:
     """The baseline task, in a placement group of its own: the search starts while it
     trains and its first trials wait for it holding their CPUs, so the baseline's
     resources are reserved first (never taken by a waiting trial: no deadlock)."""
@@ -255,7 +256,7 @@ def _submit_baseline(spec: JobSpec, spec_json: dict[str, Any]) -> tuple[Any, Any
             num_gpus=spec.resources.gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
         )
-        .remote(spec_json)
+        .remote(spec_json, roots)
     )
     return ref, pg
 
@@ -346,7 +347,7 @@ def run_search(
     reserved = None
     if saved is None:
         log.info("training the float baseline")
-        baseline_ref, reserved = _submit_baseline(spec, spec_json)
+        baseline_ref, reserved = _submit_baseline(spec, spec_json, Roots.of(settings))
     else:
         baseline_ref = ray.put(saved)  # a resumed driver starts from it, not again
 

@@ -69,7 +69,9 @@ def test_invalid_spec_is_422_naming_field_value_and_rule(client: TestClient) -> 
     assert client.get("/v1/jobs").json()["jobs"] == []  # nothing half-written
 
 
-def test_warm_start_weights_must_be_a_readable_file(client: TestClient, tmp_path: Path) -> None:
+def test_warm_start_weights_must_be_a_readable_file(settings: Settings, tmp_path: Path) -> None:
+    app = create_app(settings.model_copy(update={"weights_dirs": [tmp_path]}), launch=False)
+    client = TestClient(app, raise_server_exceptions=False)
     missing = str(tmp_path / "nope.pt")
     r = client.post("/v1/jobs", json={**MINIMAL, "baseline": {"weights": missing}})
     assert r.status_code == 422

@@ -4,21 +4,36 @@ function Ray runs)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from service import weights as wt
+from service.settings import get_settings
 from service.spec import JobSpec
-from workers.baseline import load_baseline, train_baseline
+from workers.baseline import load_baseline, load_weights, train_baseline
 from workers.errors import SpecError
+from workers.models import build_model
 
 SPEC = {
     "model": {"builtin": "digits-mlp", "kwargs": {"hidden": 32}},
     "dataset": {"builtin": "digits"},
     "baseline": {"epochs": 3},
 }
+
+
+@pytest.fixture(autouse=True)
+def weights_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The test's directory is where server paths may be read from (the environment's
+    settings, as a baseline task without the driver's roots reads them)."""
+    monkeypatch.setenv("SPARQ_WEIGHTS_DIRS", str(tmp_path))
+    monkeypatch.setenv("SPARQ_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +105,48 @@ def test_spec_rules() -> None:
     with pytest.raises(ValueError, match="ending in one of"):
         JobSpec.model_validate({**SPEC, "baseline": {"weights": "/w.bin"}})
     assert JobSpec.model_validate({**SPEC, "baseline": {}}).baseline.train_epochs == 40
+
+
+def _linear_state(path: Path) -> None:
+    model = build_model(JobSpec.model_validate(SPEC).model)
+    torch.save(model.state_dict(), path)
+
+
+def test_the_task_reads_an_upload_by_its_id(tmp_path: Path) -> None:
+    roots = wt.Roots(home=str(tmp_path / "svc"))
+    roots.uploads.mkdir(parents=True)
+    _linear_state(tmp_path / "up.pt")
+    meta = wt.keep(
+        roots,
+        tmp_path / "up.pt",
+        suffix=".pt",
+        owner="alice",
+        sha256="0" * 64,
+        size_bytes=1,
+        filename="up.pt",
+    )
+    assert (
+        wt.check(meta["id"], roots, None, owner_checked=False)
+        == (roots.uploads / f"{meta['id']}.pt").resolve()
+    )
+    model = build_model(JobSpec.model_validate(SPEC).model)
+    load_weights(model, meta["id"], roots)  # the driver's roots: the service's home
+    with pytest.raises(SpecError, match="no uploaded weights with this id"):
+        load_weights(model, "w-" + "0" * 16, roots)
+
+
+def test_the_task_checks_a_server_path_again(tmp_path: Path) -> None:
+    """Defence in depth: the baseline task refuses a path outside SPARQ_WEIGHTS_DIRS
+    (a symlink inside that points out included) even if the service let it through."""
+    inside, outside = tmp_path / "dir", tmp_path / "elsewhere"
+    inside.mkdir()
+    outside.mkdir()
+    _linear_state(outside / "w.pt")
+    (inside / "link.pt").symlink_to(outside / "w.pt")
+    roots = wt.Roots(home=str(tmp_path / "svc"), dirs=(str(inside),))
+    model = build_model(JobSpec.model_validate(SPEC).model)
+    for path in (outside / "w.pt", inside / "link.pt"):
+        with pytest.raises(SpecError, match="SPARQ_WEIGHTS_DIRS once symlinks"):
+            load_weights(model, str(path), roots)
+    _linear_state(inside / "w.pt")
+    load_weights(model, str(inside / "w.pt"), roots)
