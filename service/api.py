@@ -1,8 +1,10 @@
 """The REST API (FastAPI; OpenAPI at /docs).
 
-Route handlers raise domain errors; one table maps them to HTTP status codes, and
-every request body error becomes a 422 naming the field, the value and the rule.
-Nothing a client can send yields a 500.
+Route handlers raise domain errors (``workers.errors.SparqError`` subclasses); one
+table, ``ERROR_STATUS``, maps them to HTTP status codes, and every request body error
+becomes a 422 naming the field, the value and the rule. Nothing a client can send
+yields a 500; anything else a handler raises is a bug, answered 500 with a message
+that tells nothing of it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,69 +52,30 @@ from service.secrets import known_secrets, scrub
 from service.settings import Settings, get_settings
 from service.spec import JobSpec, front_quality
 from workers import entrypoints
+from workers.errors import (
+    Conflict,
+    Invalid,
+    NotFound,
+    SparqError,
+    TooLarge,
+    TooMany,
+    Unauthorized,
+)
 
 VERSION = "0.1.0"
 
 
-class ApiError(Exception):
-    status_code = 400
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class Invalid(ApiError):
-    """A 422 for one input a route checks itself, shaped as every 422 is."""
-
-    status_code = 422
-
-    def __init__(self, field: str, value: Any, rule: str) -> None:
-        super().__init__(f"{field}={value!r}: {rule}")
-        self.problem = {"loc": tuple(field.split(".")), "input": value, "msg": rule}
-
-
-class NotFound(ApiError):
-    status_code = 404
-
-
-class Conflict(ApiError):
-    status_code = 409
-
-
-class Unauthorized(ApiError):
-    status_code = 401
-
-
-class TooManyJobs(ApiError):
-    status_code = 429
-
-
-def _too_large_message(limit: int, setting: str) -> str:
-    return f"request body is larger than the limit of {limit} bytes ({setting})"
-
-
-class BodyTooLarge(ApiError):
-    """A 413 for a body a route counts itself as it streams it (a weights upload)."""
-
-    status_code = 413
-
-    def __init__(self, limit: int, setting: str) -> None:
-        super().__init__(_too_large_message(limit, setting))
-        self.limit_bytes = limit
-
-
-ERROR_STATUS: dict[type[Exception], int] = {
-    st.JobNotFound: 404,
-    LookupError: 404,
-    NotFound: 404,
-    Conflict: 409,
+# The one table from domain errors to status codes, walked by the exception's MRO.
+# Only SparqError classes: a builtin (a KeyError in a handler) is a bug, answered 500.
+ERROR_STATUS: dict[type[SparqError], int] = {
+    NotFound: 404,  # store.JobNotFound, store.TrialNotFound, weights not yours
     Unauthorized: 401,
-    Invalid: 422,
-    TooManyJobs: 429,
-    BodyTooLarge: 413,
-    ApiError: 400,
+    Conflict: 409,
+    Invalid: 422,  # entrypoints.NotAllowed too
+    TooMany: 429,
+    TooLarge: 413,
 }
+INTERNAL_ERROR = "internal error; the service's log has the details"
 
 
 def _status_for(exc: Exception) -> int:
@@ -183,7 +146,7 @@ class BodyGuard:
     def _too_large(limit: int, setting: str) -> JSONResponse:
         return JSONResponse(
             status_code=413,
-            content={"message": _too_large_message(limit, setting), "limit_bytes": limit},
+            content={"message": str(TooLarge(limit, setting)), "limit_bytes": limit},
         )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -254,9 +217,6 @@ def _unprocessable(errors: list[Any], what: str = "job spec") -> JSONResponse:
 
 
 MAX_PAGE = 100
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-if set(get_args(JobStatus)) != {st.QUEUED, st.RUNNING, *st.TERMINAL}:
-    raise RuntimeError("api.JobStatus differs from the store's statuses")
 
 
 def _encode_cursor(job: st.Job) -> str:
@@ -327,17 +287,23 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
     async def _on_spec_invalid(_: Request, exc: ValidationError) -> JSONResponse:
         return _unprocessable(list(exc.errors()))
 
+    async def _on_domain(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, Invalid):
+            problem = {"loc": tuple(exc.field.split(".")), "input": exc.value, "msg": exc.rule}
+            return _unprocessable([problem], "request")
+        content: dict[str, Any] = {"message": str(exc)}
+        if isinstance(exc, TooLarge):
+            content["limit_bytes"] = exc.limit_bytes
+        return JSONResponse(status_code=_status_for(exc), content=content)
+
     for exc_type in ERROR_STATUS:
-
-        async def _on_domain(_: Request, exc: Exception) -> JSONResponse:
-            if isinstance(exc, Invalid):
-                return _unprocessable([exc.problem], "request")
-            content: dict[str, Any] = {"message": str(exc)}
-            if isinstance(exc, BodyTooLarge):
-                content["limit_bytes"] = exc.limit_bytes
-            return JSONResponse(status_code=_status_for(exc), content=content)
-
         app.add_exception_handler(exc_type, _on_domain)
+
+    @app.exception_handler(Exception)
+    async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # anything else is a bug: a 500 that tells nothing of it (its text may quote
+        # a path or a secret); Starlette re-raises it after, so the log has it all
+        return JSONResponse(status_code=500, content={"message": INTERNAL_ERROR})
 
     principals = settings.principals
 
@@ -396,11 +362,11 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
             except wt.Refused as e:
                 problem = {"loc": ("baseline", "weights"), "input": weights, "msg": str(e)}
                 return _unprocessable([problem])
-        queued = store.count(status=st.QUEUED, owner=principal)  # admins' own too
+        queued = store.count(status=st.JobStatus.QUEUED, owner=principal)  # admins' own too
         if queued >= settings.max_queued_jobs:
             whose_jobs = f"jobs of {principal!r}" if principal else "jobs"
             per = " per principal" if principal else ""
-            raise TooManyJobs(
+            raise TooMany(
                 f"{queued} {whose_jobs} are queued, the limit is {settings.max_queued_jobs}"
                 f"{per} (SPARQ_MAX_QUEUED_JOBS); retry when some have started"
             )
@@ -410,7 +376,7 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
 
     @app.get("/v1/jobs", response_model=JobPage)
     def list_jobs(
-        status: JobStatus | None = None,
+        status: st.JobStatus | None = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
         cursor: Annotated[str | None, Query(max_length=512)] = None,
         principal: str | None = auth,
@@ -435,7 +401,7 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
     @app.get("/v1/jobs/{job_id}/pareto", response_model=ParetoView)
     def pareto(job_id: str, principal: str | None = auth) -> ParetoView:
         job = visible(job_id, principal)
-        done = {t.trial_id: t for t in store.trials(job_id) if t.status == st.TRIAL_COMPLETED}
+        done = {t.trial_id: t for t in store.trials(job_id) if t.status == st.TrialStatus.COMPLETED}
         baseline, points = None, []
         if job.baseline_size_bytes and job.baseline_accuracy is not None:
             baseline = Measured(accuracy=job.baseline_accuracy, size_bytes=job.baseline_size_bytes)
@@ -503,7 +469,7 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
                 async for chunk in request.stream():  # to disk as it comes, counted
                     size += len(chunk)
                     if size > weights_limit[0]:
-                        raise BodyTooLarge(*weights_limit)
+                        raise TooLarge(*weights_limit)
                     digest.update(chunk)
                     f.write(chunk)
             if not size:

@@ -8,11 +8,19 @@ from typing import Any
 
 import httpx
 
+from workers.errors import SparqError
 
-class ClientError(RuntimeError):
+
+class ClientError(SparqError):
+    """The service refused a call (``status``: its HTTP status) or could not be reached
+    (``status`` 0). Client side: never raised by a route, so not in the API's table."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.status, str(self)))
 
 
 class Client:

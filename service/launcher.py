@@ -236,7 +236,7 @@ class Launcher:
         job = self.store.get(job_id)
         if job.status in st.TERMINAL:
             return
-        if job.cancel_requested or job.status == st.QUEUED:
+        if job.cancel_requested or job.status == st.JobStatus.QUEUED:
             self._settle(job_id, driver, "the service stopped while the job was starting")
             return
         self.store.update(
@@ -257,8 +257,8 @@ class Launcher:
         self.store.update(job_id, cancel_requested=True)
         if self.store.transition(
             job_id,
-            {st.QUEUED},
-            status=st.CANCELLED,
+            {st.JobStatus.QUEUED},
+            status=st.JobStatus.CANCELLED,
             finished_at=st.utcnow(),
             message="cancelled before it started",
         ):
@@ -276,9 +276,9 @@ class Launcher:
         killed; a gone one is watched as dead, so the first pass resumes the job or
         records its end like any driver's."""
         with self._lock:
-            for job in self.store.list_jobs(status=st.RUNNING, limit=None):
+            for job in self.store.list_jobs(status=st.JobStatus.RUNNING, limit=None):
                 self.procs[job.id] = self._adopted(job)
-            for job in self.store.list_jobs(status=st.QUEUED, limit=None):
+            for job in self.store.list_jobs(status=st.JobStatus.QUEUED, limit=None):
                 if same_process(job.driver_pid, job.driver_started):
                     self.procs[job.id] = self._adopted(job)
 
@@ -379,7 +379,7 @@ class Launcher:
         is relaunched to resume from the Tune experiment state, a bounded number of
         times."""
         return (
-            job.status == st.RUNNING
+            job.status == st.JobStatus.RUNNING
             and not job.cancel_requested
             and not self._stop.is_set()
             and job.restarts < self.settings.driver_restarts
@@ -394,7 +394,7 @@ class Launcher:
         log.warning("job %s: driver pid %d %s; resuming", job.id, driver.pid, how)
         return self.store.transition(
             job.id,
-            {st.RUNNING},
+            {st.JobStatus.RUNNING},
             restarts=n,
             message=f"the search driver (pid {driver.pid}) {how} mid-search; "
             f"resuming it (restart {n} of at most {self.settings.driver_restarts})",
@@ -425,8 +425,8 @@ class Launcher:
         if job.cancel_requested:
             self.store.transition(
                 job_id,
-                {st.QUEUED, st.RUNNING},
-                status=st.CANCELLED,
+                {st.JobStatus.QUEUED, st.JobStatus.RUNNING},
+                status=st.JobStatus.CANCELLED,
                 finished_at=st.utcnow(),
                 message="cancelled; the driver was stopped before it could export",
             )
@@ -436,8 +436,8 @@ class Launcher:
         restarted = f" (restarted {job.restarts} times)" if job.restarts else ""
         self.store.transition(
             job_id,
-            {st.QUEUED, st.RUNNING},
-            status=st.FAILED,
+            {st.JobStatus.QUEUED, st.JobStatus.RUNNING},
+            status=st.JobStatus.FAILED,
             finished_at=st.utcnow(),
             error=f"{why} before the job finished{restarted}; last log lines:\n{tail}"[:5000],
         )

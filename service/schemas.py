@@ -54,7 +54,7 @@ class JobSummary(BaseModel):
     id: str
     name: str
     owner: str | None = None  # the principal who submitted it (never a token); None: no tokens
-    status: str
+    status: st.JobStatus
     created_at: Time
     started_at: Time | None
     finished_at: Time | None
@@ -145,7 +145,7 @@ class JobPage(BaseModel):
 class TrialView(BaseModel):
     trial_id: str
     number: int
-    status: str
+    status: st.TrialStatus
     accuracy: float | None
     loss: float | None
     size_bytes: int | None
@@ -189,7 +189,7 @@ class ParetoPoint(BaseModel):
 
 class ParetoView(BaseModel):
     job_id: str
-    status: str
+    status: st.JobStatus
     baseline: Measured | None
     hypervolume: float | None
     hypervolume_reference: str = (

@@ -21,10 +21,11 @@ from typing import Any
 import httpx
 
 from service.secrets import OBJECT_STORE, RAY_AUTH, scrub_env
+from workers.errors import SparqError
 
 
-class StackError(RuntimeError):
-    pass
+class StackError(SparqError):
+    """A part of the local stack (MLflow, Ray, the API) did not start."""
 
 
 def _die_with_parent() -> None:

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -41,16 +42,29 @@ from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from service.secrets import scrub, url_password
+from workers.errors import NotFound
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-TRIAL_COMPLETED, TRIAL_FAILED, TRIAL_STOPPED = "completed", "failed", "stopped"
+
+class JobStatus(StrEnum):
+    """A job's status. Stored as its string (a ``String`` column: rows written before
+    the enum read back unchanged, and compare equal to the members)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class TrialStatus(StrEnum):
+    """A recorded trial's status (a trial is recorded once it has finished)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"  # by early stopping
 
 
 def utcnow() -> datetime:
@@ -69,7 +83,7 @@ class Job(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     # The principal who submitted it (SPARQ_API_TOKENS); None: no tokens, one user
     owner: Mapped[str | None] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -139,10 +153,22 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-class JobNotFound(LookupError):
+class JobNotFound(NotFound):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"job {job_id!r} does not exist")
         self.job_id = job_id
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.job_id,))
+
+
+class TrialNotFound(NotFound):
+    def __init__(self, job_id: str, trial_id: str) -> None:
+        super().__init__(f"job {job_id!r} has no trial {trial_id!r}")
+        self.job_id, self.trial_id = job_id, trial_id
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.job_id, self.trial_id))
 
 
 # Columns added after the first release, with the SQL default that fills old rows.
@@ -205,7 +231,7 @@ class JobStore:
             name=str(spec.get("name", "default")),
             spec=spec,
             owner=owner,
-            status=QUEUED,
+            status=JobStatus.QUEUED,
             created_at=utcnow(),
             trials_total=int(spec["search"]["trials"]),
         )
@@ -220,7 +246,7 @@ class JobStore:
                 raise JobNotFound(job_id)
             return job
 
-    def list_jobs(self, status: str | None = None, limit: int | None = 100) -> list[Job]:
+    def list_jobs(self, status: JobStatus | None = None, limit: int | None = 100) -> list[Job]:
         """Newest first; ``limit=None``: all of them."""
         q = select(Job).order_by(Job.created_at.desc()).limit(limit)
         if status:
@@ -230,7 +256,7 @@ class JobStore:
 
     def page(
         self,
-        status: str | None,
+        status: JobStatus | None,
         limit: int,
         before: tuple[datetime, str] | None = None,
         owner: str | None = None,
@@ -251,7 +277,7 @@ class JobStore:
         with self.session() as s:
             return list(s.scalars(q))
 
-    def count(self, status: str | None = None, owner: str | None = None) -> int:
+    def count(self, status: JobStatus | None = None, owner: str | None = None) -> int:
         """Jobs (in ``status``), of ``owner`` only if given."""
         q = select(func.count()).select_from(Job)
         if status:
@@ -269,7 +295,7 @@ class JobStore:
             return []
         q = (
             select(Job.id)
-            .where(Job.status == QUEUED, Job.cancel_requested.is_not(True))
+            .where(Job.status == JobStatus.QUEUED, Job.cancel_requested.is_not(True))
             .order_by(Job.created_at.asc(), Job.id.asc())
             .limit(limit)
         )
@@ -287,9 +313,7 @@ class JobStore:
                 setattr(job, k, v)
             return job
 
-    def transition(
-        self, job_id: str, allowed_from: frozenset[str] | set[str], **fields: Any
-    ) -> bool:
+    def transition(self, job_id: str, allowed_from: Collection[JobStatus], **fields: Any) -> bool:
         """Set fields only if the job's status is in ``allowed_from`` (compare-and-set).
 
         One ``UPDATE ... WHERE id = :id AND status IN (...)`` judged by its row count,
@@ -348,7 +372,7 @@ class JobStore:
         with self.session() as s:
             trial = s.get(Trial, (job_id, trial_id))
             if trial is None:
-                raise LookupError(f"job {job_id!r} has no trial {trial_id!r}")
+                raise TrialNotFound(job_id, trial_id)
             return trial
 
     def close(self) -> None:

@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from service.spec import WEIGHT_SUFFIXES, WEIGHTS_ID
+from workers.errors import SpecError
 
 __all__ = ["WEIGHTS_ID", "WEIGHT_SUFFIXES", "Refused", "Roots", "check", "forget", "keep"]
 UNKNOWN_ID = "no uploaded weights with this id are yours (POST /v1/weights gives ids)"
 
 
-class Refused(ValueError):
-    """``baseline.weights`` names nothing the rule allows; the message is the rule."""
+class Refused(SpecError):
+    """``baseline.weights`` names nothing the rule allows; the message is the rule.
+    Not mapped to a status: the API answers it as a 422 of that field."""
 
 
 @dataclass(frozen=True)

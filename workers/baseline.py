@@ -140,7 +140,7 @@ def load_weights(model: torch.nn.Module, path: str, roots: Roots | None = None) 
         state = read_state_dict(real)
     except FileNotFoundError:
         raise SpecError(f"{field}: no such file on this worker") from None
-    except ValueError as e:  # wt.Refused included
+    except (wt.Refused, ValueError) as e:
         raise SpecError(f"{field}: {e}") from None
     want = model.state_dict()
     missing = sorted(set(want) - set(state))

@@ -490,7 +490,7 @@ def run_search(
             if stream.startswith("trial-") and trial_id not in known:
                 rec.delete(tracking.trial_key(trial_id))
         _finish(store, job_id, spec, baseline, job_dir, rec, progress)
-        status = "KILLED" if store.get(job_id).status == st.CANCELLED else "FINISHED"
+        status = "KILLED" if store.get(job_id).status == st.JobStatus.CANCELLED else "FINISHED"
         rec.status(parent, status)
     except BaseException as e:
         rec.tags(parent, {"sparq.error": scrub(f"{type(e).__name__}: {e}", store.secrets)[:5000]})
@@ -572,7 +572,7 @@ def _finish(
 
     parent = tracking.PARENT
     cancelled = store.get(job_id).cancel_requested
-    done = [t for t in store.trials(job_id) if t.status == st.TRIAL_COMPLETED]
+    done = [t for t in store.trials(job_id) if t.status == st.TrialStatus.COMPLETED]
     points = [
         FrontPoint(t.trial_id, front_quality(spec.task, t.accuracy, t.loss), t.size_bytes or 0)
         for t in done
@@ -585,8 +585,8 @@ def _finish(
         max_accuracy_drop=spec.constraints.max_accuracy_drop,
         max_size_bytes=spec.constraints.max_size_bytes,
     )
-    final = st.CANCELLED if cancelled else st.SUCCEEDED
-    failed = [t for t in store.trials(job_id) if t.status == st.TRIAL_FAILED]
+    final = st.JobStatus.CANCELLED if cancelled else st.JobStatus.SUCCEEDED
+    failed = [t for t in store.trials(job_id) if t.status == st.TrialStatus.FAILED]
 
     def final_views() -> None:  # the views' last state, with the exported point marked
         if done:
@@ -699,13 +699,13 @@ def main(argv: list[str] | None = None) -> int:
         "driver_ray_address": settings.ray_address,
     }
     if args.resume:
-        claimed = store.transition(job_id, {st.RUNNING}, **me)
+        claimed = store.transition(job_id, {st.JobStatus.RUNNING}, **me)
     else:
         claimed = store.transition(
-            job_id, {st.QUEUED}, status=st.RUNNING, started_at=st.utcnow(), **me
+            job_id, {st.JobStatus.QUEUED}, status=st.JobStatus.RUNNING, started_at=st.utcnow(), **me
         )
     if not claimed:
-        want = "running" if args.resume else "queued"
+        want = st.JobStatus.RUNNING if args.resume else st.JobStatus.QUEUED
         status = store.get(job_id).status
         log.error("job %s is not %s (status %s); nothing to do", job_id, want, status)
         return 2
@@ -726,8 +726,8 @@ def main(argv: list[str] | None = None) -> int:
             return 75
         store.transition(  # never over an outcome already recorded
             job_id,
-            {st.RUNNING},
-            status=st.FAILED,
+            {st.JobStatus.RUNNING},
+            status=st.JobStatus.FAILED,
             error=f"{type(e).__name__}: {e}"[:5000],
             finished_at=st.utcnow(),
         )

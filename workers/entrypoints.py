@@ -19,20 +19,19 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from workers.errors import Invalid
+
 ENV = "SPARQ_ENTRYPOINT_MODULES"
 SPARQ_PACKAGES = ("service", "workers", "search_spaces", "dashboards")
 
 
-class NotAllowed(Exception):
+class NotAllowed(Invalid):
     """An entrypoint the rule refuses: the field, the value, and the rule (which names
-    the module and what would allow it)."""
+    the module and what would allow it). Pickles across Ray (``Invalid.__reduce__``)."""
 
     def __init__(self, field: str, entrypoint: str, rule: str) -> None:
-        super().__init__(f"{field}={entrypoint!r}: {rule}")
-        self.field, self.entrypoint, self.rule = field, entrypoint, rule
-
-    def __reduce__(self) -> Any:  # pickles across Ray process boundaries
-        return (type(self), (self.field, self.entrypoint, self.rule))
+        super().__init__(field, entrypoint, rule)
+        self.entrypoint = entrypoint
 
 
 def _under(module: str, prefix: str) -> bool:

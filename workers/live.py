@@ -64,12 +64,14 @@ def snapshot(
     the one the export rule would pick now (the job's rule and constraints)."""
     # failed and early-stopped trials count as steps; only completed ones are points
     ended = [
-        t for t in trials if t.status in (st.TRIAL_COMPLETED, st.TRIAL_FAILED, st.TRIAL_STOPPED)
+        t
+        for t in trials
+        if t.status in (st.TrialStatus.COMPLETED, st.TrialStatus.FAILED, st.TrialStatus.STOPPED)
     ]
     ended.sort(key=lambda t: (t.finished_at is None, t.finished_at, t.number))
     finished: list[PlotPoint | None] = [
         PlotPoint(t.trial_id, t.accuracy or 0.0, t.size_bytes or 0, t.policy or {})
-        if t.status == st.TRIAL_COMPLETED
+        if t.status == st.TrialStatus.COMPLETED
         else None
         for t in ended
     ]

@@ -148,7 +148,7 @@ class JobProgress(_Lazy, tune.Callback):
             self.job_id,
             trial_id,
             number=trial_number(name),
-            status=st.TRIAL_COMPLETED,
+            status=st.TrialStatus.COMPLETED,
             policy=policy.model_dump(mode="json"),
             accuracy=float(result["accuracy"]),
             loss=float(result["loss"]),
@@ -181,7 +181,7 @@ class JobProgress(_Lazy, tune.Callback):
             self.job_id,
             trial_id,
             number=trial_number(name),
-            status=st.TRIAL_STOPPED,
+            status=st.TrialStatus.STOPPED,
             policy=policy_from_params(self.space, config).model_dump(mode="json"),
             accuracy=float(result["accuracy"]),
             loss=float(result["loss"]),
@@ -212,7 +212,7 @@ class JobProgress(_Lazy, tune.Callback):
             self.job_id,
             trial_id,
             number=trial_number(name),
-            status=st.TRIAL_FAILED,
+            status=st.TrialStatus.FAILED,
             policy=policy,
             error=error,
             finished_at=st.utcnow(),
@@ -221,7 +221,7 @@ class JobProgress(_Lazy, tune.Callback):
 
     def _refresh(self) -> None:
         trials = self.store.trials(self.job_id)
-        done = [t for t in trials if t.status == st.TRIAL_COMPLETED]
+        done = [t for t in trials if t.status == st.TrialStatus.COMPLETED]
         points = [
             FrontPoint(t.trial_id, front_quality(self.task, t.accuracy, t.loss), t.size_bytes or 0)
             for t in done
@@ -230,8 +230,8 @@ class JobProgress(_Lazy, tune.Callback):
         self.store.update(
             self.job_id,
             trials_completed=len(done),
-            trials_failed=sum(t.status == st.TRIAL_FAILED for t in trials),
-            trials_stopped=sum(t.status == st.TRIAL_STOPPED for t in trials),
+            trials_failed=sum(t.status == st.TrialStatus.FAILED for t in trials),
+            trials_stopped=sum(t.status == st.TrialStatus.STOPPED for t in trials),
             front_size=len(front.points),
             hypervolume=front.hypervolume,
         )

@@ -33,7 +33,7 @@ def test_sparq_demo_succeeds_on_a_fresh_home(tmp_path: Path) -> None:
     store = st.JobStore(f"sqlite:///{home / 'sparq.db'}")
     try:
         (job,) = store.list_jobs()
-        assert job.status == st.SUCCEEDED
+        assert job.status == st.JobStatus.SUCCEEDED
         assert job.spec["search"]["sampler"] == "auto"
         assert job.trials_completed + job.trials_failed == 12
         assert job.trials_failed == 0

@@ -184,12 +184,14 @@ def test_short_tokens_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_job_view_shows_measurements(client: TestClient, settings: Settings) -> None:
     job = client.post("/v1/jobs", json=MINIMAL).json()
     store = st.JobStore(settings.db_url)
-    store.update(job["id"], status=st.RUNNING, baseline_accuracy=0.97, baseline_size_bytes=1000)
+    store.update(
+        job["id"], status=st.JobStatus.RUNNING, baseline_accuracy=0.97, baseline_size_bytes=1000
+    )
     store.upsert_trial(
         job["id"],
         "t1",
         number=1,
-        status=st.TRIAL_COMPLETED,
+        status=st.TrialStatus.COMPLETED,
         accuracy=0.96,
         size_bytes=100,
         policy={"layers": {"0": {"bits": 4, "sparsity": 0.5}}},
@@ -198,12 +200,12 @@ def test_job_view_shows_measurements(client: TestClient, settings: Settings) -> 
         job["id"],
         "t2",
         number=2,
-        status=st.TRIAL_COMPLETED,
+        status=st.TrialStatus.COMPLETED,
         accuracy=0.95,
         size_bytes=200,
         policy={"layers": {}},
     )
-    store.upsert_trial(job["id"], "t3", number=3, status=st.TRIAL_FAILED, error="boom")
+    store.upsert_trial(job["id"], "t3", number=3, status=st.TrialStatus.FAILED, error="boom")
     view = client.get(f"/v1/jobs/{job['id']}").json()
     assert view["baseline"] == {"accuracy": 0.97, "size_bytes": 1000}
     pareto = client.get(f"/v1/jobs/{job['id']}/pareto").json()

@@ -55,9 +55,9 @@ def _with_checkpoints(client: TestClient, job_id: str, tmp_path: Path) -> None:
     best.write_bytes(b"BEST")
     trial.write_bytes(b"TRIAL")
     store = _store(client)
-    store.update(job_id, status=st.SUCCEEDED, best_checkpoint=str(best))
+    store.update(job_id, status=st.JobStatus.SUCCEEDED, best_checkpoint=str(best))
     store.upsert_trial(
-        job_id, "t1", number=1, status=st.TRIAL_COMPLETED, checkpoint=str(trial), size_bytes=5
+        job_id, "t1", number=1, status=st.TrialStatus.COMPLETED, checkpoint=str(trial), size_bytes=5
     )
 
 
@@ -102,7 +102,7 @@ def test_another_principals_job_cannot_be_cancelled(client: TestClient) -> None:
         "message": f"job {job_id!r} does not exist"
     }
     job = _store(client).get(job_id)
-    assert (job.status, job.cancel_requested) == (st.QUEUED, False)
+    assert (job.status, job.cancel_requested) == (st.JobStatus.QUEUED, False)
     r = client.post(f"/v1/jobs/{job_id}/cancel", headers=_as("alice"))
     assert (r.status_code, r.json()["status"]) == (200, "cancelled")
 
@@ -149,7 +149,7 @@ def test_without_tokens_jobs_have_no_owner_and_everything_is_as_before(
             assert c.get(f"/v1/jobs/{job['id']}{path}").status_code == 200, path
         other = _store(c).create({"name": "a", "search": {"trials": 1}}, owner="alice")
         assert {j["id"] for j in c.get("/v1/jobs").json()["jobs"]} == {job["id"], other.id}
-        _store(c).update(job["id"], status=st.QUEUED)
+        _store(c).update(job["id"], status=st.JobStatus.QUEUED)
         r = c.post("/v1/jobs", json=MINIMAL)
         assert r.status_code == 429
         assert r.json()["message"] == (  # as before: all queued jobs (one user)

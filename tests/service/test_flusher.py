@@ -26,10 +26,12 @@ def test_a_finished_jobs_outbox_is_sent_and_its_warning_taken_back(
     rec.run(tracking.PARENT, f"job-{job.id}", {})
     rec.metrics(tracking.PARENT, {"best_accuracy": 0.97})
     other = store.create(SPEC)  # finished before the outbox existed: nothing to send
-    store.update(job.id, status=st.SUCCEEDED, warnings=[f"{WARNING_PREFIX} yet", "keep me"])
-    store.update(other.id, status=st.FAILED)
+    store.update(
+        job.id, status=st.JobStatus.SUCCEEDED, warnings=[f"{WARNING_PREFIX} yet", "keep me"]
+    )
+    store.update(other.id, status=st.JobStatus.FAILED)
     running = store.create(SPEC)  # its driver sends its own: left alone
-    store.update(running.id, status=st.RUNNING)
+    store.update(running.id, status=st.JobStatus.RUNNING)
 
     assert Flusher(settings, store).flush() == 1
     after = store.get(job.id)

@@ -140,7 +140,7 @@ def _queued(store: st.JobStore, n: int) -> list[str]:
 def _running(store: st.JobStore, **fields: Any) -> str:
     """A job a driver claimed (the way workers.driver.main does)."""
     job_id = store.create(SPEC).id
-    assert store.transition(job_id, {st.QUEUED}, status=st.RUNNING, **fields)
+    assert store.transition(job_id, {st.JobStatus.QUEUED}, status=st.JobStatus.RUNNING, **fields)
     return job_id
 
 
@@ -177,7 +177,7 @@ def test_queued_jobs_start_oldest_first_into_the_free_slots_only(
         RAY,
     )
 
-    store.update(ids[0], status=st.SUCCEEDED)  # its driver finished the job and exited
+    store.update(ids[0], status=st.JobStatus.SUCCEEDED)  # its driver finished the job and exited
     spawner.drivers[0].code = 0
     launcher.reconcile()
     assert spawner.calls[2:] == [(ids[3], False)]
@@ -186,7 +186,7 @@ def test_queued_jobs_start_oldest_first_into_the_free_slots_only(
 
 def test_queued_ids_reads_ids_oldest_first_up_to_the_limit(store: st.JobStore) -> None:
     ids = _queued(store, 5)
-    store.update(ids[0], status=st.RUNNING)
+    store.update(ids[0], status=st.JobStatus.RUNNING)
     assert store.queued_ids(2) == ids[1:3]
     assert store.queued_ids(10, exclude={ids[2]}) == [ids[1], ids[3], ids[4]]
     assert store.queued_ids(0) == []
@@ -200,13 +200,15 @@ def test_a_dead_driver_is_resumed_within_the_restarts_then_the_job_fails_with_wh
 ) -> None:
     (job_id,) = _queued(store, 1)
     launcher.reconcile()
-    store.transition(job_id, {st.QUEUED}, status=st.RUNNING)  # the driver claims it
+    store.transition(
+        job_id, {st.JobStatus.QUEUED}, status=st.JobStatus.RUNNING
+    )  # the driver claims it
     for n in (1, 2):
         spawner.drivers[-1].code = -9
         launcher.reconcile()
         assert spawner.calls[-1] == (job_id, True)
         job = store.get(job_id)
-        assert (job.status, job.restarts) == (st.RUNNING, n)
+        assert (job.status, job.restarts) == (st.JobStatus.RUNNING, n)
         assert f"exited with code -9 mid-search; resuming it (restart {n} of at most 2)" in (
             job.message or ""
         )
@@ -217,7 +219,7 @@ def test_a_dead_driver_is_resumed_within_the_restarts_then_the_job_fails_with_wh
     spawner.drivers[-1].code = -9
     launcher.reconcile()
     job = store.get(job_id)
-    assert job.status == st.FAILED
+    assert job.status == st.JobStatus.FAILED
     assert len(spawner.calls) == 3
     assert "exited with code -9 before the job finished (restarted 2 times)" in (job.error or "")
     assert "Killed by the OOM killer" in (job.error or "")
@@ -232,7 +234,7 @@ def test_a_store_error_while_settling_keeps_the_driver_watched_until_it_is_recor
 ) -> None:
     (job_id,) = _queued(store, 1)
     launcher.reconcile()
-    store.update(job_id, status=st.RUNNING, restarts=2)  # no restart left
+    store.update(job_id, status=st.JobStatus.RUNNING, restarts=2)  # no restart left
     spawner.drivers[0].code = 1
     real = store.transition
     failures = [sqlalchemy.exc.OperationalError("UPDATE jobs", {}, Exception("locked"))]
@@ -244,12 +246,12 @@ def test_a_store_error_while_settling_keeps_the_driver_watched_until_it_is_recor
 
     monkeypatch.setattr(store, "transition", flaky)
     launcher.reconcile()  # the error is logged, not raised
-    assert store.get(job_id).status == st.RUNNING
+    assert store.get(job_id).status == st.JobStatus.RUNNING
     assert job_id in launcher.procs
 
     launcher.reconcile()
     job = store.get(job_id)
-    assert job.status == st.FAILED
+    assert job.status == st.JobStatus.FAILED
     assert "exited with code 1" in (job.error or "")
     assert launcher.procs == {}
 
@@ -262,7 +264,7 @@ def test_a_driver_that_exits_before_its_claim_fails_the_queued_job(
     spawner.drivers[0].code = 1  # e.g. an import error
     launcher.reconcile()
     job = store.get(job_id)
-    assert job.status == st.FAILED
+    assert job.status == st.JobStatus.FAILED
     assert "exited with code 1" in (job.error or "")
     assert spawner.calls == [(job_id, False)]  # a failed job is not started again
 
@@ -275,7 +277,7 @@ def test_cancel_asks_first_then_sigterm_after_the_grace_then_sigkill(
 ) -> None:
     (job_id,) = _queued(store, 1)
     launcher.reconcile()
-    store.transition(job_id, {st.QUEUED}, status=st.RUNNING)
+    store.transition(job_id, {st.JobStatus.QUEUED}, status=st.JobStatus.RUNNING)
     driver = spawner.drivers[0]
 
     assert launcher.cancel(job_id).cancel_requested
@@ -294,7 +296,7 @@ def test_cancel_asks_first_then_sigterm_after_the_grace_then_sigkill(
 
     launcher.reconcile()  # it is dead now
     job = store.get(job_id)
-    assert job.status == st.CANCELLED
+    assert job.status == st.JobStatus.CANCELLED
     assert "stopped before it could export" in (job.message or "")
     assert spawner.calls == [(job_id, False)]  # a cancelled job is not resumed
 
@@ -303,7 +305,7 @@ def test_cancel_of_a_queued_job_never_starts_it(
     launcher: Launcher, store: st.JobStore, spawner: Spawner
 ) -> None:
     (job_id,) = _queued(store, 1)
-    assert launcher.cancel(job_id).status == st.CANCELLED
+    assert launcher.cancel(job_id).status == st.JobStatus.CANCELLED
     launcher.reconcile()
     assert spawner.calls == []
 
@@ -327,7 +329,7 @@ def test_a_live_driver_with_its_start_time_is_adopted_and_counts_toward_the_limi
     launcher.reconcile()
     assert isinstance(launcher.procs[job_id], AdoptedDriver)
     assert spawner.calls == []  # the adopted driver holds the only slot
-    assert store.get(job_id).status == st.RUNNING
+    assert store.get(job_id).status == st.JobStatus.RUNNING
 
     proc.kill()
     _gone(proc)
@@ -365,7 +367,7 @@ def test_a_running_job_with_a_dead_driver_and_no_restarts_left_fails_clearly(
     launcher.adopt()
     launcher.reconcile()
     job = store.get(job_id)
-    assert job.status == st.FAILED
+    assert job.status == st.JobStatus.FAILED
     assert "(pid 5000123) was gone when the service started" in (job.error or "")
     assert spawner.calls == []
 
@@ -376,7 +378,7 @@ def test_a_running_job_asked_to_cancel_whose_driver_is_gone_is_cancelled(
     job_id = _running(store, driver_pid=5_000_123, driver_started="1", cancel_requested=True)
     launcher.adopt()
     launcher.reconcile()
-    assert store.get(job_id).status == st.CANCELLED
+    assert store.get(job_id).status == st.JobStatus.CANCELLED
     assert spawner.calls == []
 
 
@@ -396,7 +398,7 @@ def test_a_live_driver_of_another_ray_is_killed_at_once_and_its_job_resumed(
     launcher.reconcile()
     assert spawner.calls == [(job_id, True)]
     job = store.get(job_id)
-    assert job.status == st.RUNNING
+    assert job.status == st.JobStatus.RUNNING
     assert "was killed: it had joined Ray at 10.0.0.9:6379" in (job.message or "")
     assert job.restarts == 1
 
@@ -416,12 +418,12 @@ def test_cancel_of_an_adopted_driver_escalates_to_its_process_group(
     launcher.reconcile()  # SIGTERM: ignored
     time.sleep(0.2)
     launcher.reconcile()
-    assert store.get(job_id).status == st.RUNNING
+    assert store.get(job_id).status == st.JobStatus.RUNNING
     clock.t += KILL_AFTER_S
     launcher.reconcile()  # SIGKILL
     _gone(proc)
     launcher.reconcile()
-    assert store.get(job_id).status == st.CANCELLED
+    assert store.get(job_id).status == st.JobStatus.CANCELLED
     assert spawner.calls == []
 
 
@@ -478,11 +480,11 @@ def test_stop_stops_the_drivers_and_leaves_their_jobs_to_resume(
 ) -> None:
     (job_id,) = _queued(store, 1)
     launcher.reconcile()
-    store.transition(job_id, {st.QUEUED}, status=st.RUNNING)
+    store.transition(job_id, {st.JobStatus.QUEUED}, status=st.JobStatus.RUNNING)
     launcher.stop(timeout=0.1)
     assert spawner.drivers[0].signals == ["TERM", "KILL"]
     job = store.get(job_id)
-    assert job.status == st.RUNNING  # the next service resumes it
+    assert job.status == st.JobStatus.RUNNING  # the next service resumes it
     assert "resumes" in (job.message or "")
     assert launcher.procs == {}
 
@@ -497,11 +499,11 @@ def _race(job_id: str, cancel: st.JobStore, claim: st.JobStore) -> dict[str, boo
 
     def go(name: str, s: st.JobStore, status: str) -> None:
         barrier.wait()
-        won[name] = s.transition(job_id, {st.QUEUED}, status=status)
+        won[name] = s.transition(job_id, {st.JobStatus.QUEUED}, status=status)
 
     threads = [
-        threading.Thread(target=go, args=("cancel", cancel, st.CANCELLED)),
-        threading.Thread(target=go, args=("claim", claim, st.RUNNING)),
+        threading.Thread(target=go, args=("cancel", cancel, st.JobStatus.CANCELLED)),
+        threading.Thread(target=go, args=("claim", claim, st.JobStatus.RUNNING)),
     ]
     for t in threads:
         t.start()
@@ -518,7 +520,7 @@ def test_a_cancel_and_a_claim_racing_never_both_win(settings: Settings) -> None:
             job_id = service.create(SPEC).id
             won = _race(job_id, service, driver)
             assert sorted(won.values()) == [False, True], won
-            winner = st.CANCELLED if won["cancel"] else st.RUNNING
+            winner = st.JobStatus.CANCELLED if won["cancel"] else st.JobStatus.RUNNING
             assert service.get(job_id).status == winner
     finally:
         service.close()
@@ -527,7 +529,7 @@ def test_a_cancel_and_a_claim_racing_never_both_win(settings: Settings) -> None:
 
 def test_a_transition_of_a_job_that_does_not_exist_raises(store: st.JobStore) -> None:
     with pytest.raises(st.JobNotFound):
-        store.transition("nope", {st.QUEUED}, status=st.RUNNING)
+        store.transition("nope", {st.JobStatus.QUEUED}, status=st.JobStatus.RUNNING)
     job_id = _running(store)
-    assert not store.transition(job_id, {st.QUEUED}, status=st.CANCELLED)
-    assert store.get(job_id).status == st.RUNNING
+    assert not store.transition(job_id, {st.JobStatus.QUEUED}, status=st.JobStatus.CANCELLED)
+    assert store.get(job_id).status == st.JobStatus.RUNNING

@@ -177,9 +177,9 @@ def test_the_store_hides_secrets_from_every_text_it_writes(store: st.JobStore) -
     job = store.create(SPEC)
     environ = f"PATH=/bin\x00SPARQ_API_TOKENS=alice:{TOKEN}\x00"
     store.update(job.id, error=f"ValueError: could not convert {environ!r}", warnings=[TOKEN])
-    store.transition(job.id, {st.QUEUED}, message=f"said {TOKEN}")
-    store.upsert_trial(job.id, "t1", number=1, status=st.TRIAL_FAILED, error=f"x {TOKEN}")
-    store.upsert_trial(job.id, "t2", number=2, status=st.TRIAL_COMPLETED)
+    store.transition(job.id, {st.JobStatus.QUEUED}, message=f"said {TOKEN}")
+    store.upsert_trial(job.id, "t1", number=1, status=st.TrialStatus.FAILED, error=f"x {TOKEN}")
+    store.upsert_trial(job.id, "t2", number=2, status=st.TrialStatus.COMPLETED)
     store.update_trial(job.id, "t2", error=f"y {TOKEN}")
     got = store.get(job.id)
     assert "alice:***" in (got.error or "")
@@ -194,7 +194,7 @@ def test_the_api_shows_no_secret_a_row_holds(settings: Settings) -> None:
     blind = st.JobStore(settings.db_url)  # knows no token
     job = blind.create(SPEC, owner="alice")
     blind.update(job.id, error=f"leak {TOKEN}", message=TOKEN, warnings=[f"w {TOKEN}"])
-    blind.upsert_trial(job.id, "t1", number=1, status=st.TRIAL_FAILED, error=TOKEN)
+    blind.upsert_trial(job.id, "t1", number=1, status=st.TrialStatus.FAILED, error=TOKEN)
     blind.close()
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with TestClient(create_app(secured, launch=False)) as c:

@@ -67,7 +67,9 @@ def test_an_old_store_gains_the_driver_identity_and_warnings_columns(tmp_path: P
     old = store.get("j1")
     assert (old.driver_pid, old.driver_started, old.driver_ray_address) == (4242, None, None)
     assert old.warnings == []
-    assert store.transition("j1", {st.RUNNING}, driver_started="123", warnings=["slow disk"])
+    assert store.transition(
+        "j1", {st.JobStatus.RUNNING}, driver_started="123", warnings=["slow disk"]
+    )
     again = store.get("j1")
     assert (again.driver_started, again.warnings) == ("123", ["slow disk"])
     assert store.create({"name": "new", "search": {"trials": 1}}).warnings == []
@@ -98,6 +100,9 @@ def test_an_old_store_gains_the_owner_column_and_filters_by_it(tmp_path: Path) -
     assert store.get(mine.id).owner == "alice"
     assert [j.id for j in store.page(None, 10, owner="alice")] == [mine.id]
     assert {j.id for j in store.page(None, 10)} == {"j1", mine.id}
-    assert (store.count(st.QUEUED, owner="alice"), store.count(st.QUEUED)) == (1, 2)
+    assert (store.count(st.JobStatus.QUEUED, owner="alice"), store.count(st.JobStatus.QUEUED)) == (
+        1,
+        2,
+    )
     assert store.count(owner="bob") == 0
     store.close()

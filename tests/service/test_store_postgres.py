@@ -28,19 +28,19 @@ def test_jobs_and_trials_round_trip(pg_url: str) -> None:
     job = store.create({**SPEC, "model": {"builtin": "digits-mlp"}})
     got = store.get(job.id)
     assert (got.status, got.trials_total, got.spec["model"]) == (
-        st.QUEUED, 4, {"builtin": "digits-mlp"}
+        st.JobStatus.QUEUED, 4, {"builtin": "digits-mlp"}
     )  # fmt: skip
     assert got.created_at.tzinfo is not None
     policy = {"layers": {"1": {"bits": 4, "sparsity": 0.5}}}
-    store.upsert_trial(job.id, "t1", number=1, status=st.TRIAL_COMPLETED, policy=policy,
+    store.upsert_trial(job.id, "t1", number=1, status=st.TrialStatus.COMPLETED, policy=policy,
                        accuracy=0.9, size_bytes=1234, bops=5e6, node_id="n" * 56)  # fmt: skip
     store.upsert_trial(job.id, "t1", accuracy=0.95)  # an update, not a second row
-    store.upsert_trial(job.id, "t0", number=0, status=st.TRIAL_FAILED, error="x" * 10_000)
+    store.upsert_trial(job.id, "t0", number=0, status=st.TrialStatus.FAILED, error="x" * 10_000)
     t0, t1 = store.trials(job.id)
     assert (t0.trial_id, t1.trial_id) == ("t0", "t1")  # by number
     assert (t1.accuracy, t1.size_bytes, t1.policy, t1.node_id) == (0.95, 1234, policy, "n" * 56)
     assert len(t0.error or "") == 10_000
-    assert [j.id for j in store.list_jobs(status=st.QUEUED)] == [job.id]
+    assert [j.id for j in store.list_jobs(status=st.JobStatus.QUEUED)] == [job.id]
     with pytest.raises(st.JobNotFound):
         store.get("nope")
     store.close()
@@ -49,12 +49,18 @@ def test_jobs_and_trials_round_trip(pg_url: str) -> None:
 def test_transition_is_compare_and_set(pg_url: str) -> None:
     store = st.JobStore(pg_url)
     job = store.create(SPEC)
-    assert store.transition(job.id, {st.QUEUED}, status=st.RUNNING, driver_pid=1)
-    assert not store.transition(job.id, {st.QUEUED}, status=st.RUNNING, driver_pid=2)
+    assert store.transition(
+        job.id, {st.JobStatus.QUEUED}, status=st.JobStatus.RUNNING, driver_pid=1
+    )
+    assert not store.transition(
+        job.id, {st.JobStatus.QUEUED}, status=st.JobStatus.RUNNING, driver_pid=2
+    )
     assert store.get(job.id).driver_pid == 1
-    assert store.transition(job.id, {st.RUNNING}, status=st.SUCCEEDED)
-    assert not store.transition(job.id, {st.RUNNING, st.QUEUED}, status=st.FAILED)
-    assert store.get(job.id).status == st.SUCCEEDED
+    assert store.transition(job.id, {st.JobStatus.RUNNING}, status=st.JobStatus.SUCCEEDED)
+    assert not store.transition(
+        job.id, {st.JobStatus.RUNNING, st.JobStatus.QUEUED}, status=st.JobStatus.FAILED
+    )
+    assert store.get(job.id).status == st.JobStatus.SUCCEEDED
     store.close()
 
 
@@ -71,7 +77,9 @@ def test_concurrent_transitions_have_exactly_one_winner(pg_url: str) -> None:
         mine = st.JobStore(pg_url)  # a connection pool of its own, like another process
         barrier.wait()
         for job in jobs:
-            if mine.transition(job.id, {st.QUEUED}, status=st.RUNNING, driver_pid=pid):
+            if mine.transition(
+                job.id, {st.JobStatus.QUEUED}, status=st.JobStatus.RUNNING, driver_pid=pid
+            ):
                 with lock:
                     won.append((job.id, pid))
             # and everyone asks for a cancel at once: an update, never lost or failed
@@ -86,7 +94,11 @@ def test_concurrent_transitions_have_exactly_one_winner(pg_url: str) -> None:
     assert sorted(j for j, _ in won) == sorted(j.id for j in jobs)  # one winner per job
     for job_id, pid in won:
         row = store.get(job_id)
-        assert (row.status, row.driver_pid, row.cancel_requested) == (st.RUNNING, pid, True)
+        assert (row.status, row.driver_pid, row.cancel_requested) == (
+            st.JobStatus.RUNNING,
+            pid,
+            True,
+        )
     store.close()
 
 
