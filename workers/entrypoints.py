@@ -8,7 +8,8 @@ whatever the setting: Python's standard library, ``builtins`` and ``__main__``, 
 sparq's own packages. The function must also be *defined* under the allowed prefix
 (its ``__module__``), so an allowed module cannot re-export ``os.system``.
 
-Imports only the standard library: the API checks specs without torch.
+Imports only the standard library (and ``workers.errors``): the API checks specs
+without torch.
 """
 
 from __future__ import annotations
