@@ -57,7 +57,11 @@ def trials(stack: Stack, job_id: str) -> list[dict[str, Any]]:
 def test_trials_run_on_every_node_of_the_cluster(tmp_path: Path) -> None:
     from service.store import JobStore
 
-    spec = {**SMALL, "resources": {"cpus": 1}}  # 6 trials, concurrency 2
+    # 6 trials, two at once. Random suggestions and trials long enough to overlap: a
+    # GP suggestion on a loaded machine can take as long as a short trial, and trials
+    # that never overlap may all fit the first node.
+    spec = {**SMALL, "resources": {"cpus": 1}, "search_space": {"finetune_epochs": 8},
+            "search": {**SMALL["search"], "sampler": "random"}}  # fmt: skip
     with on_cluster(tmp_path / "home", 1, [1]) as (cluster, stack):
         job = stack.wait(stack.post(spec)["id"], timeout=300)
         assert job["status"] == "succeeded", job["error"]
