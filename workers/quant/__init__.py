@@ -40,7 +40,16 @@ from workers.quant.blockfmt import BlockFormatWeight
 from workers.quant.bops import Bops, count_bops
 from workers.quant.quant_noise import PQNoise, ScalarQuantNoise
 
-__all__ = ["BOUNDS", "DECODERS", "Bops", "WeightQuantizer", "apply", "count_bops", "finetune"]
+__all__ = [
+    "BOUNDS",
+    "DECODERS",
+    "Bops",
+    "FloatWeight",
+    "WeightQuantizer",
+    "apply",
+    "count_bops",
+    "finetune",
+]
 
 CALIBRATION_BATCHES = 4
 
