@@ -56,3 +56,29 @@ def test_old_checkpoints_load_and_match_the_one_class(
     )
     assert len(now) <= len(data)
     assert ckpt.size_report(now)["bound_bytes"] == ckpt.size_report(data)["bound_bytes"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "enc"),
+    [
+        ({}, "qs"),
+        ({"order": "qs"}, "qs"),  # was qx: 5 bytes a layer smaller now
+        ({"granularity": "tensor"}, "qx"),
+        ({"symmetric": False}, "qx"),
+    ],
+)
+def test_per_channel_symmetric_int_n_uses_the_checkpoint_int_encodings(
+    kw: dict[str, Any], enc: str
+) -> None:
+    torch.manual_seed(0)
+    model = digits_mlp(hidden=8)
+    layers = {i.name: LayerPolicy(bits=4, sparsity=0.5) for i in compressible_layers(model)}
+    policy = Policy(layers=layers, noise_rate=0.5, **kw)
+    quant.apply(model, policy).eval()
+    data = ckpt.encode(
+        model, model_spec=ModelSpec(builtin="digits-mlp", kwargs={"hidden": 8}), policy=policy
+    )
+    header, _ = ckpt.read_header(data)
+    assert {row[2] for row in header["tensors"]} == {"raw:float32", enc}
+    with torch.no_grad():
+        assert torch.equal(ckpt.decode(data).model(_x()), model(_x()))
