@@ -53,7 +53,7 @@ from search_spaces import Policy
 from service.spec import DatasetSpec, ModelSpec
 from workers import _ckpt_safety as safety
 from workers import sparse_codec as sc
-from workers.engine import CompressedLayer, compressed_layers, dequantize, qmax
+from workers.engine import dequantize, qmax
 from workers.errors import CheckpointError
 from workers.models import BUILTINS
 
@@ -96,29 +96,32 @@ def _packed_len(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
-def _encode_quantized(layer: CompressedLayer, kind: str = "unstructured") -> tuple[str, bytes]:
-    if layer.codes is None or layer.scale is None:
-        raise CheckpointError(f"layer {layer.name!r} has no integer codes to encode")
-    codes = (layer.codes.cpu().numpy().astype(np.int16) + qmax(layer.bits)).astype(np.uint8)
-    codes = codes.reshape(-1)
-    scales = layer.scale.cpu().numpy().astype("<f2").tobytes()
-    nonzero = layer.codes.cpu().numpy().reshape(-1) != 0
-    options = [("q", pack_bits(codes, layer.bits))]
+def encode_int_channel(
+    codes: torch.Tensor, scale: torch.Tensor, bits: int, kind: str = "unstructured"
+) -> tuple[str, bytes]:
+    """``q``, ``qs``, ``qsr`` or ``qnm``, whichever is smallest: signed int-N ``codes``
+    (int8 in ``[-qmax, qmax]``) with per-output-channel fp16 ``scale``."""
+    codes = codes.detach().cpu()
+    unsigned = (codes.numpy().astype(np.int16) + qmax(bits)).astype(np.uint8).reshape(-1)
+    scales = scale.detach().cpu().numpy().astype("<f2").tobytes()
+    nonzero = codes.numpy().reshape(-1) != 0
+    options = [("q", pack_bits(unsigned, bits))]
     if not nonzero.all():
-        values = pack_bits(codes[nonzero], layer.bits)
+        values = pack_bits(unsigned[nonzero], bits)
         options.append(("qs", np.packbits(nonzero, bitorder="little").tobytes() + values))
         options.append(("qsr", sc.rice_encode_pattern(nonzero) + values))
     nm = sc.nm_of(kind)
     if nm is not None:
-        blob = sc.nm_encode(layer.codes.cpu(), qmax(layer.bits), layer.bits, *nm)
+        blob = sc.nm_encode(codes, qmax(bits), bits, *nm)
         if blob is not None:
             options.append(("qnm", blob))
     enc, blob = min(options, key=lambda o: len(o[1]))
     return enc, scales + blob
 
 
-def _encode_float(layer: CompressedLayer) -> tuple[str, bytes]:
-    w = layer.weight.cpu().numpy().astype("<f4").reshape(-1)
+def encode_float(weight: torch.Tensor) -> tuple[str, bytes]:
+    """``raw:float32``, ``fs`` or ``fsr``, whichever is smallest."""
+    w = weight.detach().cpu().numpy().astype("<f4").reshape(-1)
     nonzero = w != 0
     options = [("raw:float32", w.tobytes())]
     if not nonzero.all():
@@ -128,33 +131,36 @@ def _encode_float(layer: CompressedLayer) -> tuple[str, bytes]:
     return min(options, key=lambda o: len(o[1]))
 
 
-def _custom_weight(model: nn.Module, key: str) -> tuple[str, int, bytes] | None:
-    """``(encoding, bits, blob)`` when the key is a weight wrapped by a ``workers.quant``
-    method; ``None`` otherwise (the engine's own encodings apply)."""
+def int_channel_bound(shape: list[int], enc: str, bits: int, blob: bytes, kind: str) -> float:
+    """Information bound of an :func:`encode_int_channel` tensor (it depends only on
+    which codes are nonzero: see :func:`workers.sparse_codec.information_bound`)."""
+    nonzero = (_decode_tensor(["", shape, enc, bits], blob) != 0).to(torch.int16)
+    return sc.information_bound(nonzero, nonzero, bits, kind)
+
+
+def float_bound(shape: list[int], enc: str, blob: bytes) -> float:
+    """Information bound of an :func:`encode_float` tensor."""
+    return sc.information_bound(None, _decode_tensor(["", shape, enc, 32], blob), 32)
+
+
+def _method_weight(model: nn.Module, key: str) -> tuple[str, int, bytes, float] | None:
+    """``(encoding, bits, blob, bound)`` when the key is a weight wrapped by a
+    ``workers.quant`` method (each encodes itself); ``None`` for any other tensor."""
     from workers.quant import WeightQuantizer
     from workers.quant._common import original, parametrization
 
     if not key.endswith(".parametrizations.weight.original"):
         return None
-    module = model.get_submodule(key.removesuffix(".parametrizations.weight.original"))
-    pm = parametrization(module)
+    name = key.removesuffix(".parametrizations.weight.original")
+    pm = parametrization(model.get_submodule(name))
     if not isinstance(pm, WeightQuantizer):
-        return None
-    return pm.encode_weight(original(module))
-
-
-def _custom_bound(shape: list[int], enc: str, bits: int, blob: bytes) -> float:
-    """Information bound in bits of a ``workers.quant`` encoding (see ``quant.BOUNDS``):
-    value bits of the codes plus the pattern entropy and 16 bits per fp16 side value."""
-    from workers.quant import BOUNDS
-
-    if enc in BOUNDS:
-        return BOUNDS[enc](shape, bits, blob)
-    if enc == "raw:float32":  # a float weight a method left as it is
-        w = np.frombuffer(blob, dtype="<f4")
-        k = int((w != 0).sum())
-        return 32.0 * k + sc.log2_binomial(w.size, k)
-    return 8.0 * len(blob)
+        raise CheckpointError(
+            f"layer {name!r}: its weight parametrization {type(pm).__name__} is not a "
+            "workers.quant method, so it cannot be exported"
+        )
+    w = original(model.get_submodule(name))
+    enc, bits, blob = pm.encode_weight(w)
+    return enc, bits, blob, pm.encode_bound(list(w.shape), enc, bits, blob)
 
 
 def encode(
@@ -176,43 +182,16 @@ def encode(
     """
     if pruning and example is None:
         raise CheckpointError("a pruned model needs `example` (an input) to be rebuilt")
-    layers = compressed_layers(model)
-    kinds = {n: lp.kind for n, lp in policy.layers.items()} if policy else {}
     rows: list[list[Any]] = []
     blobs: list[bytes] = []
     for key, value in model.state_dict().items():
-        custom = _custom_weight(model, key)  # the methods of workers.quant encode themselves
-        if custom is not None:
-            enc, bits, blob = custom
-            rows.append(
-                [
-                    key.replace(".parametrizations.weight.original", ".weight"),
-                    list(value.shape),
-                    enc,
-                    bits,
-                    len(blob),
-                    _custom_bound(list(value.shape), enc, bits, blob),
-                ]
-            )
+        weight = _method_weight(model, key)  # the methods of workers.quant encode themselves
+        if weight is not None:
+            enc, bits, blob, bound = weight
+            name = key.replace(".parametrizations.weight.original", ".weight")
+            rows.append([name, list(value.shape), enc, bits, len(blob), bound])
         elif ".act_quant." in key:
             continue  # activation ranges travel in the header
-        elif key.endswith(".parametrizations.weight.original"):
-            layer = layers[key.removesuffix(".parametrizations.weight.original")]
-            kind = kinds.get(layer.name, "unstructured")
-            enc, blob = (
-                _encode_quantized(layer, kind) if layer.codes is not None else _encode_float(layer)
-            )
-            bound = sc.information_bound(layer.codes, layer.weight, layer.bits, kind)
-            rows.append(
-                [
-                    f"{layer.name}.weight",
-                    list(layer.weight.shape),
-                    enc,
-                    layer.bits,
-                    len(blob),
-                    bound,
-                ]
-            )
         elif ".parametrizations." in key:
             continue  # the pruning mask: recoverable from the stored values
         else:

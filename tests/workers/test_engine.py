@@ -9,7 +9,6 @@ from torch.nn.utils import parametrize
 
 from search_spaces import LayerPolicy, Policy
 from workers.engine import (
-    QuantNoise,
     apply_policy,
     compressible_layers,
     dequantize,
@@ -18,6 +17,7 @@ from workers.engine import (
     quantize,
 )
 from workers.models import digits_cnn, digits_mlp
+from workers.quant.quant_noise import ScalarQuantNoise
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.77, 0.95])
@@ -45,8 +45,8 @@ def test_quantize_codes_in_range_and_error_bounded(bits: int) -> None:
     assert bool((err <= scale.view(-1, 1) * 0.5 + 1e-3 * w.abs().amax(1, keepdim=True)).all())
 
 
-def _noise(w: torch.Tensor, bits: int, p: float, block: int = 4) -> QuantNoise:
-    return QuantNoise(torch.ones_like(w, dtype=torch.bool), bits, p, block, "layer")
+def _noise(w: torch.Tensor, bits: int, p: float, block: int = 4) -> ScalarQuantNoise:
+    return ScalarQuantNoise(w, bits=bits, sparsity=0.0, p=p, block=block, layer="layer")
 
 
 def test_noise_never_mutates_the_stored_weights() -> None:
@@ -100,7 +100,8 @@ def test_p_zero_trains_float_and_p_one_is_plain_qat() -> None:
 def test_straight_through_gradient_and_pruned_weights_get_none() -> None:
     w = torch.randn(8, 16, requires_grad=True)
     keep = magnitude_mask(w, 0.5)
-    qn = QuantNoise(keep, 2, 0.5, 4, "layer").train()
+    qn = ScalarQuantNoise(w, bits=2, sparsity=0.5, p=0.5, block=4, layer="layer").train()
+    assert torch.equal(qn.mask.bool(), keep)
     qn(w).sum().backward()
     assert w.grad is not None
     assert torch.equal(w.grad, keep.float())  # identity through the quantizer, zero where pruned
@@ -119,7 +120,7 @@ def test_conv_blocks_are_whole_kernels() -> None:
 
 def test_block_size_must_divide_the_layer() -> None:
     with pytest.raises(ValueError, match=r"block size 3 must divide its input size 64"):
-        QuantNoise(torch.ones(10, 64, dtype=torch.bool), 4, 0.5, 3, "fc")
+        ScalarQuantNoise(torch.ones(10, 64), bits=4, sparsity=0.0, p=0.5, block=3, layer="fc")
 
 
 def test_apply_policy_rejects_unknown_layers() -> None:

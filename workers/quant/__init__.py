@@ -1,8 +1,8 @@
 """Quantization methods selectable by ``Policy.method`` (pure torch, no Ray):
 
 - ``quant_noise``: int-N Quant-Noise, per channel or per tensor, symmetric or affine
-  (:mod:`workers.quant.quant_noise`; the per-channel symmetric S->Q case is the
-  engine's own ``QuantNoise``);
+  (:mod:`workers.quant.quant_noise`; the default, per-channel symmetric S->Q, is
+  computed in place);
 - ``ipq``: Quant-Noise's PQ proxy while fine-tuning, then iterative product
   quantization in stages (:mod:`workers.quant.ipq`);
 - ``mx`` / ``bfp``: MX-like and block-floating-point weight formats
@@ -26,26 +26,32 @@ from torch.utils.data import DataLoader
 
 from search_spaces import Policy
 from search_spaces._policy import FLOAT_BITS
-from workers.engine import QuantNoise, apply_policy, compressible_layers
+from workers.engine import compressible_layers
 from workers.quant import actquant, geta, ipq
-from workers.quant._common import BOUNDS, DECODERS, WeightQuantizer, parametrization, weight
+from workers.quant._common import (
+    BOUNDS,
+    DECODERS,
+    FloatWeight,
+    WeightQuantizer,
+    parametrization,
+    weight,
+)
 from workers.quant.blockfmt import BlockFormatWeight
 from workers.quant.bops import Bops, count_bops
 from workers.quant.quant_noise import PQNoise, ScalarQuantNoise
-from workers.sparsity import layer_mask
 
-__all__ = ["BOUNDS", "DECODERS", "Bops", "WeightQuantizer", "apply", "count_bops", "finetune"]
+__all__ = [
+    "BOUNDS",
+    "DECODERS",
+    "Bops",
+    "FloatWeight",
+    "WeightQuantizer",
+    "apply",
+    "count_bops",
+    "finetune",
+]
 
 CALIBRATION_BATCHES = 4
-
-
-def _engine_path(policy: Policy) -> bool:
-    return (
-        policy.method == "quant_noise"
-        and policy.granularity == "channel"
-        and policy.symmetric
-        and policy.order == "sq"
-    )
 
 
 def apply(model: nn.Module, policy: Policy) -> nn.Module:
@@ -54,50 +60,46 @@ def apply(model: nn.Module, policy: Policy) -> nn.Module:
     unknown = sorted(set(policy.layers) - known)
     if unknown:
         raise ValueError(f"policy names layers the model does not have: {unknown}")
-    if _engine_path(policy):
-        apply_policy(model, policy)
-    else:
-        quantized = [n for n, lp in policy.layers.items() if lp.bits != FLOAT_BITS]
-        if policy.method == "geta":
-            geta.attach(model, quantized)
-        for name, lp in policy.layers.items():
-            module = model.get_submodule(name)
-            w = weight(module)
-            pm: nn.Module
-            if policy.method == "geta" and lp.bits != FLOAT_BITS:
-                continue
-            if lp.bits == FLOAT_BITS:
-                mask = layer_mask(w, lp, name)
-                pm = QuantNoise(mask, FLOAT_BITS, policy.noise_rate, policy.noise_block, name)
-            elif policy.method == "quant_noise":
-                pm = ScalarQuantNoise(
-                    w,
-                    bits=lp.bits,
-                    sparsity=lp.sparsity,
-                    p=policy.noise_rate,
-                    block=policy.noise_block,
-                    granularity=policy.granularity,
-                    symmetric=policy.symmetric,
-                    order=policy.order,
-                    layer=name,
-                    kind=lp.kind,
-                )
-            elif policy.method == "ipq":
-                ipq.block_size(w, policy.ipq_block, name)  # fail early on a bad block size
-                rate = policy.noise_rate if policy.noise_rate < 1.0 else 0.0
-                pm = PQNoise(w, p=rate, block=policy.ipq_block, layer=name)
-            else:
-                pm = BlockFormatWeight(
-                    w,
-                    fmt=policy.method,
-                    bits=lp.bits,
-                    sparsity=lp.sparsity,
-                    element=policy.mx_element if policy.method == "mx" else "int",
-                    order=policy.order,
-                    layer=name,
-                    kind=lp.kind,
-                )
-            parametrize.register_parametrization(module, "weight", pm)
+    quantized = [n for n, lp in policy.layers.items() if lp.bits != FLOAT_BITS]
+    if policy.method == "geta":
+        geta.attach(model, quantized)
+    for name, lp in policy.layers.items():
+        module = model.get_submodule(name)
+        w = weight(module)
+        pm: nn.Module
+        if policy.method == "geta" and lp.bits != FLOAT_BITS:
+            continue
+        if lp.bits == FLOAT_BITS:
+            pm = FloatWeight(w, sparsity=lp.sparsity, kind=lp.kind, layer=name)
+        elif policy.method == "quant_noise":
+            pm = ScalarQuantNoise(
+                w,
+                bits=lp.bits,
+                sparsity=lp.sparsity,
+                p=policy.noise_rate,
+                block=policy.noise_block,
+                granularity=policy.granularity,
+                symmetric=policy.symmetric,
+                order=policy.order,
+                layer=name,
+                kind=lp.kind,
+            )
+        elif policy.method == "ipq":
+            ipq.block_size(w, policy.ipq_block, name)  # fail early on a bad block size
+            rate = policy.noise_rate if policy.noise_rate < 1.0 else 0.0
+            pm = PQNoise(w, p=rate, block=policy.ipq_block, layer=name)
+        else:
+            pm = BlockFormatWeight(
+                w,
+                fmt=policy.method,
+                bits=lp.bits,
+                sparsity=lp.sparsity,
+                element=policy.mx_element if policy.method == "mx" else "int",
+                order=policy.order,
+                layer=name,
+                kind=lp.kind,
+            )
+        parametrize.register_parametrization(module, "weight", pm)
     if policy.act_bits != FLOAT_BITS:
         # inputs of Linear/Conv2d only: an Embedding's input is indices
         arith = [

@@ -52,6 +52,54 @@ class WeightQuantizer(nn.Module):
         eval-mode ``forward(original)``."""
         raise NotImplementedError
 
+    def encode_bound(self, shape: list[int], enc: str, bits: int, blob: bytes) -> float:
+        """Information bound in bits of what :meth:`encode_weight` returned: value bits
+        plus the pattern entropy and 16 bits per fp16 side value (``BOUNDS``)."""
+        from workers.sparse_codec import log2_binomial
+
+        if enc in BOUNDS:
+            return BOUNDS[enc](shape, bits, blob)
+        if enc == "raw:float32":  # a float weight a method left as it is
+            w = np.frombuffer(blob, dtype="<f4")
+            k = int((w != 0).sum())
+            return 32.0 * k + log2_binomial(w.size, k)
+        return 8.0 * len(blob)
+
+
+class FloatWeight(WeightQuantizer):
+    """A layer any method leaves in float: its sparsity mask only (unstructured or N:M,
+    from the float weight), exported as ``raw:float32``, ``fs`` or ``fsr``."""
+
+    mask: torch.Tensor
+
+    def __init__(
+        self, weight: torch.Tensor, *, sparsity: float, kind: str = "unstructured", layer: str = ""
+    ) -> None:
+        from workers.sparsity import kind_mask
+
+        super().__init__()
+        self.layer = layer
+        mask = kind_mask(weight.detach(), sparsity, kind, layer)
+        self.register_buffer("mask", mask.to(torch.float32))
+        self.dense = bool(mask.all())  # no pruning: skip the multiply
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight if self.dense else weight * self.mask
+
+    def weight_bits(self) -> float:
+        return 32.0
+
+    def encode_weight(self, original: torch.Tensor) -> tuple[str, int, bytes]:
+        from workers.checkpoint import encode_float
+
+        enc, blob = encode_float((original.detach().float() * self.mask).cpu())
+        return enc, 32, blob
+
+    def encode_bound(self, shape: list[int], enc: str, bits: int, blob: bytes) -> float:
+        from workers.checkpoint import float_bound
+
+        return float_bound(shape, enc, blob)
+
 
 def _packed_len(n: int, bits: int) -> int:
     return (n * bits + 7) // 8

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from search_spaces._policy import FLOAT_BITS
-from workers.quant._common import parametrization
+from workers.quant._common import WeightQuantizer, parametrization
 from workers.quant.actquant import act_bits
 
 
@@ -34,12 +34,7 @@ class Bops:
 
 def weight_bits(module: nn.Module) -> float:
     pm = parametrization(module)
-    if pm is None:
-        return float(FLOAT_BITS)
-    fn = getattr(pm, "weight_bits", None)
-    if callable(fn):
-        return float(fn())
-    return float(getattr(pm, "bits", FLOAT_BITS))  # the engine's QuantNoise
+    return pm.weight_bits() if isinstance(pm, WeightQuantizer) else float(FLOAT_BITS)
 
 
 @torch.no_grad()

@@ -8,7 +8,9 @@ runs of ``block`` consecutive input features; 1x1 conv runs of input channels; k
 conv one whole kernel per (out, in) pair. Two noises:
 
 - scalar int-N (N in 2..8), per channel or per tensor, symmetric or affine:
-  ``phi(w) = (clamp(round(w/s) - z) + z) * s``;
+  ``phi(w) = (clamp(round(w/s) - z) + z) * s`` (:class:`ScalarQuantNoise`, sparq's one
+  int-N Quant-Noise; the default policy's per-channel symmetric case is computed in
+  place and exported in the compact ``q``/``qs``/``qsr``/``qnm`` encodings);
 - the PQ proxy: a distorted block is dropped (``phi = 0``) and the survivors are
   scaled by ``1/(1-p)`` (structured DropConnect), used before iPQ.
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from search_spaces._policy import FLOAT_BITS
-from workers.engine import block_mask_shape, qmax
+from workers.engine import block_mask_shape, channel_scale, qmax
 from workers.quant._common import (
     BOUNDS,
     DECODERS,
@@ -145,11 +147,15 @@ class ScalarQuantNoise(WeightQuantizer):
             raise ValueError(f"order must be 'sq' or 'qs', but got {order!r}")
         self.bits, self.p, self.block, self.layer = bits, p, block, layer
         self.granularity, self.symmetric, self.order = granularity, symmetric, order
+        self.kind = kind
         block_mask_shape(weight, block, layer)  # fail early on a bad block size
         w = weight.detach()
         source = w if order == "sq" else fake_int(w, bits, granularity, symmetric)
         mask = kind_mask(source, sparsity, kind, layer)  # unstructured or N:M
         self.register_buffer("mask", mask.to(torch.float32))
+        self.dense = bool(mask.all())  # no pruning: skip the multiply
+        # the policy's default (per-channel symmetric S->Q): one in-place chain
+        self._fast = symmetric and granularity == "channel" and order == "sq"
 
     def _target(self, weight: torch.Tensor) -> torch.Tensor:
         if self.order == "sq":
@@ -157,9 +163,16 @@ class ScalarQuantNoise(WeightQuantizer):
         return fake_int(weight, self.bits, self.granularity, self.symmetric) * self.mask
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        base = weight * self.mask
-        with torch.no_grad():  # a constant for autograd: straight-through
-            noise = self._target(weight).sub_(base)
+        base = weight if self.dense else weight * self.mask
+        # The noise is a constant for autograd (straight-through): computing it without
+        # building a graph, in place, keeps the step within a few percent of float.
+        with torch.no_grad():
+            if self._fast:  # = fake_int(base) - base, without its temporaries
+                scale = channel_scale(base, self.bits).view((-1,) + (1,) * (base.dim() - 1))
+                m = qmax(self.bits)
+                noise = torch.div(base, scale).round_().clamp_(-m, m).mul_(scale).sub_(base)
+            else:
+                noise = self._target(weight).sub_(base)
             if self.training and self.p < 1.0:
                 mask_noise_(noise, self.p, self.block, self.layer)
         return base + noise
@@ -168,6 +181,8 @@ class ScalarQuantNoise(WeightQuantizer):
         return float(self.bits)
 
     def encode_weight(self, original: torch.Tensor) -> tuple[str, int, bytes]:
+        from workers.checkpoint import encode_int_channel
+
         w = original.detach().float().cpu()
         src = w * self.mask.cpu() if self.order == "sq" else w
         scale, zero = int_params(src, self.bits, self.granularity, self.symmetric)
@@ -175,6 +190,12 @@ class ScalarQuantNoise(WeightQuantizer):
         if self.order == "qs":
             zc = qmax(self.bits) if self.symmetric else -zero.view(-1, *([1] * (w.dim() - 1)))
             codes = torch.where(self.mask.cpu().bool(), codes, torch.as_tensor(zc).expand_as(codes))
+        if self.symmetric and self.granularity == "channel":
+            # per-channel fp16 scales and signed codes: the checkpoint's own int-N
+            # encodings (no head, pattern-coded when sparse, N:M-coded), never larger
+            signed = (codes - qmax(self.bits)).to(torch.int8)
+            enc, blob = encode_int_channel(signed, scale, self.bits, self.kind)
+            return enc, self.bits, blob
         head = struct.pack("<BBH", self.granularity == "tensor", self.symmetric, scale.numel())
         zeros = b"" if self.symmetric else zero.numpy().astype("<i2").tobytes()
         blob = head + scale.numpy().astype("<f2").tobytes() + zeros
@@ -182,6 +203,13 @@ class ScalarQuantNoise(WeightQuantizer):
         zero_code = qmax(self.bits) if self.symmetric else 256
         packed = codes.numpy().astype(np.uint8).reshape(-1)
         return "qx", self.bits, blob + pack_codes(packed, self.bits, zero_code)
+
+    def encode_bound(self, shape: list[int], enc: str, bits: int, blob: bytes) -> float:
+        if enc == "qx":
+            return super().encode_bound(shape, enc, bits, blob)
+        from workers.checkpoint import int_channel_bound
+
+        return int_channel_bound(shape, enc, bits, blob, self.kind)
 
 
 def _decode_qx(shape: list[int], bits: int, blob: bytes) -> torch.Tensor:

@@ -30,6 +30,7 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("quant_noise", {}),
     ("quant_noise", {"granularity": "tensor"}),
     ("quant_noise", {"symmetric": False}),
+    ("quant_noise", {"order": "qs"}),
     ("quant_noise", {"granularity": "tensor", "symmetric": False, "order": "qs"}),
     ("ipq", {"noise_rate": 0.1, "ipq_centroids": 8}),
     ("mx", {}),

@@ -1,0 +1,84 @@
+"""Checkpoints written before int-N Quant-Noise was one class still load.
+
+The fixtures were written by the code of commit b06a056 (``digits_mlp(hidden=8)``,
+int-4, sparsity 0.5, seed 0): ``legacy_engine_int4.sparq`` by the engine's own
+``QuantNoise`` (encodings ``q``/``qs``), ``legacy_qx_int4.sparq`` by
+``ScalarQuantNoise`` per tensor, affine (``qx``); ``*.out.npy`` are the outputs the
+loaded models gave then.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from search_spaces import LayerPolicy, Policy
+from service.spec import ModelSpec
+from workers import checkpoint as ckpt
+from workers import quant
+from workers.engine import compressible_layers
+from workers.models import digits_mlp
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CASES = [("engine", {}, "qs"), ("qx", {"symmetric": False, "granularity": "tensor"}, "qx")]
+
+
+def _x() -> torch.Tensor:
+    return torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize(("name", "kw", "enc"), CASES, ids=[c[0] for c in CASES])
+def test_old_checkpoints_load_and_match_the_one_class(
+    name: str, kw: dict[str, Any], enc: str
+) -> None:
+    data = (FIXTURES / f"legacy_{name}_int4.sparq").read_bytes()
+    header, _ = ckpt.read_header(data)
+    assert {row[2] for row in header["tensors"]} == {"raw:float32", enc}
+    loaded = ckpt.decode(data).model
+    with torch.no_grad():
+        out = loaded(_x())
+    then = torch.from_numpy(np.load(FIXTURES / f"legacy_{name}_int4.out.npy"))
+    assert torch.equal(out, then)
+    # the same policy wrapped today gives the same eval outputs and no larger file
+    torch.manual_seed(0)
+    model = digits_mlp(hidden=8)
+    layers = {i.name: LayerPolicy(bits=4, sparsity=0.5) for i in compressible_layers(model)}
+    policy = Policy(layers=layers, noise_rate=0.5, **kw)
+    quant.apply(model, policy).eval()
+    with torch.no_grad():
+        assert torch.equal(model(_x()), then)
+    now = ckpt.encode(
+        model, model_spec=ModelSpec(builtin="digits-mlp", kwargs={"hidden": 8}), policy=policy
+    )
+    assert len(now) <= len(data)
+    assert ckpt.size_report(now)["bound_bytes"] == ckpt.size_report(data)["bound_bytes"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "enc"),
+    [
+        ({}, "qs"),
+        ({"order": "qs"}, "qs"),  # was qx: 5 bytes a layer smaller now
+        ({"granularity": "tensor"}, "qx"),
+        ({"symmetric": False}, "qx"),
+    ],
+)
+def test_per_channel_symmetric_int_n_uses_the_checkpoint_int_encodings(
+    kw: dict[str, Any], enc: str
+) -> None:
+    torch.manual_seed(0)
+    model = digits_mlp(hidden=8)
+    layers = {i.name: LayerPolicy(bits=4, sparsity=0.5) for i in compressible_layers(model)}
+    policy = Policy(layers=layers, noise_rate=0.5, **kw)
+    quant.apply(model, policy).eval()
+    data = ckpt.encode(
+        model, model_spec=ModelSpec(builtin="digits-mlp", kwargs={"hidden": 8}), policy=policy
+    )
+    header, _ = ckpt.read_header(data)
+    assert {row[2] for row in header["tensors"]} == {"raw:float32", enc}
+    with torch.no_grad():
+        assert torch.equal(ckpt.decode(data).model(_x()), model(_x()))
