@@ -159,6 +159,8 @@ def test_a_completed_trial_is_recorded_counted_and_put_on_the_front(
     space: KnobSpace,
     views: list[FakeViews],
 ) -> None:
+    """Number from the name, policy from the config, metrics, the run id the sender
+    got; the job's counters and hypervolume; the front in the outbox; a snapshot."""
     cb = _progress(settings, job_id, space)
     config = _config(space)
     # the sender has created the trial's run already: its id goes with the row
@@ -248,6 +250,7 @@ def test_a_trial_that_reports_its_failure_is_recorded_failed_with_its_error(
 def test_a_trial_error_is_the_last_line_of_its_error_file(
     settings: Settings, store: st.JobStore, job_id: str, space: KnobSpace, tmp_path: Path
 ) -> None:
+    """A trial that raised: the exception's line, not the traceback; no file, a default."""
     cb = _progress(settings, job_id, space)
     error_file = tmp_path / "error.txt"
     error_file.write_text(
@@ -288,6 +291,7 @@ def test_a_trial_stopped_at_a_rung_is_kept_but_never_completed_nor_on_the_front(
     space: KnobSpace,
     views: list[FakeViews],
 ) -> None:
+    """Its run is tagged stopped early and KILLED, with no pareto/rank tags."""
     cb = _progress(settings, job_id, space)
     _finish(
         cb, FakeTrial("t7", "trial-007", _config(space), _result(0.99, 100, final=False, epoch=2))
@@ -313,6 +317,7 @@ def test_a_trial_stopped_at_a_rung_is_kept_but_never_completed_nor_on_the_front(
 def test_the_front_leaves_out_a_dominated_trial_and_tags_only_changes(
     settings: Settings, store: st.JobStore, job_id: str, space: KnobSpace, views: list[FakeViews]
 ) -> None:
+    """pareto/rank tags are written when a trial's standing changes, not every refresh."""
     cb = _progress(settings, job_id, space)
     _finish(cb, FakeTrial("a", "trial-001", _config(space, 1), _result(0.9, 1000)))
     _finish(cb, FakeTrial("b", "trial-002", _config(space, 2), _result(0.8, 500)))
@@ -375,6 +380,7 @@ def test_the_front_follows_the_tasks_quality(
 def test_the_stopper_stops_the_search_once_the_job_is_cancelled(
     settings: Settings, store: st.JobStore, job_id: str, clock: list[float]
 ) -> None:
+    """Looked up at most twice a second; once it says stop, it keeps saying it."""
     stopper = JobStopper(settings.db_url, job_id)
 
     assert stopper("t1", {}) is False
@@ -407,6 +413,8 @@ def test_callback_and_stopper_pickle_without_their_connections_and_work_after(
     views: list[FakeViews],
     clock: list[float],
 ) -> None:
+    """Tune pickles the run config: no store, recorder or views go with it, and the
+    restored ones open their own and go on where the originals were."""
     cb = _progress(settings, job_id, space)
     _finish(cb, FakeTrial("a", "trial-001", _config(space, 1), _result(0.9, 1000)))
     stopper = JobStopper(settings.db_url, job_id)
