@@ -57,10 +57,11 @@ def trials(stack: Stack, job_id: str) -> list[dict[str, Any]]:
 def test_trials_run_on_every_node_of_the_cluster(tmp_path: Path) -> None:
     from service.store import JobStore
 
-    # 6 trials, two at once. Random suggestions and trials long enough to overlap: a
-    # GP suggestion on a loaded machine can take as long as a short trial, and trials
-    # that never overlap may all fit the first node.
-    spec = {**SMALL, "resources": {"cpus": 1}, "search_space": {"finetune_epochs": 8},
+    # 6 trials, two at once, long enough (~7 s each) to outlast the start of the second
+    # node's trial worker: from a fresh clone that worker imports torch and Tune for the
+    # first time, and 1.5 s trials all ran on the first node before it was up (the
+    # first node's worker is reused). Random suggestions: no GP fit between trials.
+    spec = {**SMALL, "resources": {"cpus": 1}, "search_space": {"finetune_epochs": 40},
             "search": {**SMALL["search"], "sampler": "random"}}  # fmt: skip
     with on_cluster(tmp_path / "home", 1, [1]) as (cluster, stack):
         job = stack.wait(stack.post(spec)["id"], timeout=300)
