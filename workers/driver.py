@@ -39,7 +39,6 @@ from service.secrets import known_secrets, scrub
 from service.settings import Settings, get_settings
 from service.spec import JobSpec, front_quality
 from service.weights import Roots
-from workers import entrypoints
 from workers.baseline import (
     describe_model,
     export_onnx,
@@ -70,9 +69,6 @@ def _init_ray(settings: Settings, spec: JobSpec) -> None:
     import ray
 
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    allowed = entrypoints.allowed_prefixes()
-    if allowed:  # the workers check a spec's entrypoints again, by the driver's setting
-        kwargs["runtime_env"] = {"env_vars": {entrypoints.ENV: ",".join(allowed)}}
     if settings.ray_address:
         ray.init(address=settings.ray_address, **kwargs)
     else:
