@@ -320,6 +320,7 @@ def evaluate_checkpoint(path: Path, allow_modules: tuple[str, ...] = ()) -> dict
     import torch
 
     from workers import _ckpt_safety as safety
+    from workers import entrypoints
     from workers.checkpoint import load_checkpoint, size_report
     from workers.data import build_datasets
     from workers.train import evaluate, make_loader
@@ -328,7 +329,7 @@ def evaluate_checkpoint(path: Path, allow_modules: tuple[str, ...] = ()) -> dict
     bound = size_report(path.read_bytes())
     if ck.dataset_spec is None:
         raise ValueError(f"{path} names no dataset to evaluate on")
-    allowed = safety.allowed_prefixes(allow_modules)
+    allowed = entrypoints.allowed_prefixes(allow_modules)
     if ck.dataset_spec.entrypoint:  # allowed by load_checkpoint; its function must be too
         safety.import_allowed(ck.dataset_spec.entrypoint, "dataset.entrypoint", allowed)
     _, val = build_datasets(ck.dataset_spec, allowed)

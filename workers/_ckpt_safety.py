@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -313,11 +312,6 @@ def check_tensor_bytes(row: list[Any], blob: bytes) -> None:
 
 # ---------------------------------------------------------------- entrypoints
 # The rule is workers/entrypoints.py's; a checkpoint says how its caller allows more.
-
-
-def allowed_prefixes(allow_modules: Iterable[str]) -> tuple[str, ...]:
-    """``allow_modules`` plus ``$SPARQ_ENTRYPOINT_MODULES`` (comma separated)."""
-    return entrypoints.allowed_prefixes(allow_modules)
 
 
 def _how(entrypoint: str) -> str:

@@ -52,6 +52,7 @@ from torch import nn
 from search_spaces import Policy
 from service.spec import DatasetSpec, ModelSpec
 from workers import _ckpt_safety as safety
+from workers import entrypoints
 from workers import sparse_codec as sc
 from workers.engine import dequantize, qmax
 from workers.errors import CheckpointError
@@ -397,7 +398,7 @@ def decode(
     dataset_spec = _validated(DatasetSpec, ds, "dataset") if ds else None
     policy_json = header.get("policy")
     policy = _validated(Policy, policy_json, "policy") if policy_json else None
-    allowed = safety.allowed_prefixes(allow_modules)
+    allowed = entrypoints.allowed_prefixes(allow_modules)
     # decided before anything is imported or built
     if model is None and model_spec.entrypoint:
         safety.check_entrypoint(model_spec.entrypoint, "model.entrypoint", allowed)
