@@ -138,6 +138,10 @@ def _measured(accuracy: float, size_bytes: int) -> Reevaluation:
     )
 
 
+def _unmeasured(path: Path, spec: JobSpec) -> Reevaluation:
+    raise AssertionError(f"{path} was measured: nothing should have been exported")
+
+
 # -- set-up -------------------------------------------------------------------
 
 
@@ -229,7 +233,7 @@ def test_export_of_no_feasible_point_is_none_and_writes_nothing(
 ) -> None:
     setup = _setup(tmp_path / "job", model, constraints=FITS_100)
     outcome = SearchOutcome(BASELINE, _with_checkpoints(tmp_path), cancelled=False)
-    assert export(setup, outcome, measure=pytest.fail) is None
+    assert export(setup, outcome, measure=_unmeasured) is None
     assert not (setup.job_dir / BEST_FILE).exists()
 
 
@@ -241,7 +245,7 @@ def test_export_of_a_point_whose_checkpoint_is_gone_fails(
     Path(trials[0].checkpoint or "").unlink()
     outcome = SearchOutcome(BASELINE, trials, cancelled=False)
     with pytest.raises(RuntimeError, match="trial a has no checkpoint on disk"):
-        export(setup, outcome, measure=pytest.fail)
+        export(setup, outcome, measure=_unmeasured)
 
 
 # -- the outcome recorded -----------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def test_given_weights_are_the_baseline_as_they_are(trained: Baseline, tmp_path:
 def test_weights_in_a_checkpoint_dict_or_npz(trained: Baseline, tmp_path: Path) -> None:
     state = {k: torch.from_numpy(v) for k, v in trained.state.items()}
     torch.save({"state_dict": state, "epoch": 7}, tmp_path / "ckpt.pth")
-    np.savez(tmp_path / "w.npz", **trained.state)
+    np.savez(tmp_path / "w.npz", **dict[str, Any](trained.state))
     for name in ("ckpt.pth", "w.npz"):
         assert train_baseline(_with(tmp_path / name)).accuracy == trained.accuracy
 
