@@ -795,7 +795,9 @@ def run_search(
     roots = Roots.of(settings)
     baseline = _start_baseline(spec, spec.model_dump(mode="json"), job_dir, roots, resume=resume)
 
-    from workers import tracking
+    # Tune, Optuna, torch (the trial module) and MLflow load now, while it trains (the
+    # functions below import what they use again: already loaded, free).
+    from workers import sampling, scheduler, tracking, trial  # noqa: F401
     from workers.progress import JobProgress
 
     tr = Tracking(store, settings, job_id, job_dir)
