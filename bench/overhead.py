@@ -65,7 +65,12 @@ from bench import _doc  # noqa: E402
 from search_spaces import KnobSpace, policy_from_params, to_optuna  # noqa: E402
 from service import stack  # noqa: E402
 from service.spec import OBJECTIVE_MODES, JobSpec, SearchSpec  # noqa: E402
-from workers.baseline import describe_model, knob_space, train_baseline  # noqa: E402
+from workers.baseline import (  # noqa: E402
+    ModelDescription,
+    describe_model,
+    knob_space,
+    train_baseline,
+)
 from workers.sampling import make_sampler  # noqa: E402
 from workers.train import pick_device, set_threads  # noqa: E402
 from workers.trial import compress  # noqa: E402
@@ -154,18 +159,18 @@ def calibrate(args: argparse.Namespace) -> Calibration:
     base = train_baseline(spec.model_dump(mode="json"))  # also warms imports and caches
     space = knob_space(spec, describe_model(spec))
     params = middle_params(space)
-    trial_work(spec, space, base["state"], params, 1, epochs=1)  # warm-up
+    trial_work(spec, space, base.state, params, 1, epochs=1)  # warm-up
     t0 = time.perf_counter()
-    trial_work(spec, space, base["state"], params, 1, epochs=0)
+    trial_work(spec, space, base.state, params, 1, epochs=0)
     fixed = time.perf_counter() - t0
     probe = 3
     t0 = time.perf_counter()
-    trial_work(spec, space, base["state"], params, 1, epochs=probe)
+    trial_work(spec, space, base.state, params, 1, epochs=probe)
     epoch_s = max(1e-3, (time.perf_counter() - t0 - fixed) / probe)
     epochs = max(1, round((args.trial_seconds - fixed) / epoch_s))
     spec = make_spec(args, finetune_epochs=epochs)
     t0 = time.perf_counter()
-    trial_work(spec, space, base["state"], params, 1)
+    trial_work(spec, space, base.state, params, 1)
     return Calibration(epochs, epoch_s, fixed, time.perf_counter() - t0)
 
 
@@ -194,7 +199,7 @@ def suggest(trial: optuna.Trial, dists: dict[str, Any]) -> dict[str, Any]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(spec_json: dict[str, Any], model: dict[str, Any], state: Any) -> None:
+def _init_worker(spec_json: dict[str, Any], model: ModelDescription, state: Any) -> None:
     torch.set_num_threads(1)
     spec = JobSpec.model_validate(spec_json)
     _WORKER.update(spec=spec, space=knob_space(spec, model), state=state)
@@ -224,7 +229,7 @@ def run_bare(spec: JobSpec, *, processes: bool = False) -> BareRun:
             max_workers=spec.search.concurrency,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(spec_json, model, base["state"]),
+            initargs=(spec_json, model, base.state),
         )
 
     def objective(trial: optuna.Trial) -> tuple[float, int]:
@@ -232,7 +237,7 @@ def run_bare(spec: JobSpec, *, processes: bool = False) -> BareRun:
         params = suggest(trial, dists)
         # Ray names trials trial-001, trial-002, ...: the same seeds here.
         if pool is None:
-            out = trial_work(spec, space, base["state"], params, trial.number + 1)
+            out = trial_work(spec, space, base.state, params, trial.number + 1)
         else:
             out = pool.submit(_work_in_worker, params, trial.number + 1).result()
         with lock:

@@ -55,7 +55,13 @@ from bench._doc import record_section  # noqa: E402
 from dashboards import FrontPoint, sparq_front  # noqa: E402
 from search_spaces import KnobSpace, policy_from_params, to_optuna  # noqa: E402
 from service.spec import JobSpec, SearchSpec  # noqa: E402
-from workers.baseline import describe_model, knob_space, train_baseline  # noqa: E402
+from workers.baseline import (  # noqa: E402
+    Baseline,
+    ModelDescription,
+    describe_model,
+    knob_space,
+    train_baseline,
+)
 from workers.data import build_datasets  # noqa: E402
 from workers.sampling import make_sampler, resolve_sampler  # noqa: E402
 from workers.scheduler import ParetoHalving  # noqa: E402
@@ -132,10 +138,12 @@ def _decide(es: ParetoHalving, trial_id: str, epoch: int, accuracy: float, size:
     return es.decide(trial_id, epoch, accuracy, size)
 
 
-def search(args: argparse.Namespace, seed: int, name: str, base: dict[str, Any]) -> Run:
+def search(
+    args: argparse.Namespace, seed: int, name: str, base: Baseline, model: ModelDescription
+) -> Run:
     sampler = "random" if name == "random" else args.sampler
     spec = make_spec(args, seed, sampler)
-    space = knob_space(spec, base)
+    space = knob_space(spec, model)
     dists = to_optuna(space)
     study = optuna.create_study(
         directions=["maximize", "minimize"], sampler=make_sampler(spec, len(dists))
@@ -144,7 +152,7 @@ def search(args: argparse.Namespace, seed: int, name: str, base: dict[str, Any])
     if name == "default+es":
         es = ParetoHalving(
             epochs=args.epochs, grace=args.grace, eta=args.eta,
-            baseline_size_bytes=base["size_bytes"],
+            baseline_size_bytes=base.size_bytes,
         )  # fmt: skip
     run, points = Run(name, seed, knobs=len(dists)), []
     t0 = time.perf_counter()
@@ -154,14 +162,14 @@ def search(args: argparse.Namespace, seed: int, name: str, base: dict[str, Any])
         if es is not None:
             at_rung = functools.partial(_decide, es, str(n))
         try:
-            acc, size = trial(spec, space, base["state"], t.params, n, at_rung)
+            acc, size = trial(spec, space, base.state, t.params, n, at_rung)
         except Stopped:
             study.tell(t, state=optuna.trial.TrialState.PRUNED)
             run.stopped += 1
         else:
             study.tell(t, [acc, size])
             points.append(FrontPoint(str(n), acc, size))
-        run.hv.append(sparq_front(points, base["size_bytes"]).hypervolume if points else 0.0)
+        run.hv.append(sparq_front(points, base.size_bytes).hypervolume if points else 0.0)
         run.elapsed.append(time.perf_counter() - t0)
     return run
 
@@ -170,8 +178,8 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[Run]:
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = make_spec(args, seed, args.sampler)
-    base = train_baseline(spec.model_dump(mode="json")) | describe_model(spec)
-    return [search(args, seed, name, base) for name in ("random", "default", "default+es")]
+    base, model = train_baseline(spec.model_dump(mode="json")), describe_model(spec)
+    return [search(args, seed, name, base, model) for name in ("random", "default", "default+es")]
 
 
 def first_reaching(hv: list[float], target: float) -> int | None:

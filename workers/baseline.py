@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,61 @@ if TYPE_CHECKING:
     from workers.train import EvalResult
 
 EVAL_BATCH = 512
+
+
+# What this module hands the driver (and the driver the trials). Plain frozen
+# dataclasses of builtins and numpy arrays: they cross Ray's task boundary by pickle,
+# and a field is read by name, so a misspelt key fails at type-check, not mid-search.
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What the search space is built from, known before any training
+    (:func:`describe_model`)."""
+
+    layers: list[dict[str, Any]]  # the compressible layers (``LayerInfo`` dumps)
+    pruning_report: dict[str, Any]  # prunable channel groups, layers left dense and why
+    size_bytes: int  # the float checkpoint's bytes: the same trained or not
+
+    @property
+    def groups(self) -> list[dict[str, Any]]:
+        groups: list[dict[str, Any]] = self.pruning_report["groups"]
+        return groups
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The trained float baseline (:func:`train_baseline`): every trial starts from
+    ``state``, and its measurements are the reference of the front and the constraints."""
+
+    state: dict[str, np.ndarray]
+    accuracy: float
+    quality: float  # the front's quality axis (``front_quality``: 1/perplexity for an LM)
+    loss: float
+    train_loss: float | None  # the last epoch's; None when it was not trained further
+    warm_start: str | None  # ``baseline.weights``, when the user's weights were the start
+    size_bytes: int
+
+    def meta(self) -> dict[str, Any]:
+        """Everything but the weights, as JSON keeps it (``baseline.json``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "state"}
+
+
+@dataclass(frozen=True)
+class Reevaluation:
+    """An exported checkpoint measured again from its file (:func:`reevaluate`); the
+    ``info_*`` fields are :func:`workers.checkpoint.size_report`'s."""
+
+    accuracy: float
+    loss: float
+    size_bytes: int
+    info_size_bytes: float
+    info_header_bytes: float
+    info_bound_bytes: float
+    info_ratio: float  # bytes over the information bound
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
 
 
 def load_baseline(spec: JobSpec, state: dict[str, np.ndarray]) -> torch.nn.Module:
@@ -55,7 +111,7 @@ def evaluate_bytes(data: bytes, spec: JobSpec, device: torch.device) -> EvalResu
     return evaluate(model, make_loader(val, EVAL_BATCH, shuffle=False), device)
 
 
-def describe_model(spec: JobSpec) -> dict[str, Any]:
+def describe_model(spec: JobSpec) -> ModelDescription:
     """What the search space is built from, known before any training: the model's
     compressible layers, its prunable channel groups (and the layers left dense, with
     why) and the size of its float checkpoint. None of it depends on the weights, so
@@ -73,17 +129,17 @@ def describe_model(spec: JobSpec) -> dict[str, Any]:
     train, _ = build_datasets(spec.dataset)
     report = analyze(model, example_input(train))  # prunable groups; layers left dense, why
     data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
-    return {
-        "layers": [info.model_dump() for info in compressible_layers(model)],
-        "pruning_report": report.as_dict(),
-        "size_bytes": len(data),  # float32 payload: the same bytes trained or not
-    }
+    return ModelDescription(
+        layers=[info.model_dump() for info in compressible_layers(model)],
+        pruning_report=report.as_dict(),
+        size_bytes=len(data),  # float32 payload: the same bytes trained or not
+    )
 
 
-def knob_space(spec: JobSpec, model: dict[str, Any]) -> KnobSpace:
+def knob_space(spec: JobSpec, model: ModelDescription) -> KnobSpace:
     """The job's search space over a :func:`describe_model` description: what the
     driver searches (and the benches too, to search the same space)."""
-    return spec.search_space.knob_space(model["layers"], model["pruning_report"]["groups"])
+    return spec.search_space.knob_space(model.layers, model.groups)
 
 
 def _why(e: Exception) -> str:
@@ -158,7 +214,7 @@ def load_weights(model: torch.nn.Module, path: str, roots: Roots | None = None) 
     model.load_state_dict(state)
 
 
-def train_baseline(spec_json: dict[str, Any], roots: Roots | None = None) -> dict[str, Any]:
+def train_baseline(spec_json: dict[str, Any], roots: Roots | None = None) -> Baseline:
     """Ray task: train the float model once; return its weights and measurements.
     ``roots``: where the service lets ``baseline.weights`` be read from."""
     import torch
@@ -192,18 +248,18 @@ def train_baseline(spec_json: dict[str, Any], roots: Roots | None = None) -> dic
     data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
     reloaded = ckpt.decode(data, model=job_model(spec)).model
     result = evaluate(reloaded, make_loader(val, 512, shuffle=False), device)
-    return {
-        "state": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
-        "accuracy": result.accuracy,
-        "quality": front_quality(spec.task, result.accuracy, result.loss),
-        "loss": result.loss,
-        "train_loss": losses[-1] if losses else None,
-        "warm_start": spec.baseline.weights,
-        "size_bytes": len(data),
-    }
+    return Baseline(
+        state={k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
+        accuracy=result.accuracy,
+        quality=front_quality(spec.task, result.accuracy, result.loss),
+        loss=result.loss,
+        train_loss=losses[-1] if losses else None,
+        warm_start=spec.baseline.weights,
+        size_bytes=len(data),
+    )
 
 
-def reevaluate(path: str, spec_json: dict[str, Any]) -> dict[str, float]:
+def reevaluate(path: str, spec_json: dict[str, Any]) -> Reevaluation:
     """Ray task: reload an exported checkpoint from disk and measure it again."""
     from workers import checkpoint as ckpt
     from workers.train import pick_device, set_threads
@@ -213,9 +269,8 @@ def reevaluate(path: str, spec_json: dict[str, Any]) -> dict[str, float]:
     data = Path(path).read_bytes()
     ckpt.decode(data, model=job_model(spec))  # validates the header before anything else
     result = evaluate_bytes(data, spec, pick_device(spec.resources.gpus))
-    out = {"accuracy": result.accuracy, "loss": result.loss, "size_bytes": len(data)}
-    out.update({f"info_{k}": float(v) for k, v in ckpt.size_report(data).items()})
-    return out
+    info = {f"info_{k}": float(v) for k, v in ckpt.size_report(data).items()}
+    return Reevaluation(accuracy=result.accuracy, loss=result.loss, size_bytes=len(data), **info)
 
 
 def export_onnx(path: str, out: str, spec_json: dict[str, Any]) -> dict[str, float]:
@@ -242,22 +297,22 @@ def export_onnx(path: str, out: str, spec_json: dict[str, Any]) -> dict[str, flo
 _STATE, _META = "baseline.npz", "baseline.json"
 
 
-def save_baseline(job_dir: Path, baseline: dict[str, Any]) -> None:
+def save_baseline(job_dir: Path, baseline: Baseline) -> None:
     """Keep the trained baseline in the job's directory (arrays in ``.npz``, the rest in
     JSON; no pickle), written atomically, so a resumed driver never trains it again."""
     import numpy as np
 
     job_dir.mkdir(parents=True, exist_ok=True)
     tmp = job_dir / f".{_STATE}.tmp"
+    arrays: dict[str, Any] = baseline.state  # savez's own keywords typed in: names only here
     with tmp.open("wb") as f:
-        np.savez(f, **baseline["state"])
-    meta = {k: v for k, v in baseline.items() if k != "state"}
-    (job_dir / f".{_META}.tmp").write_text(json.dumps(meta))
+        np.savez(f, **arrays)
+    (job_dir / f".{_META}.tmp").write_text(json.dumps(baseline.meta()))
     tmp.replace(job_dir / _STATE)
     (job_dir / f".{_META}.tmp").replace(job_dir / _META)
 
 
-def load_saved_baseline(job_dir: Path) -> dict[str, Any] | None:
+def load_saved_baseline(job_dir: Path) -> Baseline | None:
     """The baseline :func:`save_baseline` kept, or None if there is none (complete)."""
     import numpy as np
 
@@ -265,4 +320,4 @@ def load_saved_baseline(job_dir: Path) -> dict[str, Any] | None:
         return None
     with np.load(job_dir / _STATE, allow_pickle=False) as z:
         state = {k: z[k] for k in z.files}
-    return {**json.loads((job_dir / _META).read_text()), "state": state}
+    return Baseline(state=state, **json.loads((job_dir / _META).read_text()))

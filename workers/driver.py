@@ -40,6 +40,9 @@ from service.settings import Settings, get_settings
 from service.spec import JobSpec, front_quality
 from service.weights import Roots
 from workers.baseline import (
+    Baseline,
+    ModelDescription,
+    Reevaluation,
     describe_model,
     export_onnx,
     knob_space,
@@ -52,9 +55,23 @@ from workers.envguard import harden
 from workers.errors import last_line
 
 if TYPE_CHECKING:  # imported at run time only once the baseline is on its way
+    from dashboards import FrontPoint
+    from search_spaces import KnobSpace
     from workers.progress import JobProgress
 
-__all__ = ["main", "reevaluate", "run_search", "train_baseline"]
+__all__ = [
+    "Export",
+    "SearchOutcome",
+    "SetUp",
+    "export",
+    "main",
+    "record_outcome",
+    "reevaluate",
+    "run_search",
+    "search",
+    "set_up",
+    "train_baseline",
+]
 
 log = logging.getLogger("sparq.driver")
 BEST_FILE = "best.sparq"
@@ -196,12 +213,12 @@ class BaselineWatch:
         ref: Any,
         *,
         reserved: Any = None,
-        on_ready: Callable[[dict[str, Any]], None],
+        on_ready: Callable[[Baseline], None],
         on_error: Callable[[str], Any],
     ) -> None:
         self.ref, self.reserved = ref, reserved
         self.on_ready, self.on_error = on_ready, on_error
-        self._result: dict[str, Any] | None = None
+        self._result: Baseline | None = None
         self._error: str | None = None
         self._thread = threading.Thread(target=self._run, name="sparq-baseline", daemon=True)
         self._thread.start()
@@ -210,7 +227,7 @@ class BaselineWatch:
         import ray
 
         try:
-            result = dict(ray.get(self.ref))
+            result: Baseline = ray.get(self.ref)
             self.on_ready(result)
             self._result = result
         except BaseException as e:
@@ -226,7 +243,7 @@ class BaselineWatch:
 
                 remove_placement_group(self.reserved)  # its CPUs go to the trials
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> Baseline:
         self._thread.join()
         if self._result is None:
             raise RuntimeError(self._error or "the float baseline is missing")
@@ -326,36 +343,462 @@ class Tracking:
         return left
 
 
+@dataclass(frozen=True)
+class BaselineSource:
+    """Where the search's float baseline comes from: a Ray task training it now
+    (``reserved``: the placement group held for it) or, for a resumed job, the one an
+    earlier driver kept (``saved``). Trials read it through ``ref`` either way."""
+
+    ref: Any  # ObjectRef of a workers.baseline.Baseline (maybe still training)
+    reserved: Any = None
+    saved: Baseline | None = None
+
+
+def _start_baseline(
+    spec: JobSpec, spec_json: dict[str, Any], job_dir: Path, roots: Roots, *, resume: bool
+) -> BaselineSource:
+    import ray
+
+    saved = load_saved_baseline(job_dir) if resume else None
+    if saved is not None:
+        return BaselineSource(ray.put(saved), saved=saved)  # a resumed driver starts from it
+    log.info("training the float baseline")
+    ref, reserved = _submit_baseline(spec, spec_json, roots)
+    return BaselineSource(ref, reserved=reserved)
+
+
+@dataclass(frozen=True)
+class SetUp:
+    """What the search is of, fixed before it starts: the job's row as the driver
+    claimed it (read once: nothing the set-up needs changes while the driver runs),
+    its spec, its directory, the baseline on its way, what a resumed job has left,
+    and the space built from the untrained model."""
+
+    job: st.Job
+    spec: JobSpec
+    spec_json: dict[str, Any]  # the spec as trials and Ray tasks take it
+    job_dir: Path
+    baseline: BaselineSource
+    left: Remaining
+    model: ModelDescription
+    space: KnobSpace
+    resume: bool
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+
+def set_up(
+    job: st.Job,
+    job_dir: Path,
+    baseline: BaselineSource,
+    kept: list[st.Trial],
+    rec: Any,
+    *,
+    resume: bool,
+) -> SetUp:
+    """Describe the untrained model and build the job's space (while the baseline
+    trains), and work out what is left to run from the trials the store kept. Records
+    the spec (once: a resumed job's run has it), the pruning report and the space on
+    the job's MLflow run."""
+    from workers import tracking
+
+    spec = JobSpec.model_validate(job.spec)
+    spec_json = spec.model_dump(mode="json")
+    left = Remaining.of(job, kept, spec)
+    if resume:
+        log.info("resuming job %s: %s", job.id, left)
+    if baseline.saved is None:
+        rec.params(tracking.PARENT, tracking.flatten(spec_json))
+    model = describe_model(spec)  # the untrained model: layers, groups, float size
+    rec.log_dict(tracking.PARENT, model.pruning_report, "pruning_report.json")
+    space = knob_space(spec, model)
+    rec.log_dict(tracking.PARENT, space.model_dump(mode="json"), "search_space.json")
+    return SetUp(job, spec, spec_json, job_dir, baseline, left, model, space, resume)
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What the search left: the trained baseline, every trial the job store holds
+    for the job once Tune is done, and whether a cancel ended it."""
+
+    baseline: Baseline
+    trials: list[st.Trial]
+    cancelled: bool
+
+    @property
+    def completed(self) -> list[st.Trial]:
+        return [t for t in self.trials if t.status == st.TrialStatus.COMPLETED]
+
+    @property
+    def failed(self) -> list[st.Trial]:
+        return [t for t in self.trials if t.status == st.TrialStatus.FAILED]
+
+    @property
+    def status(self) -> st.JobStatus:
+        """The job's final status, once the export (if any) reproduced its point."""
+        return st.JobStatus.CANCELLED if self.cancelled else st.JobStatus.SUCCEEDED
+
+    @property
+    def failure(self) -> str | None:
+        """Why the job fails although the search ran: every trial failed (not a cancel
+        that came before any trial ended)."""
+        if self.completed or not self.failed or self.cancelled:
+            return None
+        return f"all {len(self.failed)} trials failed; the first: {self.failed[0].error}"
+
+
+def search(
+    setup: SetUp, store: st.JobStore, settings: Settings, rec: Any, progress: JobProgress
+) -> SearchOutcome:
+    """Run the trials the job has left (``setup.left``) with Tune, Optuna and the
+    job's scheduler; returns once Tune is done: every trial ran, the time budget is
+    spent, or the job was cancelled or its baseline failed (``JobStopper``). Writes the
+    job store only through the baseline's keeper and ``progress`` (the trials)."""
+    from workers import outbox, tracking
+    from workers.trial import TrialContext
+
+    job_id, parent, model = setup.job_id, tracking.PARENT, setup.model
+
+    def keep(baseline: Baseline) -> None:
+        if baseline.size_bytes != model.size_bytes:
+            raise RuntimeError(
+                f"the trained float checkpoint has {baseline.size_bytes} bytes, the "
+                f"untrained one {model.size_bytes}: the model's structure changed"
+            )
+        if setup.baseline.saved is not None:
+            return
+        save_baseline(setup.job_dir, baseline)  # a resumed driver starts from it, not again
+        store.update(
+            job_id,
+            baseline_accuracy=baseline.accuracy,
+            baseline_loss=baseline.loss,
+            baseline_size_bytes=baseline.size_bytes,
+        )
+        rec.metrics(
+            parent,
+            {
+                "baseline_accuracy": baseline.accuracy,
+                "baseline_loss": baseline.loss,
+                "baseline_size_bytes": baseline.size_bytes,
+            },
+        )
+
+    reserved = setup.baseline.reserved
+    if reserved is not None:  # before the watch, which removes the group when done
+        _wait_reserved(reserved, store, job_id)
+    watch = BaselineWatch(
+        setup.baseline.ref,
+        reserved=reserved,
+        on_ready=keep,
+        on_error=lambda why: store.update(job_id, error=why),  # JobStopper sees it
+    )
+    ctx = TrialContext(
+        job_id=job_id,
+        spec=setup.spec_json,
+        space=setup.space.model_dump(mode="json"),
+        baseline=setup.baseline.ref,
+        job_dir=str(setup.job_dir),
+    )
+    tuner = _tuner(setup, settings, ctx, _searcher(setup, rec), progress)
+    if setup.left.trials:
+        tuner.fit()
+    baseline = watch.result()  # a failed baseline fails the job, with its own error
+    cancelled = store.get(job_id).cancel_requested
+    trials = store.trials(job_id)
+    known = {t.trial_id for t in trials}
+    for stream in outbox.streams(setup.job_dir / OUTBOX_DIR):  # runs the resumed search lost
+        trial_id = stream.removeprefix("trial-")
+        if stream.startswith("trial-") and trial_id not in known:
+            rec.delete(tracking.trial_key(trial_id))
+    return SearchOutcome(baseline, trials, cancelled)
+
+
+def _searcher(setup: SetUp, rec: Any) -> Any:
+    """The job's Optuna study (its journal: a resumed search goes on learning from it)
+    behind Tune's searcher, with the job's constraints and sampler."""
+    from search_spaces import to_optuna
+    from service.spec import OBJECTIVE_MODES
+    from workers import tracking
+    from workers.sampling import ConstrainedOptunaSearch, make_sampler, resolve_sampler
+
+    spec, study_name = setup.spec, f"sparq-{setup.job_id}"
+    storage = _optuna_storage(setup.job_dir / OPTUNA_JOURNAL)
+    if setup.resume:
+        _fail_unfinished(storage, study_name)
+    dists = to_optuna(setup.space)
+    sampler = resolve_sampler(spec, len(dists))
+    log.info("sampler %s (search.sampler=%s, %d knobs)", sampler, spec.search.sampler, len(dists))
+    rec.params(tracking.PARENT, {"sampler.resolved": sampler})
+    searcher = ConstrainedOptunaSearch(
+        space=dists,
+        metric=list(spec.objectives),
+        mode=[OBJECTIVE_MODES[o] for o in spec.objectives],
+        sampler=make_sampler(spec, len(dists)),
+        spec=spec,
+        study_name=study_name,
+        storage=storage,
+    )
+    _label_study(storage, study_name, spec, setup.job_id)
+    return searcher
+
+
+def _tuner(setup: SetUp, settings: Settings, ctx: Any, searcher: Any, progress: JobProgress) -> Any:
+    """A fresh Tune experiment (never a restored one) of the trials left, numbered into
+    the numbers the kept trials do not hold."""
+    from ray import tune
+
+    from workers.progress import JobStopper
+    from workers.scheduler import ParetoHalving
+    from workers.trial import TrialNames, run_trial
+
+    spec, job_dir = setup.spec, setup.job_dir
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx),
+        {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus},
+    )
+    es = spec.search.early_stopping
+    scheduler = (
+        ParetoHalving(
+            epochs=spec.search_space.finetune_epochs,
+            grace=es.grace_epochs,
+            eta=es.reduction_factor,
+            baseline_size_bytes=setup.model.size_bytes,
+            state_path=job_dir / RUNGS_FILE,  # a resumed search keeps its rungs
+        )
+        if es.enabled
+        else None
+    )
+    names = TrialNames(setup.left.taken)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=setup.left.trials,
+            max_concurrent_trials=spec.search.concurrency,
+            time_budget_s=setup.left.time_budget_s,
+            reuse_actors=True,
+            trial_name_creator=names,
+            trial_dirname_creator=lambda t: f"{names(t)}_{t.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=_tune_name(job_dir),  # one per driver: never restored
+            storage_path=str(job_dir),
+            stop=JobStopper(settings.db_url, setup.job_id),
+            callbacks=[progress],
+            # a worker or node that died: the trial runs again elsewhere
+            failure_config=tune.FailureConfig(max_failures=SYSTEM_RETRIES),
+            verbose=0,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Export:
+    """The exported point: the chosen trial, as it was chosen (its front quality and
+    size), its checkpoint copied to ``best.sparq`` and that file measured again."""
+
+    trial: st.Trial
+    point: FrontPoint
+    checkpoint: Path
+    measured: Reevaluation
+    onnx: dict[str, float] | None  # the ONNX export's parity, when export.formats asks
+
+
+def _choose(spec: JobSpec, outcome: SearchOutcome) -> FrontPoint | None:
+    from dashboards import FrontPoint, choose
+
+    points = [
+        FrontPoint(t.trial_id, front_quality(spec.task, t.accuracy, t.loss), t.size_bytes or 0)
+        for t in outcome.completed
+    ]
+    return choose(
+        points,
+        baseline_accuracy=outcome.baseline.quality,
+        baseline_size_bytes=outcome.baseline.size_bytes,
+        rule=spec.export.choose,
+        max_accuracy_drop=spec.constraints.max_accuracy_drop,
+        max_size_bytes=spec.constraints.max_size_bytes,
+    )
+
+
+def _measure(path: Path, spec: JobSpec) -> Reevaluation:
+    """Measure the exported file again where the trial measured it: on a GPU in a Ray
+    task for a GPU job; here for a CPU job, without starting a worker for a second's work."""
+    spec_json = spec.model_dump(mode="json")
+    if not spec.resources.gpus:
+        return reevaluate(str(path), spec_json)
+    import ray
+
+    again: Reevaluation = ray.get(
+        ray.remote(reevaluate)
+        .options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
+        .remote(str(path), spec_json)
+    )
+    return again
+
+
+def export(
+    setup: SetUp,
+    outcome: SearchOutcome,
+    measure: Callable[[Path, JobSpec], Reevaluation] = _measure,
+) -> Export | None:
+    """Choose the point (the job's rule over the front of the trials meeting the
+    constraints; None if none does), copy its checkpoint to ``best.sparq`` and measure
+    that file again: it must reproduce the trial's quality and size exactly, or the job
+    fails. Then the ONNX export, if asked. Writes no job store row and no MLflow record
+    (:func:`record_outcome` does, once this has succeeded)."""
+    spec = setup.spec
+    best = _choose(spec, outcome)
+    if best is None:
+        return None
+    trial = next(t for t in outcome.completed if t.trial_id == best.trial_id)
+    if not trial.checkpoint or not Path(trial.checkpoint).exists():
+        raise RuntimeError(f"trial {best.trial_id} has no checkpoint on disk at {trial.checkpoint}")
+    out = setup.job_dir / BEST_FILE
+    tmp = out.with_suffix(".tmp")
+    shutil.copyfile(trial.checkpoint, tmp)
+    tmp.replace(out)
+    again = measure(out, spec)
+    again_quality = front_quality(spec.task, again.accuracy, again.loss)
+    if again.size_bytes != best.size_bytes or abs(again_quality - best.accuracy) > 1e-9:
+        raise RuntimeError(
+            f"exported checkpoint does not reproduce trial {best.trial_id}: reported "
+            f"(accuracy={best.accuracy}, size_bytes={best.size_bytes}), "
+            f"reloaded {again.as_dict()}"
+        )
+    onnx_out = None
+    if "onnx" in spec.export.formats:
+        import ray
+
+        onnx_out = ray.get(
+            ray.remote(export_onnx)
+            .options(num_cpus=spec.resources.cpus)
+            .remote(str(out), str(setup.job_dir / BEST_ONNX_FILE), setup.spec_json)
+        )
+    return Export(trial, best, out, again, onnx_out)
+
+
+def record_outcome(
+    store: st.JobStore,
+    setup: SetUp,
+    outcome: SearchOutcome,
+    exported: Export | None,
+    rec: Any,
+    progress: JobProgress,
+) -> None:
+    """The job's outcome in the job store (its one write after the search), then the
+    final views and MLflow's copy of the model, which follow through the outbox and
+    never change the outcome."""
+    spec, job_id = setup.spec, setup.job_id
+    if exported is None:
+        msg = (
+            f"no completed trial met the constraints {spec.constraints.model_dump()}"
+            if outcome.completed
+            else "no trial completed"
+        )
+        store.update(job_id, status=outcome.status, message=msg, finished_at=st.utcnow())
+        _final_views(progress, setup, outcome, None)
+        return
+    again = exported.measured
+    store.update(
+        job_id,
+        status=outcome.status,
+        best_trial_id=exported.trial.trial_id,
+        best_accuracy=again.accuracy,
+        best_size_bytes=again.size_bytes,
+        best_checkpoint=str(exported.checkpoint),
+        finished_at=st.utcnow(),
+        message=(
+            "search cancelled; exported the best of the finished trials"
+            if outcome.cancelled
+            else None
+        ),
+    )
+    _final_views(progress, setup, outcome, exported.trial.trial_id)
+    _record_model(rec, setup, outcome.baseline, exported)
+
+
+def _final_views(
+    progress: JobProgress, setup: SetUp, outcome: SearchOutcome, chosen: str | None
+) -> None:
+    """The views' last state, with the exported point marked."""
+    from workers import live
+
+    if outcome.completed:
+        progress.views.end(
+            live.snapshot(
+                setup.job,
+                outcome.trials,
+                baseline_accuracy=outcome.baseline.accuracy,
+                baseline_size_bytes=outcome.baseline.size_bytes,
+                chosen_trial_id=chosen,
+                final=True,
+            )
+        )
+
+
+def _record_model(rec: Any, setup: SetUp, baseline: Baseline, exported: Export) -> None:
+    """MLflow's copy of the export: metrics, the model and its registration."""
+    from workers import tracking
+
+    parent, again, job_id = tracking.PARENT, exported.measured, setup.job_id
+    trial_id, job_dir = exported.trial.trial_id, setup.job_dir
+    rec.metrics(
+        parent,
+        {
+            "best_accuracy": again.accuracy,
+            "best_size_bytes": again.size_bytes,
+            "best_compression": baseline.size_bytes / again.size_bytes,
+            "best_info_bound_bytes": again.info_bound_bytes,
+            "best_bytes_over_bound": again.info_ratio,
+        },
+    )
+    if exported.onnx is not None:
+        rec.metrics(parent, {f"onnx_{k}": v for k, v in exported.onnx.items()})
+        rec.artifact(parent, job_dir / BEST_ONNX_FILE)
+    rec.tags(parent, {"sparq.best_trial_id": trial_id})
+    rec.artifact(parent, exported.checkpoint, "model")
+    rec.log_dict(parent, exported.trial.policy or {}, "model/policy.json")
+    rec.register(
+        parent,
+        "model",
+        name=mlflow_names(setup.job.owner, setup.spec.name)[1],
+        tags={
+            "sparq.job_id": job_id,
+            "sparq.trial_id": trial_id,
+            "accuracy": again.accuracy,
+            "size_bytes": again.size_bytes,
+        },
+        description=f"sparq job {job_id}: trial {trial_id} ({setup.spec.export.choose} rule)",
+    )
+
+
 def run_search(
     store: st.JobStore, settings: Settings, job_id: str, *, resume: bool = False
 ) -> None:
-    import ray
-
-    job = store.get(job_id)
+    """A claimed job, as its data flows: the baseline handed to Ray first, then
+    :func:`set_up`, :func:`search`, :func:`export`, :func:`record_outcome`. The job's
+    row is read once, here; the store is written as the baseline is kept and as each
+    trial ends (during the search), and once with the outcome. Any failure marks the
+    MLflow run FAILED and is raised (:func:`main` records it, or leaves the job to be
+    resumed); MLflow's records are settled in every case."""
+    job = store.get(job_id)  # as claimed: the set-up needs nothing newer
     spec = JobSpec.model_validate(job.spec)
-    spec_json = spec.model_dump(mode="json")
     job_dir = settings.job_dir(job_id)
     job_dir.mkdir(parents=True, exist_ok=True)
 
     # The baseline goes to Ray first; all that follows overlaps with its training.
     _init_ray(settings, spec)
-    saved = load_saved_baseline(job_dir) if resume else None
-    reserved = None
-    if saved is None:
-        log.info("training the float baseline")
-        baseline_ref, reserved = _submit_baseline(spec, spec_json, Roots.of(settings))
-    else:
-        baseline_ref = ray.put(saved)  # a resumed driver starts from it, not again
+    roots = Roots.of(settings)
+    baseline = _start_baseline(spec, spec.model_dump(mode="json"), job_dir, roots, resume=resume)
 
-    from ray import tune
-
-    from search_spaces import to_optuna
-    from service.spec import OBJECTIVE_MODES
-    from workers import outbox, tracking
-    from workers.progress import JobProgress, JobStopper
-    from workers.sampling import ConstrainedOptunaSearch, make_sampler, resolve_sampler
-    from workers.scheduler import ParetoHalving
-    from workers.trial import TrialContext, TrialNames, run_trial
+    # Tune, Optuna, torch (the trial module) and MLflow load now, while it trains (the
+    # functions below import what they use again: already loaded, free).
+    from workers import sampling, scheduler, tracking, trial  # noqa: F401
+    from workers.progress import JobProgress
 
     tr = Tracking(store, settings, job_id, job_dir)
     rec, parent = tr.rec, tracking.PARENT
@@ -363,131 +806,23 @@ def run_search(
     rec.experiment(mlflow_names(job.owner, spec.name)[0])
     rec.run(parent, f"job-{job_id}", {"sparq.job_id": job_id})
     rec.status(parent, "RUNNING")
-    left = Remaining.of(store.get(job_id), store.trials(job_id), spec)
-    if resume:
-        log.info("resuming job %s: %s", job_id, left)
-
     progress: JobProgress | None = None
     try:
-        if saved is None:
-            rec.params(parent, tracking.flatten(spec_json))
-        model = describe_model(spec)  # the untrained model: layers, groups, float size
-        ss = spec.search_space
-        rec.log_dict(parent, model["pruning_report"], "pruning_report.json")
-        space = knob_space(spec, model)
-        rec.log_dict(parent, space.model_dump(mode="json"), "search_space.json")
-
-        def keep(baseline: dict[str, Any]) -> None:
-            if baseline["size_bytes"] != model["size_bytes"]:
-                raise RuntimeError(
-                    f"the trained float checkpoint has {baseline['size_bytes']} bytes, the "
-                    f"untrained one {model['size_bytes']}: the model's structure changed"
-                )
-            if saved is not None:
-                return
-            save_baseline(job_dir, baseline)  # a resumed driver starts from it, not again
-            store.update(
-                job_id,
-                baseline_accuracy=baseline["accuracy"],
-                baseline_loss=baseline["loss"],
-                baseline_size_bytes=baseline["size_bytes"],
-            )
-            rec.metrics(
-                parent, {f"baseline_{k}": baseline[k] for k in ("accuracy", "loss", "size_bytes")}
-            )
-
-        if reserved is not None:  # before the watch, which removes the group when done
-            _wait_reserved(reserved, store, job_id)
-        watch = BaselineWatch(
-            baseline_ref,
-            reserved=reserved,
-            on_ready=keep,
-            on_error=lambda why: store.update(job_id, error=why),  # JobStopper sees it
-        )
-        ctx = TrialContext(
-            job_id=job_id,
-            spec=spec_json,
-            space=space.model_dump(mode="json"),
-            baseline=baseline_ref,
-            job_dir=str(job_dir),
-        )
+        setup = set_up(job, job_dir, baseline, store.trials(job_id), rec, resume=resume)
         progress = JobProgress(
             db_url=settings.db_url,
             job_id=job_id,
-            space=space,
-            baseline_size_bytes=model["size_bytes"],
+            space=setup.space,
+            baseline_size_bytes=setup.model.size_bytes,
             job_dir=str(job_dir),
             task=spec.task,
         )
-        storage = _optuna_storage(job_dir / OPTUNA_JOURNAL)
-        if resume:
-            _fail_unfinished(storage, f"sparq-{job_id}")
-        dists = to_optuna(space)
-        sampler = resolve_sampler(spec, len(dists))
-        log.info(
-            "sampler %s (search.sampler=%s, %d knobs)", sampler, spec.search.sampler, len(dists)
-        )
-        rec.params(parent, {"sampler.resolved": sampler})
-        searcher = ConstrainedOptunaSearch(
-            space=dists,
-            metric=list(spec.objectives),
-            mode=[OBJECTIVE_MODES[o] for o in spec.objectives],
-            sampler=make_sampler(spec, len(dists)),
-            spec=spec,
-            study_name=f"sparq-{job_id}",
-            storage=storage,
-        )
-        _label_study(storage, f"sparq-{job_id}", spec, job_id)
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, ctx=ctx),
-            {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus},
-        )
-        es = spec.search.early_stopping
-        scheduler = (
-            ParetoHalving(
-                epochs=ss.finetune_epochs,
-                grace=es.grace_epochs,
-                eta=es.reduction_factor,
-                baseline_size_bytes=model["size_bytes"],
-                state_path=job_dir / RUNGS_FILE,  # a resumed search keeps its rungs
-            )
-            if es.enabled
-            else None
-        )
-        names = TrialNames(left.taken)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=left.trials,
-                max_concurrent_trials=spec.search.concurrency,
-                time_budget_s=left.time_budget_s,
-                reuse_actors=True,
-                trial_name_creator=names,
-                trial_dirname_creator=lambda t: f"{names(t)}_{t.trial_id}",
-            ),
-            run_config=tune.RunConfig(
-                name=_tune_name(job_dir),  # one per driver: never restored
-                storage_path=str(job_dir),
-                stop=JobStopper(settings.db_url, job_id),
-                callbacks=[progress],
-                # a worker or node that died: the trial runs again elsewhere
-                failure_config=tune.FailureConfig(max_failures=SYSTEM_RETRIES),
-                verbose=0,
-            ),
-        )
-        if left.trials:
-            tuner.fit()
-        baseline = watch.result()  # a failed baseline fails the job, with its own error
-        known = {t.trial_id for t in store.trials(job_id)}
-        for stream in outbox.streams(tr.root):  # runs of trials the resumed search lost
-            trial_id = stream.removeprefix("trial-")
-            if stream.startswith("trial-") and trial_id not in known:
-                rec.delete(tracking.trial_key(trial_id))
-        _finish(store, job_id, spec, baseline, job_dir, rec, progress)
-        status = "KILLED" if store.get(job_id).status == st.JobStatus.CANCELLED else "FINISHED"
-        rec.status(parent, status)
+        outcome = search(setup, store, settings, rec, progress)
+        if outcome.failure:
+            raise RuntimeError(outcome.failure)
+        exported = export(setup, outcome)
+        record_outcome(store, setup, outcome, exported, rec, progress)
+        rec.status(parent, "KILLED" if outcome.cancelled else "FINISHED")
     except BaseException as e:
         rec.tags(parent, {"sparq.error": scrub(f"{type(e).__name__}: {e}", store.secrets)[:5000]})
         rec.status(parent, "FAILED")
@@ -547,134 +882,6 @@ def _wait_reserved(pg: Any, store: st.JobStore, job_id: str) -> None:
         log.info("waiting %d s for resources to train the baseline", waited)
         if store.get(job_id).cancel_requested:
             return
-
-
-def _finish(
-    store: st.JobStore,
-    job_id: str,
-    spec: JobSpec,
-    baseline: dict[str, Any],
-    job_dir: Path,
-    rec: Any,
-    progress: JobProgress,
-) -> None:
-    """Choose, export, reload and re-measure the point: then the job's outcome is
-    recorded. MLflow's copy (the model, its registration, the final views) follows
-    through the outbox and never changes the outcome."""
-    import ray
-
-    from dashboards import FrontPoint, choose
-    from workers import live, tracking
-
-    parent = tracking.PARENT
-    cancelled = store.get(job_id).cancel_requested
-    done = [t for t in store.trials(job_id) if t.status == st.TrialStatus.COMPLETED]
-    points = [
-        FrontPoint(t.trial_id, front_quality(spec.task, t.accuracy, t.loss), t.size_bytes or 0)
-        for t in done
-    ]
-    best = choose(
-        points,
-        baseline_accuracy=baseline["quality"],
-        baseline_size_bytes=baseline["size_bytes"],
-        rule=spec.export.choose,
-        max_accuracy_drop=spec.constraints.max_accuracy_drop,
-        max_size_bytes=spec.constraints.max_size_bytes,
-    )
-    final = st.JobStatus.CANCELLED if cancelled else st.JobStatus.SUCCEEDED
-    failed = [t for t in store.trials(job_id) if t.status == st.TrialStatus.FAILED]
-
-    def final_views() -> None:  # the views' last state, with the exported point marked
-        if done:
-            progress.views.end(
-                live.snapshot(
-                    store.get(job_id),
-                    store.trials(job_id),
-                    baseline_accuracy=baseline["accuracy"],
-                    baseline_size_bytes=baseline["size_bytes"],
-                    chosen_trial_id=best.trial_id if best else None,
-                    final=True,
-                )
-            )
-
-    if not done and failed and not cancelled:
-        raise RuntimeError(f"all {len(failed)} trials failed; the first: {failed[0].error}")
-    if best is None:
-        msg = (
-            f"no completed trial met the constraints {spec.constraints.model_dump()}"
-            if done
-            else "no trial completed"
-        )
-        store.update(job_id, status=final, message=msg, finished_at=st.utcnow())
-        final_views()
-        return
-    trial = next(t for t in done if t.trial_id == best.trial_id)
-    if not trial.checkpoint or not Path(trial.checkpoint).exists():
-        raise RuntimeError(f"trial {best.trial_id} has no checkpoint on disk at {trial.checkpoint}")
-    out = job_dir / BEST_FILE
-    tmp = out.with_suffix(".tmp")
-    shutil.copyfile(trial.checkpoint, tmp)
-    tmp.replace(out)
-    if spec.resources.gpus:  # measured again where the trial measured it: on a GPU
-        again = ray.get(
-            ray.remote(reevaluate)
-            .options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
-            .remote(str(out), spec.model_dump(mode="json"))
-        )
-    else:  # a CPU job: here, without starting a Ray worker for a second's work
-        again = reevaluate(str(out), spec.model_dump(mode="json"))
-    again_quality = front_quality(spec.task, again["accuracy"], again["loss"])
-    if again["size_bytes"] != best.size_bytes or abs(again_quality - best.accuracy) > 1e-9:
-        raise RuntimeError(
-            f"exported checkpoint does not reproduce trial {best.trial_id}: reported "
-            f"(accuracy={best.accuracy}, size_bytes={best.size_bytes}), reloaded {again}"
-        )
-    onnx_out = None
-    if "onnx" in spec.export.formats:
-        onnx_out = ray.get(
-            ray.remote(export_onnx)
-            .options(num_cpus=spec.resources.cpus)
-            .remote(str(out), str(job_dir / BEST_ONNX_FILE), spec.model_dump(mode="json"))
-        )
-    store.update(
-        job_id,
-        status=final,
-        best_trial_id=best.trial_id,
-        best_accuracy=again["accuracy"],
-        best_size_bytes=again["size_bytes"],
-        best_checkpoint=str(out),
-        finished_at=st.utcnow(),
-        message="search cancelled; exported the best of the finished trials" if cancelled else None,
-    )
-    final_views()
-    rec.metrics(
-        parent,
-        {
-            "best_accuracy": again["accuracy"],
-            "best_size_bytes": again["size_bytes"],
-            "best_compression": baseline["size_bytes"] / again["size_bytes"],
-            "best_info_bound_bytes": again["info_bound_bytes"],
-            "best_bytes_over_bound": again["info_ratio"],
-        },
-    )
-    if onnx_out is not None:
-        rec.metrics(parent, {f"onnx_{k}": v for k, v in onnx_out.items()})
-        rec.artifact(parent, job_dir / BEST_ONNX_FILE)
-    rec.tags(parent, {"sparq.best_trial_id": best.trial_id})
-    rec.artifact(parent, out, "model")
-    rec.log_dict(parent, trial.policy or {}, "model/policy.json")
-    rec.register(
-        parent,
-        "model",
-        name=mlflow_names(store.get(job_id).owner, spec.name)[1],
-        tags={
-            "sparq.job_id": job_id,
-            "sparq.trial_id": best.trial_id,
-            "accuracy": again["accuracy"],
-            "size_bytes": again["size_bytes"],
-        },
-        description=f"sparq job {job_id}: trial {best.trial_id} ({spec.export.choose} rule)",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

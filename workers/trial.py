@@ -22,7 +22,7 @@ from service.settings import get_settings
 from service.spec import JobSpec, front_quality
 from workers import checkpoint as ckpt
 from workers import quant, tracking
-from workers.baseline import EVAL_BATCH, job_model, load_baseline
+from workers.baseline import EVAL_BATCH, Baseline, job_model, load_baseline
 from workers.data import build_datasets, example_input
 from workers.errors import last_line
 from workers.scheduler import milestones
@@ -43,7 +43,7 @@ class TrialContext:
     job_id: str
     spec: dict[str, Any]
     space: dict[str, Any]
-    baseline: Any  # ObjectRef of workers.baseline.train_baseline's result (may be training)
+    baseline: Any  # ObjectRef of a workers.baseline.Baseline (may be training)
     job_dir: str  # results and the outbox go here (a path every node shares)
 
 
@@ -156,17 +156,18 @@ class BaselineUnavailable(RuntimeError):
     """The float baseline every trial starts from failed to train."""
 
 
-def fetch_baseline(ref: Any) -> dict[str, Any]:
+def fetch_baseline(ref: Any) -> Baseline:
     """The shared float baseline, from Ray's object store. The search starts while it
     trains, so the first trials wait here for it (holding their CPUs: the driver has
     reserved the baseline's own before starting the search)."""
     import ray
 
     try:
-        return dict(ray.get(ref))
+        baseline: Baseline = ray.get(ref)
     except ray.exceptions.RayError as e:
         why = last_line(str(e), repr(e))
         raise BaselineUnavailable(f"the float baseline failed to train: {why}") from None
+    return baseline
 
 
 def _replay(results: Path) -> dict[str, Any] | None:
@@ -223,7 +224,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     told: dict[str, Any] = {}
     try:
         baseline = fetch_baseline(ctx.baseline)
-        told["baseline_accuracy"] = float(baseline["accuracy"])
+        told["baseline_accuracy"] = float(baseline.accuracy)
         spec = JobSpec.model_validate(ctx.spec)
         set_threads(spec.resources.cpus)
         device = pick_device(spec.resources.gpus)
@@ -272,7 +273,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         data, metrics = compress(
             spec,
             policy,
-            baseline["state"],
+            baseline.state,
             device,
             seed=number,
             on_epoch=on_epoch,

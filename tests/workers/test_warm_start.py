@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 from service import weights as wt
 from service.settings import get_settings
 from service.spec import JobSpec
-from workers.baseline import load_baseline, load_weights, train_baseline
+from workers.baseline import Baseline, load_baseline, load_weights, train_baseline
 from workers.errors import SpecError
 from workers.models import build_model
 
@@ -37,7 +38,7 @@ def weights_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 
 
 @pytest.fixture(scope="module")
-def trained() -> dict[str, object]:
+def trained() -> Baseline:
     return train_baseline(SPEC)
 
 
@@ -45,35 +46,35 @@ def _with(weights: Path, **baseline: object) -> dict[str, object]:
     return {**SPEC, "baseline": {"weights": str(weights), **baseline}}
 
 
-def test_given_weights_are_the_baseline_as_they_are(trained: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+def test_given_weights_are_the_baseline_as_they_are(trained: Baseline, tmp_path: Path) -> None:
     path = tmp_path / "w.pt"
-    torch.save({k: torch.from_numpy(v) for k, v in trained["state"].items()}, path)
+    torch.save({k: torch.from_numpy(v) for k, v in trained.state.items()}, path)
     warm = train_baseline(_with(path))  # epochs default to 0 with weights
-    assert warm["accuracy"] == trained["accuracy"]
-    assert warm["size_bytes"] == trained["size_bytes"]
-    assert warm["train_loss"] is None
-    assert warm["warm_start"] == str(path)
-    for k, v in trained["state"].items():
-        assert np.array_equal(warm["state"][k], v)
+    assert warm.accuracy == trained.accuracy
+    assert warm.size_bytes == trained.size_bytes
+    assert warm.train_loss is None
+    assert warm.warm_start == str(path)
+    for k, v in trained.state.items():
+        assert np.array_equal(warm.state[k], v)
 
 
-def test_weights_in_a_checkpoint_dict_or_npz(trained: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
-    state = {k: torch.from_numpy(v) for k, v in trained["state"].items()}
+def test_weights_in_a_checkpoint_dict_or_npz(trained: Baseline, tmp_path: Path) -> None:
+    state = {k: torch.from_numpy(v) for k, v in trained.state.items()}
     torch.save({"state_dict": state, "epoch": 7}, tmp_path / "ckpt.pth")
-    np.savez(tmp_path / "w.npz", **trained["state"])
+    np.savez(tmp_path / "w.npz", **dict[str, Any](trained.state))
     for name in ("ckpt.pth", "w.npz"):
-        assert train_baseline(_with(tmp_path / name))["accuracy"] == trained["accuracy"]
+        assert train_baseline(_with(tmp_path / name)).accuracy == trained.accuracy
 
 
-def test_given_weights_can_be_trained_further(trained: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+def test_given_weights_can_be_trained_further(trained: Baseline, tmp_path: Path) -> None:
     path = tmp_path / "w.pt"
-    torch.save({k: torch.from_numpy(v) for k, v in trained["state"].items()}, path)
+    torch.save({k: torch.from_numpy(v) for k, v in trained.state.items()}, path)
     more = train_baseline(_with(path, epochs=2))
-    assert more["train_loss"] is not None
+    assert more.train_loss is not None
     spec = JobSpec.model_validate(_with(path, epochs=2))
-    start = load_baseline(spec, trained["state"])  # type: ignore[arg-type]
-    moved = load_baseline(spec, more["state"])  # type: ignore[arg-type]
-    first = next(iter(trained["state"]))  # type: ignore[call-overload]
+    start = load_baseline(spec, trained.state)
+    moved = load_baseline(spec, more.state)
+    first = next(iter(trained.state))
     assert not torch.equal(start.state_dict()[first], moved.state_dict()[first])
 
 
