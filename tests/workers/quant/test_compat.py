@@ -42,7 +42,9 @@ def test_old_checkpoints_load_and_match_the_one_class(
     with torch.no_grad():
         out = loaded(_x())
     then = torch.from_numpy(np.load(FIXTURES / f"legacy_{name}_int4.out.npy"))
-    assert torch.equal(out, then)
+    # exact in one process; against the outputs saved then, up to the float summation
+    # order of another thread count (a full suite leaves torch's threads set otherwise)
+    torch.testing.assert_close(out, then, rtol=0, atol=1e-6)
     # the same policy wrapped today gives the same eval outputs and no larger file
     torch.manual_seed(0)
     model = digits_mlp(hidden=8)
@@ -50,7 +52,7 @@ def test_old_checkpoints_load_and_match_the_one_class(
     policy = Policy(layers=layers, noise_rate=0.5, **kw)
     quant.apply(model, policy).eval()
     with torch.no_grad():
-        assert torch.equal(model(_x()), then)
+        assert torch.equal(model(_x()), out)
     now = ckpt.encode(
         model, model_spec=ModelSpec(builtin="digits-mlp", kwargs={"hidden": 8}), policy=policy
     )
