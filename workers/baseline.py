@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.spec import JobSpec, front_quality
+from dashboards import quality
+from service.spec import JobSpec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -195,7 +196,7 @@ def train_baseline(spec_json: dict[str, Any], roots: Roots | None = None) -> dic
     return {
         "state": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
         "accuracy": result.accuracy,
-        "quality": front_quality(spec.task, result.accuracy, result.loss),
+        "quality": quality(spec.task, {"accuracy": result.accuracy, "loss": result.loss}),
         "loss": result.loss,
         "train_loss": losses[-1] if losses else None,
         "warm_start": spec.baseline.weights,

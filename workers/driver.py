@@ -37,7 +37,7 @@ from service.flusher import WARNING_PREFIX, record_mlflow_id
 from service.procs import process_start
 from service.secrets import known_secrets, scrub
 from service.settings import Settings, get_settings
-from service.spec import JobSpec, front_quality
+from service.spec import JobSpec
 from service.weights import Roots
 from workers.baseline import (
     describe_model,
@@ -563,19 +563,16 @@ def _finish(
     through the outbox and never changes the outcome."""
     import ray
 
-    from dashboards import FrontPoint, choose
+    from dashboards import export_choice, quality
     from workers import live, tracking
 
     parent = tracking.PARENT
     cancelled = store.get(job_id).cancel_requested
     done = [t for t in store.trials(job_id) if t.status == st.TrialStatus.COMPLETED]
-    points = [
-        FrontPoint(t.trial_id, front_quality(spec.task, t.accuracy, t.loss), t.size_bytes or 0)
-        for t in done
-    ]
-    best = choose(
-        points,
-        baseline_accuracy=baseline["quality"],
+    best = export_choice(
+        spec.task,
+        done,
+        baseline=baseline,
         baseline_size_bytes=baseline["size_bytes"],
         rule=spec.export.choose,
         max_accuracy_drop=spec.constraints.max_accuracy_drop,
@@ -591,6 +588,7 @@ def _finish(
                     store.get(job_id),
                     store.trials(job_id),
                     baseline_accuracy=baseline["accuracy"],
+                    baseline_loss=baseline.get("loss"),
                     baseline_size_bytes=baseline["size_bytes"],
                     chosen_trial_id=best.trial_id if best else None,
                     final=True,
@@ -623,7 +621,7 @@ def _finish(
         )
     else:  # a CPU job: here, without starting a Ray worker for a second's work
         again = reevaluate(str(out), spec.model_dump(mode="json"))
-    again_quality = front_quality(spec.task, again["accuracy"], again["loss"])
+    again_quality = quality(spec.task, again)
     if again["size_bytes"] != best.size_bytes or abs(again_quality - best.accuracy) > 1e-9:
         raise RuntimeError(
             f"exported checkpoint does not reproduce trial {best.trial_id}: reported "

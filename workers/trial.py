@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dashboards import quality
 from search_spaces import KnobSpace, Policy, policy_from_params
 from service.secrets import known_secrets, scrub
 from service.settings import get_settings
-from service.spec import JobSpec, front_quality
+from service.spec import JobSpec
 from workers import checkpoint as ckpt
 from workers import quant, tracking
 from workers.baseline import EVAL_BATCH, job_model, load_baseline
@@ -224,6 +225,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     try:
         baseline = fetch_baseline(ctx.baseline)
         told["baseline_accuracy"] = float(baseline["accuracy"])
+        if baseline.get("loss") is not None:  # the quality axis of a language model
+            told["baseline_loss"] = float(baseline["loss"])
         spec = JobSpec.model_validate(ctx.spec)
         set_threads(spec.resources.cpus)
         device = pick_device(spec.resources.gpus)
@@ -257,7 +260,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 tune.report(
                     {
                         "accuracy": r.accuracy,
-                        "quality": front_quality(spec.task, r.accuracy, r.loss),
+                        "quality": quality(spec.task, {"accuracy": r.accuracy, "loss": r.loss}),
                         "loss": r.loss,
                         "size_bytes": held["size"],
                         "epoch": epoch + 1,
@@ -280,6 +283,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             meta=meta,
         )
         metrics["duration_s"] = time.perf_counter() - started
+        metrics["quality"] = quality(spec.task, metrics)  # the front's axis, as at rungs
         path = _keep(results, data, {**metrics, **told})
     except SystemExit as e:
         if e.code in (0, None):
