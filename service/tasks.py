@@ -30,7 +30,7 @@ class Task:
     objective: ClassVar[str]  # the spec's quality objective (OBJECTIVE_MODES key)
     quality_label: ClassVar[str]  # the front's quality axis, as plots and records name it
     constraint_unit: ClassVar[str]  # what constraints.max_accuracy_drop is a drop of
-    reports: ClassVar[tuple[str, ...]]  # the quality metrics a trial reports
+    reports: ClassVar[tuple[str, ...]]  # an evaluation's metrics in every trial result
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)

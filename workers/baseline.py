@@ -53,7 +53,7 @@ def evaluate_bytes(data: bytes, spec: JobSpec, device: torch.device) -> EvalResu
 
     _, val = build_datasets(spec.dataset)
     model = ckpt.decode(data, model=job_model(spec)).model
-    return evaluate(model, make_loader(val, EVAL_BATCH, shuffle=False), device)
+    return evaluate(model, make_loader(val, EVAL_BATCH, shuffle=False), device, spec.task)
 
 
 def describe_model(spec: JobSpec) -> dict[str, Any]:
@@ -185,6 +185,7 @@ def train_baseline(spec_json: dict[str, Any], roots: Roots | None = None) -> dic
             epochs=epochs,
             lr=spec.baseline.lr,
             device=device,
+            task=spec.task,
         )
         if epochs
         else []
@@ -192,7 +193,7 @@ def train_baseline(spec_json: dict[str, Any], roots: Roots | None = None) -> dic
     model.cpu()
     data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
     reloaded = ckpt.decode(data, model=job_model(spec)).model
-    result = evaluate(reloaded, make_loader(val, 512, shuffle=False), device)
+    result = evaluate(reloaded, make_loader(val, 512, shuffle=False), device, spec.task)
     return {
         "state": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
         "accuracy": result.accuracy,

@@ -135,7 +135,7 @@ def compress(
     cost = quant.count_bops(model, example)
     data = encode_now()
     decoded = ckpt.decode(data, model=job_model(spec)).model  # an entrypoint: from the spec
-    result = evaluate(decoded, make_loader(val, EVAL_BATCH, shuffle=False), device)
+    result = evaluate(decoded, make_loader(val, EVAL_BATCH, shuffle=False), device, spec.task)
     bound = ckpt.size_report(data)
     metrics = {
         "accuracy": result.accuracy,
@@ -254,14 +254,13 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             rec.metrics(run, {"train_loss": loss}, epoch)
             if epoch + 1 in rungs:  # a rung of the early-stopping scheduler
                 model = held["model"]
-                r = evaluate(model, val_loader, device)  # eval: every block quantized
+                r = evaluate(model, val_loader, device, spec.task)  # every block quantized
                 model.train()
                 rec.metrics(run, {"rung_accuracy": r.accuracy}, epoch + 1)
                 tune.report(
                     {
-                        "accuracy": r.accuracy,
+                        **r.metrics(spec.task),  # the objective too, as Tune expects
                         "quality": quality(spec.task, {"accuracy": r.accuracy, "loss": r.loss}),
-                        "loss": r.loss,
                         "size_bytes": held["size"],
                         "epoch": epoch + 1,
                         "final": False,
