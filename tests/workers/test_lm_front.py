@@ -17,20 +17,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 from fastapi.testclient import TestClient
 
-from dashboards import FrontPoint, baseline_quality, choose
+from dashboards import FrontPoint, choose
 from search_spaces import KnobSpace, to_optuna
 from service import store as st
 from service.api import create_app
 from service.settings import Settings
-from service.spec import JobSpec
+from service.spec import OBJECTIVE_MODES, JobSpec
 from service.views import current_choice
 from workers import driver, live, outbox
 from workers.baseline import describe_model, knob_space
 from workers.progress import JobProgress
-from workers.sampling import constraint_values
+from workers.sampling import ConstrainedOptunaSearch, make_sampler
 
 LM_SPEC = {
     "name": "lm-front",
@@ -79,9 +80,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 def _config(space: KnobSpace) -> dict[str, Any]:
-    """A trial config as the searcher would suggest: each knob's first choice."""
-    import optuna
-
+    """A trial config as the searcher would suggest one: a sample of the space."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     return dict(study.ask(to_optuna(space)).params)
 
@@ -182,14 +181,24 @@ def test_live_view_cli_pick_constraint_and_export_agree_for_a_language_model(
     assert pareto["baseline"]["quality"] == pytest.approx(math.exp(-1.0))
     assert current_choice(client.get(f"/v1/jobs/{job_id}").json(), pareto) == "lik"
 
-    # the sampler's constraint: feasible exactly where the export's floor says so
-    feasible = {
-        t
-        for t, r in results.items()
-        if constraint_values(r, spec, baseline_quality(spec.task, r) or 0.0)["max_accuracy_drop"]
-        <= 0
-    }
-    assert feasible == {"lik", "big"}
+    # the sampler's constraints, as the searcher tells Optuna: feasible exactly where
+    # the export's floor says so
+    searcher = ConstrainedOptunaSearch(
+        space=to_optuna(space),
+        metric=list(spec.objectives),
+        mode=[OBJECTIVE_MODES[o] for o in spec.objectives],
+        sampler=make_sampler(spec, len(to_optuna(space))),
+        spec=spec,
+    )
+    for trial_id, result in results.items():
+        assert searcher.suggest(trial_id) is not None
+        searcher.on_trial_complete(trial_id, result)
+    told = dict(zip(results, searcher._ot_study.trials, strict=True))
+    feasible = optuna.study._constrained_optimization._get_feasible_trials(list(told.values()))
+    assert {t for t, ot in told.items() if ot in feasible} == {"lik", "big"}
+    assert told["acc"].constraints["max_accuracy_drop"] == pytest.approx(
+        math.exp(-1.0) - math.exp(-1.5) - 0.05
+    )
 
     # the export: the driver's own choice, re-measured by a fake that reads back the
     # trial's (fake) checkpoint and answers what the trial reported
