@@ -100,6 +100,7 @@ class JobProgress(_Lazy, tune.Callback):
         self.tagged: dict[str, tuple[bool, int]] = {}  # trial id -> (on front, rank) as tagged
 
     _unpicklable = (*_Lazy._unpicklable, "_live")
+    baseline_loss: float | None = None  # a callback pickled before it was kept: unknown
 
     @property
     def recorder(self) -> tracking.Recorder:
