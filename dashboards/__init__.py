@@ -1,15 +1,33 @@
 """Pareto front math as pure functions (no torch, no ray): one implementation used
-by the API, the driver, the exports and the plots. The plot renderers import
+by the API, the driver, the exports and the plots. The front of a job (trials to
+points through the task's quality axis, the hypervolume reference, the export
+choice) is ``_front.py``; every consumer calls it. The plot renderers import
 matplotlib/plotly only when called."""
 
+from dashboards._front import (
+    Measured,
+    baseline_quality,
+    export_choice,
+    front_point,
+    front_points,
+    hypervolume_reference,
+    hypervolume_reference_text,
+    job_front,
+    quality,
+    quality_drop_constraint,
+)
 from dashboards._pareto import (
+    HV_REFERENCE,
     FrontPoint,
+    Rule,
+    SparqFront,
     choose,
     hypervolume_2d,
     hypervolume_history,
     knee_index,
     max_accuracy_under,
     min_size_above,
+    minimized,
     non_dominated_ranks,
     pareto_indices,
     sparq_front,
@@ -33,23 +51,37 @@ from dashboards._plots import (
 
 __all__ = [
     "FRONT_RGB",
+    "HV_REFERENCE",
     "FrontPlot",
     "FrontPoint",
     "HypervolumePlot",
+    "Measured",
     "PlotPoint",
     "PolicyPlot",
+    "Rule",
+    "SparqFront",
+    "baseline_quality",
     "choose",
+    "export_choice",
     "front_plot",
+    "front_point",
+    "front_points",
     "hypervolume_2d",
     "hypervolume_history",
     "hypervolume_plot",
+    "hypervolume_reference",
+    "hypervolume_reference_text",
+    "job_front",
     "knee_index",
     "max_accuracy_under",
     "min_size_above",
+    "minimized",
     "non_dominated_ranks",
     "pareto_indices",
     "policy_lines",
     "policy_plot",
+    "quality",
+    "quality_drop_constraint",
     "render_front_html",
     "render_front_png",
     "render_hypervolume_png",

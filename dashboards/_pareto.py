@@ -1,9 +1,11 @@
 """Non-dominated sorting, 2-D hypervolume and the knee point.
 
 Every function takes objective vectors to *minimize*. sparq's two objectives map
-to ``(1 - accuracy, size_bytes / baseline_size_bytes)``, so both lie in [0, 1] for
-any useful point and the hypervolume reference point is ``(1, 1)``: zero accuracy
-at the float model's size. That mapping lives in :func:`sparq_front` alone.
+to ``(size_bytes / baseline_size_bytes, 1 - quality)`` (quality: the task's axis,
+``service/tasks.py``; accuracy for classification), so both lie in [0, 1] for any
+useful point and the hypervolume reference point is ``(1, 1)``: zero quality at the
+float model's size. That mapping is :func:`minimized` alone, the reference
+:data:`HV_REFERENCE`; ``dashboards/_front.py`` maps trials to points.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 Vector = Sequence[float]
+HV_REFERENCE: tuple[float, float] = (1.0, 1.0)  # (size / baseline size, 1 - quality)
 
 
 def _dominates(a: Vector, b: Vector) -> bool:
@@ -91,7 +94,8 @@ def knee_index(values: Sequence[Vector]) -> int:
 
 
 class FrontPoint(NamedTuple):
-    """One trial as the front math sees it."""
+    """One trial as the front math sees it. ``accuracy`` is the task's quality axis
+    (accuracy for classification, exp(-loss) for language modelling)."""
 
     trial_id: str
     accuracy: float
@@ -100,11 +104,16 @@ class FrontPoint(NamedTuple):
 
 class SparqFront(NamedTuple):
     points: list[FrontPoint]  # the non-dominated trials, smallest first
-    hypervolume: float  # of (1 - accuracy, size / baseline_size), reference (1, 1)
+    hypervolume: float  # of (size / baseline_size, 1 - quality), reference HV_REFERENCE
+
+
+def minimized(quality: float, size_bytes: int, baseline_size_bytes: int) -> tuple[float, float]:
+    """A point's two objectives, both minimized: relative size and 1 - quality."""
+    return (size_bytes / baseline_size_bytes, 1.0 - quality)
 
 
 def _minimize(p: FrontPoint, baseline_size: int) -> tuple[float, float]:
-    return (p.size_bytes / baseline_size, 1.0 - p.accuracy)
+    return minimized(p.accuracy, p.size_bytes, baseline_size)
 
 
 def sparq_front(points: Sequence[FrontPoint], baseline_size_bytes: int) -> SparqFront:
@@ -114,7 +123,7 @@ def sparq_front(points: Sequence[FrontPoint], baseline_size_bytes: int) -> Sparq
     values = [_minimize(p, baseline_size_bytes) for p in points]
     idx = pareto_indices(values)
     return SparqFront(
-        points=[points[i] for i in idx], hypervolume=hypervolume_2d(values, ref=(1.0, 1.0))
+        points=[points[i] for i in idx], hypervolume=hypervolume_2d(values, ref=HV_REFERENCE)
     )
 
 
@@ -127,7 +136,7 @@ def hypervolume_history(points: Sequence[FrontPoint], baseline_size_bytes: int) 
     out = []
     for p in points:
         values.append(_minimize(p, baseline_size_bytes))
-        out.append(hypervolume_2d(values, ref=(1.0, 1.0)))
+        out.append(hypervolume_2d(values, ref=HV_REFERENCE))
     return out
 
 

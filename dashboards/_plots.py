@@ -26,7 +26,8 @@ CHOSEN_COLOR = "#d62728"
 
 
 class PlotPoint(NamedTuple):
-    """A completed trial as the plots see it: its measurements and full policy."""
+    """A completed trial as the plots see it: its measurements and full policy
+    (``accuracy``: the front's quality axis, exp(-loss) for a language model)."""
 
     trial_id: str
     accuracy: float
@@ -42,6 +43,7 @@ class FrontPlot(NamedTuple):
     chosen: PlotPoint | None
     hypervolume: float
     title: str
+    quality_label: str = "accuracy"  # the y axis: the task's quality (service/tasks.py)
 
 
 class HypervolumePlot(NamedTuple):
@@ -93,6 +95,7 @@ def front_plot(
     baseline_size_bytes: int,
     chosen_trial_id: str | None = None,
     title: str = "",
+    quality_label: str = "accuracy",
 ) -> FrontPlot:
     """The data of the front plot; ``points`` are the completed trials."""
     by_id = {p.trial_id: p for p in points}
@@ -111,6 +114,7 @@ def front_plot(
         chosen=by_id[chosen_trial_id] if chosen_trial_id else None,
         hypervolume=front.hypervolume,
         title=title,
+        quality_label=quality_label,
     )
 
 
@@ -203,13 +207,14 @@ def render_front_png(data: FrontPlot, path: str | Path, dpi: int = 110) -> Path:
             )
         ax.set_xscale("log")
         ax.set_xlabel("checkpoint size (bytes, log scale)")
-        ax.set_ylabel("validation accuracy")
+        ax.set_ylabel(f"validation {data.quality_label}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.set_title(data.title or "accuracy vs size", fontsize=11)
+        ax.set_title(data.title or f"{data.quality_label} vs size", fontsize=11)
+        axis = "acc" if data.quality_label == "accuracy" else "quality"
         ax.text(
             0.99,
             0.02,
-            f"hypervolume {data.hypervolume:.4f}\nref (1, 1) on (size / baseline, 1 - acc)",
+            f"hypervolume {data.hypervolume:.4f}\nref (1, 1) on (size / baseline, 1 - {axis})",
             transform=ax.transAxes,
             ha="right",
             va="bottom",
@@ -232,7 +237,7 @@ def render_front_html(data: FrontPlot, path: str | Path) -> Path:
 
     def hover(p: PlotPoint) -> str:
         head = (
-            f"<b>{p.trial_id}</b><br>accuracy {p.accuracy:.4f} "
+            f"<b>{p.trial_id}</b><br>{data.quality_label} {p.accuracy:.4f} "
             f"({p.accuracy - data.baseline_accuracy:+.4f} vs float)<br>"
             f"{p.size_bytes:,} bytes ({data.baseline_size_bytes / p.size_bytes:.1f}x smaller)"
         )
@@ -270,7 +275,7 @@ def render_front_html(data: FrontPlot, path: str | Path) -> Path:
             marker={"symbol": "star", "size": 18, "color": BASELINE_COLOR},
             name="float baseline",
             hovertext=[
-                f"<b>float baseline</b><br>accuracy {data.baseline_accuracy:.4f}<br>"
+                f"<b>float baseline</b><br>{data.quality_label} {data.baseline_accuracy:.4f}<br>"
                 f"{data.baseline_size_bytes:,} bytes"
             ],
             hoverinfo="text",
@@ -294,9 +299,10 @@ def render_front_html(data: FrontPlot, path: str | Path) -> Path:
             )
         )
     fig.update_layout(
-        title=f"{data.title or 'accuracy vs size'} · hypervolume {data.hypervolume:.4f}",
+        title=f"{data.title or data.quality_label + ' vs size'} · hypervolume "
+        f"{data.hypervolume:.4f}",
         xaxis={"title": "checkpoint size (bytes)", "type": "log"},
-        yaxis={"title": "validation accuracy"},
+        yaxis={"title": f"validation {data.quality_label}"},
         template="plotly_white",
         hoverlabel={"align": "left"},
     )

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dashboards import FrontPoint, sparq_front
+from dashboards import hypervolume_reference_text, job_front, quality
 from service import store as st
 from service import weights as wt
 from service.flusher import Flusher
@@ -42,7 +42,7 @@ from service.schemas import (
     JobPage,
     JobSummary,
     JobView,
-    Measured,
+    ParetoBaseline,
     ParetoPoint,
     ParetoView,
     TrialView,
@@ -50,7 +50,8 @@ from service.schemas import (
 )
 from service.secrets import known_secrets, scrub
 from service.settings import Settings, get_settings
-from service.spec import JobSpec, front_quality
+from service.spec import JobSpec
+from service.tasks import get_task
 from workers import entrypoints
 from workers.errors import (
     Conflict,
@@ -402,24 +403,23 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
     def pareto(job_id: str, principal: str | None = auth) -> ParetoView:
         job = visible(job_id, principal)
         done = {t.trial_id: t for t in store.trials(job_id) if t.status == st.TrialStatus.COMPLETED}
+        task = str((job.spec or {}).get("task", "classification"))
         baseline, points = None, []
         if job.baseline_size_bytes and job.baseline_accuracy is not None:
-            baseline = Measured(accuracy=job.baseline_accuracy, size_bytes=job.baseline_size_bytes)
-            task = str((job.spec or {}).get("task", "classification"))
-            front = sparq_front(
-                [
-                    FrontPoint(
-                        t.trial_id, front_quality(task, t.accuracy, t.loss), t.size_bytes or 0
-                    )
-                    for t in done.values()
-                ],
-                job.baseline_size_bytes,
+            base = {"accuracy": job.baseline_accuracy, "loss": job.baseline_loss}
+            baseline = ParetoBaseline(
+                accuracy=job.baseline_accuracy,
+                loss=job.baseline_loss,
+                quality=quality(task, base),
+                size_bytes=job.baseline_size_bytes,
             )
+            front = job_front(task, done.values(), job.baseline_size_bytes)
             points = [
                 ParetoPoint(
                     trial_id=p.trial_id,
                     accuracy=done[p.trial_id].accuracy or 0.0,
                     loss=done[p.trial_id].loss,
+                    quality=p.accuracy,
                     size_bytes=p.size_bytes,
                     compression=job.baseline_size_bytes / p.size_bytes,
                     policy=done[p.trial_id].policy or {},
@@ -431,6 +431,8 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
             status=job.status,
             baseline=baseline,
             hypervolume=job.hypervolume,
+            hypervolume_reference=hypervolume_reference_text(task),
+            quality_label=get_task(task).quality_label,
             chosen_trial_id=job.best_trial_id,
             points=points,
         )

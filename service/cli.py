@@ -333,7 +333,7 @@ def evaluate_checkpoint(path: Path, allow_modules: tuple[str, ...] = ()) -> dict
     if ck.dataset_spec.entrypoint:  # allowed by load_checkpoint; its function must be too
         safety.import_allowed(ck.dataset_spec.entrypoint, "dataset.entrypoint", allowed)
     _, val = build_datasets(ck.dataset_spec, allowed)
-    result = evaluate(ck.model, make_loader(val, 512, shuffle=False), torch.device("cpu"))
+    result = evaluate(ck.model, make_loader(val, 512, shuffle=False), torch.device("cpu"), ck.task)
     return {
         "accuracy": result.accuracy,
         "loss": result.loss,

@@ -178,10 +178,19 @@ class TrialView(BaseModel):
         )
 
 
+class ParetoBaseline(Measured):
+    """The float baseline in the pareto view, with what the front ranks it by."""
+
+    loss: float | None = None  # mean NLL
+    quality: float  # the front's quality axis (the task's: service/tasks.py)
+
+
 class ParetoPoint(BaseModel):
     trial_id: str
     accuracy: float
     loss: float | None = None  # mean NLL; perplexity = exp(loss) for language modelling
+    # the front's quality axis: accuracy, or exp(-loss) for language modelling
+    quality: float | None = None
     size_bytes: int
     compression: float
     policy: dict[str, Any]
@@ -190,12 +199,10 @@ class ParetoPoint(BaseModel):
 class ParetoView(BaseModel):
     job_id: str
     status: st.JobStatus
-    baseline: Measured | None
+    baseline: ParetoBaseline | None
     hypervolume: float | None
-    hypervolume_reference: str = (
-        "objectives (size_bytes / baseline size_bytes, 1 - accuracy), both minimized; "
-        "reference point (1, 1)"
-    )
+    hypervolume_reference: str  # in words: dashboards.hypervolume_reference_text
+    quality_label: str = "accuracy"  # what the front's quality axis is, for this task
     chosen_trial_id: str | None
     points: list[ParetoPoint]
 

@@ -10,7 +10,6 @@ default.
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any, ClassVar, Literal
 
@@ -27,6 +26,7 @@ from pydantic import (
 from search_spaces._policy import GetaSettings, Method
 from search_spaces._presets import load_preset, merge_preset, preset_names
 from search_spaces._space import Coarsen, KnobSpace
+from service.tasks import get_task, task_names
 
 BUILTIN_MODELS = ("digits-mlp", "digits-cnn", "digits-dsconv", "digits-transformer", "char-lm")
 BUILTIN_DATASETS = ("digits", "python-text")
@@ -419,16 +419,6 @@ OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {
     "perplexity": "min",
     "size_bytes": "min",
 }
-TASK_QUALITY = {"classification": "accuracy", "language_modeling": "perplexity"}
-
-
-def front_quality(task: str, accuracy: float | None, loss: float | None) -> float:
-    """The Pareto front's quality axis (maximized): accuracy for classification,
-    ``1 / perplexity = exp(-loss)`` for language modelling, so the front and the export
-    follow the task's objective."""
-    if task == "language_modeling":
-        return math.exp(-min(float(loss), 700.0)) if loss is not None else 0.0
-    return float(accuracy or 0.0)
 
 
 def _default_objectives() -> list[Objective]:
@@ -449,7 +439,9 @@ class ConstraintsSpec(_Strict):
         default=0.01,
         ge=0,
         le=1,
-        description="below the float baseline, in accuracy's unit (a fraction: 0.01 = 1 point)",
+        description="below the float baseline, on the front's quality axis of the task "
+        "(service/tasks.py): accuracy for classification (a fraction: 0.01 = 1 point), "
+        "exp(-loss) = 1 / perplexity for language_modeling",
     )
     max_size_bytes: int | None = Field(default=None, ge=1)
 
@@ -511,7 +503,12 @@ class JobSpec(_Strict):
     )
     model: ModelSpec
     dataset: DatasetSpec
-    task: Literal["classification", "language_modeling"] = "classification"
+    task: str = Field(
+        default="classification",
+        description="what the model does (service/tasks.py): classification or "
+        "language_modeling; it sets the objective and the front's quality axis",
+        json_schema_extra={"enum": list[Any](task_names())},  # OpenAPI lists them
+    )
     baseline: BaselineSpec = Field(default_factory=BaselineSpec)
     search_space: SearchSpaceSpec = Field(default_factory=SearchSpaceSpec)
     objectives: list[Objective] = Field(default_factory=_default_objectives, max_length=MAX_LIST)
@@ -524,14 +521,20 @@ class JobSpec(_Strict):
     @classmethod
     def _task_default_objectives(cls, data: Any) -> Any:
         if isinstance(data, dict) and "objectives" not in data:
-            quality = TASK_QUALITY.get(str(data.get("task", "classification")))
-            if quality:
-                data = {**data, "objectives": [quality, "size_bytes"]}
+            name = data.get("task", "classification")
+            if isinstance(name, str) and name in task_names():  # else the field says why
+                data = {**data, "objectives": [get_task(name).objective, "size_bytes"]}
         return data
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        get_task(v)  # a ValueError naming the tasks
+        return v
 
     @model_validator(mode="after")
     def _objectives(self) -> JobSpec:
-        want = sorted([TASK_QUALITY[self.task], "size_bytes"])
+        want = sorted([get_task(self.task).objective, "size_bytes"])
         if sorted(self.objectives) != want:
             raise ValueError(
                 f"objectives must be exactly {want} for task {self.task!r} in job spec v1, "

@@ -2,8 +2,8 @@
 and the front as a rich table, built from the REST API's job and pareto views.
 
 The point the export rule would pick is marked while the search runs (``dashboards.
-choose`` with the job's rule and constraints, the same call the driver makes), and
-the exported point once the job has ended.
+export_choice`` with the job's task, rule and constraints, the same call the driver
+makes), and the exported point once the job has ended.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from dashboards import FrontPoint, choose
+from dashboards import export_choice
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -33,9 +33,10 @@ def current_choice(job: dict[str, Any], pareto: dict[str, Any]) -> str | None:
         return None
     spec = job.get("spec") or {}
     constraints = spec.get("constraints") or {}
-    best = choose(
-        [FrontPoint(p["trial_id"], p["accuracy"], p["size_bytes"]) for p in pareto["points"]],
-        baseline_accuracy=base["accuracy"],
+    best = export_choice(
+        str(spec.get("task", "classification")),
+        pareto["points"],
+        baseline=base,
         baseline_size_bytes=base["size_bytes"],
         rule=(spec.get("export") or {}).get("choose", "knee"),
         max_accuracy_drop=constraints.get("max_accuracy_drop"),
@@ -52,14 +53,24 @@ def front_table(pareto: dict[str, Any], chosen: str | None = None) -> Table:
     title = f"Pareto front ({len(pareto['points'])} points"
     title += f", hypervolume {hv:.4f})" if hv is not None else ")"
     table = Table(title=title)
-    for col in ("trial", "accuracy", "Δ vs float", "size (bytes)", "compression", "bits"):
+    # a task whose front ranks by another axis (language modelling: exp(-loss)) shows it
+    label = pareto.get("quality_label", "accuracy")
+    extra = [label] if label != "accuracy" else []
+    for col in ("trial", "accuracy", *extra, "Δ vs float", "size (bytes)", "compression", "bits"):
         table.add_column(col, justify="right")
     for p in pareto["points"]:
         bits = sorted({lp["bits"] for lp in p["policy"].get("layers", {}).values()})
+        q = p.get("quality")
+        quality = [f"{q:.4f}" if q is not None else "-"] if extra else []
+        # the drop the constraint measures: on the front's axis where both are known
+        key = (
+            "quality" if extra and q is not None and base.get("quality") is not None else "accuracy"
+        )
         table.add_row(
             p["trial_id"] + (" *" if p["trial_id"] == chosen else ""),
             f"{p['accuracy']:.4f}",
-            f"{p['accuracy'] - base.get('accuracy', 0):+.4f}",
+            *quality,
+            f"{p[key] - base.get(key, 0):+.4f}",
             f"{p['size_bytes']:,}",
             f"{p['compression']:.1f}x",
             ",".join(map(str, bits)),

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.spec import JobSpec, front_quality
+from dashboards import quality
+from service.spec import JobSpec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,7 +53,7 @@ class Baseline:
 
     state: dict[str, np.ndarray]
     accuracy: float
-    quality: float  # the front's quality axis (``front_quality``: 1/perplexity for an LM)
+    quality: float  # the front's quality axis (``dashboards.quality``: exp(-loss) for an LM)
     loss: float
     train_loss: float | None  # the last epoch's; None when it was not trained further
     warm_start: str | None  # ``baseline.weights``, when the user's weights were the start
@@ -108,7 +109,7 @@ def evaluate_bytes(data: bytes, spec: JobSpec, device: torch.device) -> EvalResu
 
     _, val = build_datasets(spec.dataset)
     model = ckpt.decode(data, model=job_model(spec)).model
-    return evaluate(model, make_loader(val, EVAL_BATCH, shuffle=False), device)
+    return evaluate(model, make_loader(val, EVAL_BATCH, shuffle=False), device, spec.task)
 
 
 def describe_model(spec: JobSpec) -> ModelDescription:
@@ -240,6 +241,7 @@ def train_baseline(spec_json: dict[str, Any], roots: Roots | None = None) -> Bas
             epochs=epochs,
             lr=spec.baseline.lr,
             device=device,
+            task=spec.task,
         )
         if epochs
         else []
@@ -247,11 +249,11 @@ def train_baseline(spec_json: dict[str, Any], roots: Roots | None = None) -> Bas
     model.cpu()
     data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
     reloaded = ckpt.decode(data, model=job_model(spec)).model
-    result = evaluate(reloaded, make_loader(val, 512, shuffle=False), device)
+    result = evaluate(reloaded, make_loader(val, 512, shuffle=False), device, spec.task)
     return Baseline(
         state={k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
         accuracy=result.accuracy,
-        quality=front_quality(spec.task, result.accuracy, result.loss),
+        quality=quality(spec.task, {"accuracy": result.accuracy, "loss": result.loss}),
         loss=result.loss,
         train_loss=losses[-1] if losses else None,
         warm_start=spec.baseline.weights,

@@ -37,7 +37,7 @@ from service.flusher import WARNING_PREFIX, record_mlflow_id
 from service.procs import process_start
 from service.secrets import known_secrets, scrub
 from service.settings import Settings, get_settings
-from service.spec import JobSpec, front_quality
+from service.spec import JobSpec
 from service.weights import Roots
 from workers.baseline import (
     Baseline,
@@ -608,15 +608,12 @@ class Export:
 
 
 def _choose(spec: JobSpec, outcome: SearchOutcome) -> FrontPoint | None:
-    from dashboards import FrontPoint, choose
+    from dashboards import export_choice
 
-    points = [
-        FrontPoint(t.trial_id, front_quality(spec.task, t.accuracy, t.loss), t.size_bytes or 0)
-        for t in outcome.completed
-    ]
-    return choose(
-        points,
-        baseline_accuracy=outcome.baseline.quality,
+    return export_choice(
+        spec.task,
+        outcome.completed,
+        baseline={"accuracy": outcome.baseline.accuracy, "loss": outcome.baseline.loss},
         baseline_size_bytes=outcome.baseline.size_bytes,
         rule=spec.export.choose,
         max_accuracy_drop=spec.constraints.max_accuracy_drop,
@@ -662,7 +659,9 @@ def export(
     shutil.copyfile(trial.checkpoint, tmp)
     tmp.replace(out)
     again = measure(out, spec)
-    again_quality = front_quality(spec.task, again.accuracy, again.loss)
+    from dashboards import quality
+
+    again_quality = quality(spec.task, {"accuracy": again.accuracy, "loss": again.loss})
     if again.size_bytes != best.size_bytes or abs(again_quality - best.accuracy) > 1e-9:
         raise RuntimeError(
             f"exported checkpoint does not reproduce trial {best.trial_id}: reported "
@@ -733,6 +732,7 @@ def _final_views(
                 setup.job,
                 outcome.trials,
                 baseline_accuracy=outcome.baseline.accuracy,
+                baseline_loss=outcome.baseline.loss,
                 baseline_size_bytes=outcome.baseline.size_bytes,
                 chosen_trial_id=chosen,
                 final=True,

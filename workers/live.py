@@ -30,9 +30,17 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from dashboards import FrontPoint, PlotPoint, choose, front_plot, hypervolume_plot, render_views
+from dashboards import (
+    PlotPoint,
+    export_choice,
+    front_plot,
+    hypervolume_plot,
+    quality,
+    render_views,
+)
 from service import store as st
 from service.spec import JobSpec
+from service.tasks import get_task
 from workers import tracking
 
 log = logging.getLogger("sparq.live")
@@ -45,10 +53,11 @@ class Snapshot(NamedTuple):
     """What one render of the views needs; plain values only."""
 
     finished: list[PlotPoint | None]  # finishing order; None: a failed or stopped trial
-    baseline_accuracy: float
+    baseline_accuracy: float  # on the front's quality axis, as the points' accuracy
     baseline_size_bytes: int
     chosen_trial_id: str | None
     title: str
+    quality_label: str = "accuracy"  # the task's quality axis (service/tasks.py)
 
 
 def snapshot(
@@ -57,11 +66,13 @@ def snapshot(
     *,
     baseline_accuracy: float,
     baseline_size_bytes: int,
+    baseline_loss: float | None = None,
     chosen_trial_id: str | None = None,
     final: bool = False,
 ) -> Snapshot:
-    """The views' input from the job store. While the search runs, the chosen point is
-    the one the export rule would pick now (the job's rule and constraints)."""
+    """The views' input from the job store, on the task's quality axis (exp(-loss) for
+    a language model, not its token accuracy). While the search runs, the chosen point
+    is the one the export rule would pick now (the job's task, rule and constraints)."""
     # failed and early-stopped trials count as steps; only completed ones are points
     ended = [
         t
@@ -69,18 +80,21 @@ def snapshot(
         if t.status in (st.TrialStatus.COMPLETED, st.TrialStatus.FAILED, st.TrialStatus.STOPPED)
     ]
     ended.sort(key=lambda t: (t.finished_at is None, t.finished_at, t.number))
+    spec = JobSpec.model_validate(job.spec)
+    task = get_task(spec.task)
     finished: list[PlotPoint | None] = [
-        PlotPoint(t.trial_id, t.accuracy or 0.0, t.size_bytes or 0, t.policy or {})
+        PlotPoint(t.trial_id, quality(task, t), t.size_bytes or 0, t.policy or {})
         if t.status == st.TrialStatus.COMPLETED
         else None
         for t in ended
     ]
-    spec = JobSpec.model_validate(job.spec)
-    done = [p for p in finished if p is not None]
-    if chosen_trial_id is None and done and not final:
-        best = choose(
-            [FrontPoint(p.trial_id, p.accuracy, p.size_bytes) for p in done],
-            baseline_accuracy=baseline_accuracy,
+    baseline = {"accuracy": baseline_accuracy, "loss": baseline_loss}
+    completed = [t for t in ended if t.status == st.TrialStatus.COMPLETED]
+    if chosen_trial_id is None and completed and not final:
+        best = export_choice(
+            task,
+            completed,
+            baseline=baseline,
             baseline_size_bytes=baseline_size_bytes,
             rule=spec.export.choose,
             max_accuracy_drop=spec.constraints.max_accuracy_drop,
@@ -90,10 +104,11 @@ def snapshot(
     state = "final" if final else f"{len(ended)}/{spec.search.trials} trials"
     return Snapshot(
         finished=finished,
-        baseline_accuracy=baseline_accuracy,
+        baseline_accuracy=quality(task, baseline),
         baseline_size_bytes=baseline_size_bytes,
         chosen_trial_id=chosen_trial_id,
         title=f"job {job.id} ({spec.name}), {state}, rule {spec.export.choose}",
+        quality_label=task.quality_label,
     )
 
 
@@ -106,6 +121,7 @@ def render(snap: Snapshot, out_dir: str) -> list[str]:
         baseline_size_bytes=snap.baseline_size_bytes,
         chosen_trial_id=snap.chosen_trial_id,
         title=snap.title,
+        quality_label=snap.quality_label,
     )
     hv = hypervolume_plot(
         snap.finished, baseline_size_bytes=snap.baseline_size_bytes, title="hypervolume vs trials"

@@ -15,12 +15,20 @@ from typing import Any
 
 from ray import tune
 
-from dashboards import FrontPoint, non_dominated_ranks, sparq_front
+from dashboards import (
+    FrontPoint,
+    front_points,
+    hypervolume_reference,
+    job_front,
+    minimized,
+    non_dominated_ranks,
+    quality,
+)
 from search_spaces import KnobSpace, policy_from_params
 from service import store as st
 from service.secrets import known_secrets
 from service.settings import get_settings
-from service.spec import front_quality
+from service.tasks import get_task
 from workers import live, outbox, tracking
 from workers.errors import last_line
 from workers.trial import OUTBOX_DIR, trial_number
@@ -87,10 +95,12 @@ class JobProgress(_Lazy, tune.Callback):
         self.db_url, self.job_id, self.space = db_url, job_id, space
         self.baseline_size_bytes = baseline_size_bytes
         self.baseline_accuracy: float | None = None  # told by the trials' results
+        self.baseline_loss: float | None = None  # so is its loss (the LM quality axis)
         self.job_dir = job_dir
         self.tagged: dict[str, tuple[bool, int]] = {}  # trial id -> (on front, rank) as tagged
 
     _unpicklable = (*_Lazy._unpicklable, "_live")
+    baseline_loss: float | None = None  # a callback pickled before it was kept: unknown
 
     @property
     def recorder(self) -> tracking.Recorder:
@@ -202,6 +212,8 @@ class JobProgress(_Lazy, tune.Callback):
         while the baseline trains, so the driver learns it from the first result."""
         if result.get("baseline_accuracy") is not None:
             self.baseline_accuracy = float(result["baseline_accuracy"])
+            if result.get("baseline_loss") is not None:
+                self.baseline_loss = float(result["baseline_loss"])
 
     def failed(self, trial_id: str, name: str, config: dict[str, Any], error: str) -> None:
         try:
@@ -222,11 +234,7 @@ class JobProgress(_Lazy, tune.Callback):
     def _refresh(self) -> None:
         trials = self.store.trials(self.job_id)
         done = [t for t in trials if t.status == st.TrialStatus.COMPLETED]
-        points = [
-            FrontPoint(t.trial_id, front_quality(self.task, t.accuracy, t.loss), t.size_bytes or 0)
-            for t in done
-        ]
-        front = sparq_front(points, self.baseline_size_bytes)
+        front = job_front(self.task, done, self.baseline_size_bytes)
         self.store.update(
             self.job_id,
             trials_completed=len(done),
@@ -235,7 +243,13 @@ class JobProgress(_Lazy, tune.Callback):
             front_size=len(front.points),
             hypervolume=front.hypervolume,
         )
-        baseline = {"accuracy": self.baseline_accuracy, "size_bytes": self.baseline_size_bytes}
+        baseline = {
+            "accuracy": self.baseline_accuracy,
+            "loss": self.baseline_loss,
+            "size_bytes": self.baseline_size_bytes,
+        }
+        if self.baseline_accuracy is not None:
+            baseline["quality"] = quality(self.task, baseline)
         self._log_front(done, front.points, front.hypervolume, len(trials), baseline)
         if done and self.baseline_accuracy is not None:
             self.views.submit(
@@ -243,6 +257,7 @@ class JobProgress(_Lazy, tune.Callback):
                     self.store.get(self.job_id),
                     trials,
                     baseline_accuracy=self.baseline_accuracy,
+                    baseline_loss=self.baseline_loss,
                     baseline_size_bytes=self.baseline_size_bytes,
                 )
             )
@@ -257,16 +272,19 @@ class JobProgress(_Lazy, tune.Callback):
     ) -> None:
         rec, parent = self.recorder, tracking.PARENT
         rec.metrics(parent, {"hypervolume": hv, "front_size": len(front)}, step=n)
+        by_id = {t.trial_id: t for t in done}
+        # "accuracy" is the trial's own (per-token for a language model); "quality" is
+        # the axis the front ranks by, named by "quality_label"
         rows = [
             {
                 "trial_id": p.trial_id,
-                "accuracy": p.accuracy,
+                "accuracy": by_id[p.trial_id].accuracy,
+                "quality": p.accuracy,
                 "size_bytes": p.size_bytes,
                 "compression": self.baseline_size_bytes / p.size_bytes,
             }
             for p in front
         ]
-        by_id = {t.trial_id: t for t in done}
         table = [{**row, **_policy_columns(by_id[str(row["trial_id"])].policy)} for row in rows]
         rec.table(parent, table, "pareto/front_table.json")
         rec.log_dict(
@@ -275,13 +293,17 @@ class JobProgress(_Lazy, tune.Callback):
                 "baseline": baseline,
                 "trials_finished": n,
                 "hypervolume": hv,
-                "hypervolume_reference": _HV_REFERENCE,
+                "hypervolume_reference": hypervolume_reference(self.task),
+                "quality_label": get_task(self.task).quality_label,
                 "front": rows,
             },
             "pareto/front.json",
         )
         ranks = non_dominated_ranks(
-            [(t.size_bytes or 0, -front_quality(self.task, t.accuracy, t.loss)) for t in done]
+            [
+                minimized(p.accuracy, p.size_bytes, self.baseline_size_bytes)
+                for p in front_points(self.task, done)
+            ]
         )
         members = {p.trial_id for p in front}
         for t, rank in zip(done, ranks, strict=True):
@@ -290,13 +312,6 @@ class JobProgress(_Lazy, tune.Callback):
                 tags = {"pareto": str(state[0]).lower(), "rank": rank}
                 rec.tags(tracking.trial_key(t.trial_id), tags)  # only what changed
                 self.tagged[t.trial_id] = state
-
-
-_HV_REFERENCE = {
-    "objectives": ["size_bytes / baseline size_bytes", "1 - accuracy"],
-    "minimized": True,
-    "point": [1.0, 1.0],
-}
 
 
 def _policy_columns(policy: dict[str, Any] | None) -> dict[str, Any]:

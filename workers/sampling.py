@@ -4,8 +4,10 @@
 (multivariate, constant liar so parallel trials spread out), NSGA-II, Optuna's GP
 sampler, random, or ``auto``, which picks one from the budget and the number of
 knobs. :class:`ConstrainedOptunaSearch` tells the sampler which trials broke the
-job's constraints (accuracy drop, size) through ``Trial.set_constraint``; Optuna's
-TPE, NSGA-II and GP samplers rank infeasible trials behind feasible ones.
+job's constraints (quality drop, size) through ``Trial.set_constraint``; Optuna's
+TPE, NSGA-II and GP samplers rank infeasible trials behind feasible ones. The drop is
+on the task's quality axis (``dashboards.quality``: accuracy, or exp(-loss) for
+language modelling), the axis the export's constraint is on.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
+from dashboards import baseline_quality, quality_drop_constraint
 from service.spec import JobSpec
 
 GP_MAX_TRIALS, GP_MAX_KNOBS, NSGA2_MIN_TRIALS = 64, 24, 500
@@ -52,15 +55,14 @@ def make_sampler(spec: JobSpec, n_knobs: int) -> Any:
     )
 
 
-def constraint_values(
-    result: dict[str, Any], spec: JobSpec, baseline_accuracy: float
-) -> dict[str, float]:
-    """One value per constraint of the job, <= 0 when the trial meets it."""
+def constraint_values(result: dict[str, Any], spec: JobSpec, baseline: float) -> dict[str, float]:
+    """One value per constraint of the job, <= 0 when the trial meets it; ``baseline``
+    is the float baseline's quality (the task's axis, as the export's floor)."""
     c = spec.constraints
     out = {}
     if c.max_accuracy_drop is not None:
-        out["max_accuracy_drop"] = (
-            baseline_accuracy - float(result["accuracy"]) - c.max_accuracy_drop
+        out["max_accuracy_drop"] = quality_drop_constraint(
+            spec.task, result, baseline, c.max_accuracy_drop
         )
     if c.max_size_bytes is not None:
         out["max_size_bytes"] = float(result["size_bytes"]) - c.max_size_bytes
@@ -88,7 +90,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
         if ot_trial is not None and result and "accuracy" in result:
             # every trial reports the float baseline it started from (the search starts
             # while the baseline trains, so the driver does not know it up front)
-            baseline = float(result["baseline_accuracy"])
+            baseline = baseline_quality(spec.task, result)
+            if baseline is None:
+                raise KeyError(f"trial {trial_id} reported no baseline_accuracy")
             for key, value in constraint_values(result, spec, baseline).items():
                 ot_trial.set_constraint(key, value)  # Optuna >= 5: samplers read these
         super().on_trial_complete(trial_id, result, error)

@@ -2,8 +2,9 @@
 non-dominated rank, as a Ray Tune trial scheduler.
 
 Neither Ray Tune's schedulers nor Optuna's pruners handle two objectives, so this is
-ours. A trial reports its ``quality`` (the front's quality axis: accuracy, or
-``1/perplexity`` for language modelling; ``accuracy`` when absent) and ``size_bytes``
+ours. A trial reports its ``quality`` (the front's quality axis,
+``dashboards.quality`` of its task: accuracy, or ``1/perplexity`` for language
+modelling; ``accuracy`` when absent) and ``size_bytes``
 at the end of each fine-tune epoch; at each rung (epochs ``grace * eta**k``) it is
 compared with every trial that reached the same rung before it (asynchronous
 successive halving: no trial waits for others). It goes on if it is among the best
@@ -26,7 +27,7 @@ from typing import Any
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from dashboards import hypervolume_2d, non_dominated_ranks
+from dashboards import hypervolume_2d, minimized, non_dominated_ranks
 
 Point = tuple[float, float]  # (size / baseline size, 1 - quality): both minimized
 
@@ -100,7 +101,7 @@ class ParetoHalving(FIFOScheduler):
         rung = self.rungs.get(epoch)
         if rung is None:
             return True
-        rung[trial_id] = (size_bytes / self.baseline, 1.0 - quality)
+        rung[trial_id] = minimized(quality, size_bytes, self.baseline)
         keep = max(1, math.floor(len(rung) / self.eta))
         go_on = len(rung) < self.eta or trial_id in promotion_order(rung)[:keep]
         if not go_on:

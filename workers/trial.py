@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dashboards import quality
 from search_spaces import KnobSpace, Policy, policy_from_params
 from service.secrets import known_secrets, scrub
 from service.settings import get_settings
-from service.spec import JobSpec, front_quality
+from service.spec import JobSpec
 from workers import checkpoint as ckpt
 from workers import quant, tracking
 from workers.baseline import EVAL_BATCH, Baseline, job_model, load_baseline
@@ -134,7 +135,7 @@ def compress(
     cost = quant.count_bops(model, example)
     data = encode_now()
     decoded = ckpt.decode(data, model=job_model(spec)).model  # an entrypoint: from the spec
-    result = evaluate(decoded, make_loader(val, EVAL_BATCH, shuffle=False), device)
+    result = evaluate(decoded, make_loader(val, EVAL_BATCH, shuffle=False), device, spec.task)
     bound = ckpt.size_report(data)
     metrics = {
         "accuracy": result.accuracy,
@@ -225,6 +226,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     try:
         baseline = fetch_baseline(ctx.baseline)
         told["baseline_accuracy"] = float(baseline.accuracy)
+        if baseline.loss is not None:  # the quality axis of a language model
+            told["baseline_loss"] = float(baseline.loss)
         spec = JobSpec.model_validate(ctx.spec)
         set_threads(spec.resources.cpus)
         device = pick_device(spec.resources.gpus)
@@ -252,14 +255,13 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             rec.metrics(run, {"train_loss": loss}, epoch)
             if epoch + 1 in rungs:  # a rung of the early-stopping scheduler
                 model = held["model"]
-                r = evaluate(model, val_loader, device)  # eval: every block quantized
+                r = evaluate(model, val_loader, device, spec.task)  # every block quantized
                 model.train()
                 rec.metrics(run, {"rung_accuracy": r.accuracy}, epoch + 1)
                 tune.report(
                     {
-                        "accuracy": r.accuracy,
-                        "quality": front_quality(spec.task, r.accuracy, r.loss),
-                        "loss": r.loss,
+                        **r.metrics(spec.task),  # the objective too, as Tune expects
+                        "quality": quality(spec.task, {"accuracy": r.accuracy, "loss": r.loss}),
                         "size_bytes": held["size"],
                         "epoch": epoch + 1,
                         "final": False,
@@ -281,6 +283,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             meta=meta,
         )
         metrics["duration_s"] = time.perf_counter() - started
+        metrics["quality"] = quality(spec.task, metrics)  # the front's axis, as at rungs
         path = _keep(results, data, {**metrics, **told})
     except SystemExit as e:
         if e.code in (0, None):

@@ -46,3 +46,25 @@ def test_language_modeling_spec_defaults_to_perplexity() -> None:
          "task": "language_modeling"}
     )  # fmt: skip
     assert spec.objectives == ["perplexity", "size_bytes"]
+
+
+def test_every_task_has_a_torch_loss_and_reports_its_objective() -> None:
+    """The torch part of the registry (workers/train.py): the LM loss is next-token
+    cross-entropy over every position, and an evaluation reports what the task says."""
+    from service.tasks import get_task, task_names
+    from workers.train import EvalResult, task_loss
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    for name in task_names():
+        loss = task_loss(name)(logits, y, "mean")  # sequence outputs: per position
+        flat = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), y.reshape(-1))
+        assert torch.allclose(loss, flat)
+        metrics = EvalResult(accuracy=0.5, loss=1.0).metrics(name)
+        assert list(metrics) == list(get_task(name).reports)
+        assert get_task(name).objective in metrics
+    assert EvalResult(accuracy=0.5, loss=1.0).metrics("language_modeling")["perplexity"] == (
+        pytest.approx(math.e)
+    )
+    with pytest.raises(ValueError, match="unknown task"):
+        task_loss("regression")
