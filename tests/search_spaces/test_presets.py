@@ -69,7 +69,7 @@ def test_every_preset_validates_and_samples(name: str) -> None:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(5):
         policy = policy_from_params(space, study.ask(dists).params)
-        assert policy.method == ss.methods[0]
+        assert policy.method.name == ss.methods[0]
         assert policy.layers["0"] == policy.layers["1.b"]  # coupled: one knob (coarsen group)
 
 

@@ -77,11 +77,11 @@ def test_every_method_runs_as_a_trial_and_exports_a_reloadable_checkpoint(method
     assert metrics["bops"] > 0
     back = ckpt.decode(data)
     assert back.policy is not None
-    assert back.policy.method == method
+    assert back.policy.method.name == method
     again = evaluate_bytes(data, spec, torch.device("cpu"))
     assert again.accuracy == metrics["accuracy"]
     if method == "geta":
-        assert abs(metrics["group_sparsity"] - policy.geta.target_group_sparsity) < 0.05
+        assert abs(metrics["group_sparsity"] - policy.method.target_group_sparsity) < 0.05
 
 
 @pytest.mark.parametrize("method", ["quant_noise", "ipq", "mx", "bfp", "geta"])

@@ -1,0 +1,44 @@
+"""The compression methods' configs, one module per method, found without a hand list.
+
+Every public module of this package is imported once (``pkgutil``); each registers its
+config class with :func:`register_method`. Adding a method is adding its module here,
+its handler module in ``workers/quant/`` and a preset in ``search_spaces/presets/``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from search_spaces.methods._base import (
+    FLOAT_BITS,
+    FORMATS,
+    MethodConfig,
+    choices,
+    register_method,
+    registered,
+)
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+METHODS: dict[str, type[MethodConfig]] = registered()
+
+
+def method_class(name: str) -> type[MethodConfig]:
+    """The config class of a method name (``ValueError`` naming the known ones)."""
+    if name not in METHODS:
+        raise ValueError(f"method {name!r} is not known; choose one of {list(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = [
+    "FLOAT_BITS",
+    "FORMATS",
+    "METHODS",
+    "MethodConfig",
+    "choices",
+    "method_class",
+    "register_method",
+]
