@@ -19,14 +19,17 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from search_spaces._policy import GetaSettings, Method
 from search_spaces._presets import load_preset, merge_preset, preset_names
 from search_spaces._space import Coarsen, KnobSpace
+from search_spaces.methods import METHODS
 
 BUILTIN_MODELS = ("digits-mlp", "digits-cnn", "digits-dsconv", "digits-transformer", "char-lm")
 BUILTIN_DATASETS = ("digits", "python-text")
@@ -537,6 +540,27 @@ class JobSpec(_Strict):
                 f"objectives must be exactly {want} for task {self.task!r} in job spec v1, "
                 f"but got {self.objectives}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _formats_of_methods(self) -> JobSpec:
+        """Every searched method must be able to write every export format (the
+        registry says which: ``MethodConfig.export_formats``); refused at submit, not
+        after the search, and named as ``export.formats``."""
+        for fmt in self.export.formats:
+            cannot = [m for m in self.search_space.methods if fmt not in METHODS[m].export_formats]
+            if cannot:
+                can = [m for m, cls in METHODS.items() if fmt in cls.export_formats]
+                rule = (
+                    f"export format {fmt!r} cannot be written by method(s) {cannot} "
+                    f"(search_space.method); only {can} produce it"
+                )
+                error = InitErrorDetails(
+                    type=PydanticCustomError("export_format", rule),
+                    loc=("export", "formats"),
+                    input=list(self.export.formats),
+                )
+                raise ValidationError.from_exception_data(type(self).__name__, [error])
         return self
 
     @classmethod

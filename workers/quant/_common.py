@@ -33,8 +33,10 @@ class MethodHandler:
     a policy whose ``method`` is that config, and the checkpoint encodings its
     quantizers write (their decoders and information bounds)."""
 
-    # registered into DECODERS / BOUNDS
+    # the encodings this method adds, registered into DECODERS / BOUNDS
     encodings: ClassVar[Encodings] = {}
+    # encodings of the checkpoint's own (``q``, ``qs``, ...) it may also write
+    also_writes: ClassVar[tuple[str, ...]] = ()
 
     def prepare(self, model: nn.Module, policy: Policy, quantized: list[str]) -> None:
         """Before any layer is wrapped (GETA attaches all its quantizers at once)."""

@@ -274,6 +274,7 @@ class QuantNoiseHandler(MethodHandler):
     """int-N Quant-Noise on every quantized layer; the plain training loop."""
 
     encodings: ClassVar[Encodings] = {"qx": (_decode_qx, _bound_qx)}
+    also_writes: ClassVar[tuple[str, ...]] = ("q", "qs", "qsr", "qnm")  # per channel, symmetric
 
     def wrap(self, w: torch.Tensor, lp: LayerPolicy, policy: Policy, layer: str) -> nn.Module:
         cfg = policy.method
