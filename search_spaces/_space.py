@@ -26,10 +26,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from search_spaces._policy import NM_KINDS, SPARSITY_KINDS, LayerPolicy, Policy
-from search_spaces.methods import METHODS, method_class
+from search_spaces.methods import METHODS, check_method_knobs, method_class
 from search_spaces.methods.geta import GetaSettings
 
 if TYPE_CHECKING:
@@ -106,6 +106,16 @@ class KnobSpace(BaseModel):
     geta: GetaSettings = Field(default_factory=GetaSettings)
     geta_sparsity_low: float = Field(default=0.3, ge=0.0, lt=1.0)
     geta_sparsity_high: float = Field(default=0.3, ge=0.0, lt=1.0)
+    method_knobs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="method name -> its searchable knobs (the method's `Knobs` model); "
+        "the flat fields above are the older methods' own spellings",
+    )
+
+    @field_validator("method_knobs")
+    @classmethod
+    def _method_knobs(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return check_method_knobs(v)
 
     @model_validator(mode="before")
     @classmethod

@@ -29,7 +29,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from search_spaces._policy import GetaSettings, Method
 from search_spaces._presets import load_preset, merge_preset, preset_names
 from search_spaces._space import Coarsen, KnobSpace
-from search_spaces.methods import METHODS
+from search_spaces.methods import METHODS, check_method_knobs
 
 BUILTIN_MODELS = ("digits-mlp", "digits-cnn", "digits-dsconv", "digits-transformer", "char-lm")
 BUILTIN_DATASETS = ("digits", "python-text")
@@ -286,6 +286,12 @@ class SearchSpaceSpec(_Strict):
     geta_group_sparsity: Range | None = Field(
         default=None, description="searched GETA target group sparsity (overrides geta's)"
     )
+    method_knobs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        max_length=MAX_LIST,
+        description="method name -> its searchable knobs (search_spaces/methods/<name>.py "
+        "`Knobs`); the older methods' knobs keep their own fields above",
+    )
     finetune_epochs: int = Field(default=6, ge=0, le=10_000)
     finetune_lr: float = Field(default=1e-3, gt=0, le=10)
     sparsity_kinds: list[SparsityKind] = Field(
@@ -324,6 +330,11 @@ class SearchSpaceSpec(_Strict):
         if isinstance(v, list) and len(v) > MAX_LIST:
             raise ValueError(f"at most {MAX_LIST} methods, but got {len(v)}")
         return v
+
+    @field_validator("method_knobs")
+    @classmethod
+    def _method_knobs(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return check_method_knobs(v)
 
     @field_validator("sparsity_kinds")
     @classmethod
@@ -394,6 +405,7 @@ class SearchSpaceSpec(_Strict):
                 "geta": self.geta.model_dump(),
                 "geta_sparsity_low": self.geta_sparsity_range.low,
                 "geta_sparsity_high": self.geta_sparsity_range.high,
+                "method_knobs": self.method_knobs,
             }
         )
 

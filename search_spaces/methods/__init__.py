@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from typing import Any
 
 from search_spaces.methods._base import (
     FLOAT_BITS,
@@ -33,11 +34,23 @@ def method_class(name: str) -> type[MethodConfig]:
     return METHODS[name]
 
 
+def check_method_knobs(method_knobs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every key a registered method, every value valid for its ``Knobs`` (pydantic's
+    error names the field); returned as given."""
+    unknown = sorted(set(method_knobs) - set(METHODS))
+    if unknown:
+        raise ValueError(f"method_knobs names methods {unknown}; choose from {list(METHODS)}")
+    for name, knobs in method_knobs.items():
+        METHODS[name].Knobs.model_validate(knobs)
+    return method_knobs
+
+
 __all__ = [
     "FLOAT_BITS",
     "FORMATS",
     "METHODS",
     "MethodConfig",
+    "check_method_knobs",
     "choices",
     "method_class",
     "register_method",

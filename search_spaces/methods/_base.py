@@ -21,6 +21,12 @@ FLOAT_BITS = 32
 FORMATS: tuple[str, ...] = ("sparq", "onnx")
 
 
+class NoKnobs(BaseModel):
+    """The searchable knobs of a method that has none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class MethodConfig(BaseModel):
     """One method's knobs in a policy (``Policy.method``), discriminated by ``name``.
 
@@ -46,6 +52,10 @@ class MethodConfig(BaseModel):
     # Flat ``Policy`` fields of policies written before methods were configs -> the
     # field of this config they meant (``""``: a mapping spread into the config).
     legacy_fields: ClassVar[dict[str, str]] = {}
+    # What a search space may search for this method (lists of choices, ranges):
+    # ``KnobSpace.method_knobs[name]`` / ``search_space.method_knobs[name]``, validated
+    # by this model. The methods older than the registry keep their flat spellings too.
+    Knobs: ClassVar[type[BaseModel]] = NoKnobs
 
     @model_serializer(mode="wrap")
     def _with_name(self, handler: SerializerFunctionWrapHandler) -> Any:
@@ -53,6 +63,12 @@ class MethodConfig(BaseModel):
         it is the discriminator a reader needs."""
         out = handler(self)
         return {"name": self.name, **out} if isinstance(out, dict) else out
+
+    @classmethod
+    def knobs(cls, method_knobs: dict[str, dict[str, Any]]) -> BaseModel:
+        """This method's entry of a space's ``method_knobs``, validated (defaults when
+        the space has none)."""
+        return cls.Knobs.model_validate(method_knobs.get(cls.model_fields["name"].default, {}))
 
     def channel_multiple(self) -> int:
         """Structured pruning removes channels in multiples of this (iPQ's sub-vectors
