@@ -1,4 +1,4 @@
-"""``bfp``: block floating point, blocks of 16 weights sharing one exponent."""
+"""``bfp``: block floating point, blocks of 64 weights sharing one exponent."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class BfpConfig(MethodConfig):
     order: Literal["sq", "qs"] = "sq"
 
     rank: ClassVar[int] = 3
-    description: ClassVar[str] = "block floating point, int-N mantissas"
+    description: ClassVar[str] = "block floating point, blocks of 64, int-N mantissas"
     legacy_fields: ClassVar[dict[str, str]] = {"order": "order"}
 
     def summary(self) -> dict[str, str]:

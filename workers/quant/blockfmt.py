@@ -238,7 +238,7 @@ class MxHandler(MethodHandler):
 
 @register_handler(BfpConfig)
 class BfpHandler(MethodHandler):
-    """Block floating point, blocks of 16 with int mantissas; plain training loop."""
+    """Block floating point, blocks of 64 with int mantissas; plain training loop."""
 
     encodings: ClassVar[Encodings] = {"bfp": (_decoder("bfp"), _bound("bfp"))}
 
