@@ -51,8 +51,10 @@ def lift_flat_method(data: Any) -> Any:
     config: dict[str, Any] = {"name": name}
     for key, value in flat.items():
         target = cls.legacy_fields.get(key) if cls else None
-        if target == "":
-            config.update(value.model_dump() if isinstance(value, BaseModel) else dict(value))
+        if target == "" and isinstance(value, BaseModel | Mapping):
+            config.update(value.model_dump() if isinstance(value, BaseModel) else value)
+        elif target == "":
+            config[key] = value  # not a mapping: refused, named, by the config
         elif target is not None:
             config[target] = value
     rest = {k: v for k, v in data.items() if k not in LEGACY_FIELDS}

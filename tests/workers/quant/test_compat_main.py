@@ -60,3 +60,14 @@ def test_a_knob_space_of_main_samples_the_same_policies() -> None:
         got = policy_from_params(space, {**saved["params"], "method": method})
         assert got == Policy.model_validate(want)
     assert KnobSpace.model_validate(space.model_dump(mode="json")) == space
+
+
+def test_a_bad_flat_field_is_a_validation_error_naming_it() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="geta"):
+        Policy.model_validate({"layers": {}, "method": "geta", "geta": 5})
+    with pytest.raises(ValidationError, match="block"):
+        Policy.model_validate({"layers": {}, "method": "ipq", "ipq_block": 0})
+    # another method's flat knobs are inert in a flat policy, as they were
+    assert Policy.model_validate({"layers": {}, "ipq_block": 8}).method.name == "quant_noise"
