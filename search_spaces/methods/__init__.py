@@ -11,6 +11,9 @@ import importlib
 import pkgutil
 from typing import Any
 
+from pydantic import ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
 from search_spaces.methods._base import (
     FLOAT_BITS,
     FORMATS,
@@ -41,7 +44,18 @@ def check_method_knobs(method_knobs: dict[str, dict[str, Any]]) -> dict[str, dic
     if unknown:
         raise ValueError(f"method_knobs names methods {unknown}; choose from {list(METHODS)}")
     for name, knobs in method_knobs.items():
-        METHODS[name].Knobs.model_validate(knobs)
+        try:
+            METHODS[name].Knobs.model_validate(knobs)
+        except ValidationError as e:  # the method's name in each error's path
+            errors = [
+                InitErrorDetails(
+                    type=PydanticCustomError("method_knobs", str(err["msg"])),
+                    loc=(name, *err["loc"]),
+                    input=err["input"],
+                )
+                for err in e.errors()
+            ]
+            raise ValidationError.from_exception_data("method_knobs", errors) from None
     return method_knobs
 
 
