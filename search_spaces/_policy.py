@@ -7,16 +7,58 @@ checkpoint (which stores it as JSON).
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-FLOAT_BITS = 32
-Method = Literal["quant_noise", "ipq", "mx", "bfp", "geta"]
-METHODS: tuple[str, ...] = ("quant_noise", "ipq", "mx", "bfp", "geta")
+from search_spaces.methods import FLOAT_BITS, MethodConfig
+from search_spaces.methods import METHODS as METHOD_CLASSES
+from search_spaces.methods.geta import GetaSettings
+from search_spaces.methods.quant_noise import QuantNoiseConfig
+
+METHODS: tuple[str, ...] = tuple(METHOD_CLASSES)
+if TYPE_CHECKING:
+    Method = str
+    AnyMethod = MethodConfig
+else:
+    Method = Literal[METHODS]
+    # the registered configs, told apart by `name`
+    AnyMethod = Annotated[
+        Union.__getitem__(tuple(METHOD_CLASSES.values())), Field(discriminator="name")
+    ]
+# flat fields of policies written before methods were configs (every method's knobs)
+LEGACY_FIELDS: frozenset[str] = frozenset(
+    k for cls in METHOD_CLASSES.values() for k in cls.legacy_fields
+)
 SparsityKind = Literal["unstructured", "2:4", "1:4"]
 SPARSITY_KINDS: tuple[str, ...] = ("unstructured", "2:4", "1:4", "channel")
 NM_KINDS: dict[str, tuple[int, int]] = {"2:4": (2, 4), "1:4": (1, 4)}
+__all__ = ["FLOAT_BITS", "GetaSettings", "LayerPolicy", "Policy"]
+
+
+def lift_flat_method(data: Any) -> Any:
+    """A policy as written before methods were configs (``method`` a name, the knobs of
+    every method top-level) -> ``method`` a config holding its own knobs; the other
+    methods' knobs (inert there) are dropped. Anything else is returned as is."""
+    if not isinstance(data, Mapping):
+        return data
+    flat = {k: data[k] for k in LEGACY_FIELDS if k in data}
+    name = data.get("method", QuantNoiseConfig.model_fields["name"].default)
+    if not isinstance(name, str):
+        return data  # a config already (flat fields beside it are refused as extra)
+    cls = METHOD_CLASSES.get(name)
+    config: dict[str, Any] = {"name": name}
+    for key, value in flat.items():
+        target = cls.legacy_fields.get(key) if cls else None
+        if target == "" and isinstance(value, BaseModel | Mapping):
+            config.update(value.model_dump() if isinstance(value, BaseModel) else value)
+        elif target == "":
+            config[key] = value  # not a mapping: refused, named, by the config
+        elif target is not None:
+            config[target] = value
+    rest = {k: v for k, v in data.items() if k not in LEGACY_FIELDS}
+    return {**rest, "method": config}
 
 
 class LayerPolicy(BaseModel):
@@ -51,45 +93,6 @@ class LayerPolicy(BaseModel):
         return v
 
 
-class GetaSettings(BaseModel):
-    """GETA's white-box knobs (Qu et al., CVPR 2025); stage lengths count optimizer steps."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    target_group_sparsity: float = Field(default=0.3, ge=0.0, lt=1.0)
-    bit_low: int = Field(default=4, ge=2, le=8)
-    bit_high: int = Field(default=8, ge=2, le=8)
-    bit_reduction: int = Field(default=2, ge=1, le=8)
-    warmup_steps: int = Field(default=20, ge=0)
-    projection_steps: int = Field(default=40, ge=1)
-    projection_periods: int = Field(default=4, ge=1)
-    joint_steps: int = Field(default=60, ge=1)
-    pruning_periods: int = Field(default=3, ge=1)
-    cooldown_steps: int = Field(default=60, ge=0)
-    lr: float = Field(default=1e-3, gt=0, le=10)
-    quant_lr: float = Field(default=1e-3, gt=0, le=10)
-
-    @model_validator(mode="after")
-    def _check(self) -> GetaSettings:
-        if self.bit_low > self.bit_high:
-            raise ValueError(
-                "`bit_low <= bit_high` must hold, but got "
-                f"(bit_low={self.bit_low}, bit_high={self.bit_high})"
-            )
-        if self.pruning_periods > self.joint_steps:
-            raise ValueError(
-                "`pruning_periods <= joint_steps` must hold, but got "
-                f"(pruning_periods={self.pruning_periods}, joint_steps={self.joint_steps})"
-            )
-        if self.projection_periods > self.projection_steps:
-            raise ValueError(
-                "`projection_periods <= projection_steps` must hold, but got "
-                f"(projection_periods={self.projection_periods}, "
-                f"projection_steps={self.projection_steps})"
-            )
-        return self
-
-
 class Policy(BaseModel):
     """Per-layer policy plus the quantization-noise settings used while fine-tuning."""
 
@@ -100,22 +103,19 @@ class Policy(BaseModel):
         default=1.0, ge=0.0, le=1.0, description="Quant-Noise p: fraction of blocks quantized"
     )
     noise_block: int = Field(default=4, ge=1, description="Quant-Noise block size (Linear/1x1)")
-    # Quantization method and its knobs (workers/quant/). Defaults reproduce the
-    # engine's original behaviour: per-channel symmetric int-N under Quant-Noise.
-    method: Method = "quant_noise"
-    granularity: Literal["channel", "tensor"] = "channel"
-    symmetric: bool = True
-    ipq_block: int = Field(default=4, ge=1, description="iPQ sub-vector size")
-    ipq_centroids: int = Field(default=16, ge=2, le=256, description="iPQ centroids per layer")
-    mx_element: Literal["int", "fp"] = Field(
-        default="int", description="MX-like element type: int-N or small float (fp4/fp6/fp8)"
-    )
-    order: Literal["sq", "qs"] = Field(
-        default="sq", description="sparsity then quantization (sq) or the reverse (qs)"
+    method: AnyMethod = Field(
+        default_factory=QuantNoiseConfig,
+        description="the method (workers/quant/) and its knobs, told apart by `name`",
     )
     act_bits: int = Field(default=FLOAT_BITS, description="activation bits: 2..8, or 32 (float)")
     act_range: Literal["calibrated", "learned"] = "calibrated"
-    geta: GetaSettings = Field(default_factory=GetaSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_method(cls, data: Any) -> Any:
+        """Checkpoints, job-store rows and MLflow records of older sparqs hold flat
+        policies; they validate to the same policy."""
+        return lift_flat_method(data)
 
     @field_validator("act_bits")
     @classmethod
@@ -141,17 +141,8 @@ class Policy(BaseModel):
     def summary(self) -> dict[str, str]:
         """Flat string view for MLflow params (one entry per knob)."""
         out = {"noise_rate": f"{self.noise_rate:.4g}", "noise_block": str(self.noise_block)}
-        out |= {"method": self.method, "act_bits": str(self.act_bits)}
-        if self.method == "quant_noise":
-            out |= {"granularity": self.granularity, "symmetric": str(self.symmetric)}
-        if self.method == "ipq":
-            out |= {"ipq_block": str(self.ipq_block), "ipq_centroids": str(self.ipq_centroids)}
-        if self.method == "mx":
-            out["mx_element"] = self.mx_element
-        if self.method in ("mx", "bfp"):
-            out["order"] = self.order
-        if self.method == "geta":
-            out |= {f"geta.{k}": str(v) for k, v in self.geta.model_dump().items()}
+        out |= {"method": self.method.name, "act_bits": str(self.act_bits)}
+        out |= self.method.summary()
         if self.act_bits != FLOAT_BITS:
             out["act_range"] = self.act_range
         for name, lp in self.layers.items():

@@ -17,7 +17,7 @@ import yaml
 
 # Nested mappings merged key by key; every other knob (lists, ranges, scalars) is
 # replaced whole by the job's value.
-MERGED_KNOBS: tuple[str, ...] = ("ipq", "activation", "geta")
+MERGED_KNOBS: tuple[str, ...] = ("ipq", "activation", "geta", "method_knobs")
 
 
 def _dir() -> Any:

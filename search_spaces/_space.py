@@ -26,16 +26,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from search_spaces._policy import (
-    METHODS,
-    NM_KINDS,
-    SPARSITY_KINDS,
-    GetaSettings,
-    LayerPolicy,
-    Policy,
-)
+from search_spaces._policy import NM_KINDS, SPARSITY_KINDS, LayerPolicy, Policy
+from search_spaces.methods import METHODS, check_method_knobs, method_class
+from search_spaces.methods.geta import GetaSettings
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
@@ -111,6 +106,16 @@ class KnobSpace(BaseModel):
     geta: GetaSettings = Field(default_factory=GetaSettings)
     geta_sparsity_low: float = Field(default=0.3, ge=0.0, lt=1.0)
     geta_sparsity_high: float = Field(default=0.3, ge=0.0, lt=1.0)
+    method_knobs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="method name -> its searchable knobs (the method's `Knobs` model); "
+        "the flat fields above are the older methods' own spellings",
+    )
+
+    @field_validator("method_knobs")
+    @classmethod
+    def _method_knobs(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return check_method_knobs(v)
 
     @model_validator(mode="before")
     @classmethod
@@ -198,22 +203,13 @@ def to_optuna(space: KnobSpace) -> dict[str, BaseDistribution]:
         for group in space.groups:
             dists[f"group:{group.name}.channels"] = _float(space.channel_low, space.channel_high)
     dists["noise_rate"] = _float(space.noise_rate_low, space.noise_rate_high)
-    choices: dict[str, list[Any]] = {
-        "method": space.methods,
-        "granularity": space.granularities,
-        "symmetric": space.symmetric,
-        "ipq_block": space.ipq_blocks,
-        "ipq_centroids": space.ipq_centroids,
-        "mx_element": space.mx_elements,
-        "act_bits": space.act_bits,
-    }
-    for key, values in choices.items():
-        if len(values) > 1:  # a fixed method knob is not a search dimension
-            dists[key] = CategoricalDistribution(list(values))
-    if "geta" in space.methods and space.geta_sparsity_low < space.geta_sparsity_high:
-        dists["geta_sparsity"] = FloatDistribution(
-            space.geta_sparsity_low, space.geta_sparsity_high
-        )
+    if len(space.methods) > 1:
+        dists["method"] = CategoricalDistribution(list(space.methods))
+    for name in METHODS:  # registry order; each method names its searched knobs
+        if name in space.methods:
+            dists |= METHODS[name].distributions(space)
+    if len(space.act_bits) > 1:
+        dists["act_bits"] = CategoricalDistribution(list(space.act_bits))
     return dists
 
 
@@ -263,11 +259,6 @@ def policy_from_params(space: KnobSpace, params: dict[str, Any]) -> Policy:
         layers[layer.name] = LayerPolicy(
             bits=int(params[f"{knob}.bits"]), sparsity=sparsity, kind=kind
         )
-    geta = space.geta.model_copy(
-        update={
-            "target_group_sparsity": float(params.get("geta_sparsity", space.geta_sparsity_low))
-        }
-    )
     channels = {}
     if "channel" in space.sparsity_kinds:
         channels = {g.name: float(params[f"group:{g.name}.channels"]) for g in space.groups}
@@ -275,16 +266,9 @@ def policy_from_params(space: KnobSpace, params: dict[str, Any]) -> Policy:
         layers=layers,
         noise_rate=float(params["noise_rate"]),
         noise_block=space.noise_block,
-        method=params.get("method", space.methods[0]),
-        granularity=params.get("granularity", space.granularities[0]),
-        symmetric=bool(params.get("symmetric", space.symmetric[0])),
-        ipq_block=int(params.get("ipq_block", space.ipq_blocks[0])),
-        ipq_centroids=int(params.get("ipq_centroids", space.ipq_centroids[0])),
-        mx_element=params.get("mx_element", space.mx_elements[0]),
-        order=space.order,
+        method=method_class(str(params.get("method", space.methods[0]))).from_params(space, params),
         act_bits=int(params.get("act_bits", space.act_bits[0])),
         act_range=space.act_range,
-        geta=GetaSettings.model_validate(geta.model_dump()),
         channels=channels,
     )
 

@@ -18,14 +18,17 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from search_spaces._policy import GetaSettings, Method
 from search_spaces._presets import load_preset, merge_preset, preset_names
 from search_spaces._space import Coarsen, KnobSpace
+from search_spaces.methods import METHODS, check_method_knobs
 from service.tasks import get_task, task_names
 
 BUILTIN_MODELS = ("digits-mlp", "digits-cnn", "digits-dsconv", "digits-transformer", "char-lm")
@@ -283,6 +286,12 @@ class SearchSpaceSpec(_Strict):
     geta_group_sparsity: Range | None = Field(
         default=None, description="searched GETA target group sparsity (overrides geta's)"
     )
+    method_knobs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        max_length=MAX_LIST,
+        description="method name -> its searchable knobs (search_spaces/methods/<name>.py "
+        "`Knobs`); the older methods' knobs keep their own fields above",
+    )
     finetune_epochs: int = Field(default=6, ge=0, le=10_000)
     finetune_lr: float = Field(default=1e-3, gt=0, le=10)
     sparsity_kinds: list[SparsityKind] = Field(
@@ -321,6 +330,11 @@ class SearchSpaceSpec(_Strict):
         if isinstance(v, list) and len(v) > MAX_LIST:
             raise ValueError(f"at most {MAX_LIST} methods, but got {len(v)}")
         return v
+
+    @field_validator("method_knobs")
+    @classmethod
+    def _method_knobs(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return check_method_knobs(v)
 
     @field_validator("sparsity_kinds")
     @classmethod
@@ -391,6 +405,7 @@ class SearchSpaceSpec(_Strict):
                 "geta": self.geta.model_dump(),
                 "geta_sparsity_low": self.geta_sparsity_range.low,
                 "geta_sparsity_high": self.geta_sparsity_range.high,
+                "method_knobs": self.method_knobs,
             }
         )
 
@@ -540,6 +555,27 @@ class JobSpec(_Strict):
                 f"objectives must be exactly {want} for task {self.task!r} in job spec v1, "
                 f"but got {self.objectives}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _formats_of_methods(self) -> JobSpec:
+        """Every searched method must be able to write every export format (the
+        registry says which: ``MethodConfig.export_formats``); refused at submit, not
+        after the search, and named as ``export.formats``."""
+        for fmt in self.export.formats:
+            cannot = [m for m in self.search_space.methods if fmt not in METHODS[m].export_formats]
+            if cannot:
+                can = [m for m, cls in METHODS.items() if fmt in cls.export_formats]
+                rule = (
+                    f"export format {fmt!r} cannot be written by method(s) {cannot} "
+                    f"(search_space.method); only {can} produce it"
+                )
+                error = InitErrorDetails(
+                    type=PydanticCustomError("export_format", rule),
+                    loc=("export", "formats"),
+                    input=list(self.export.formats),
+                )
+                raise ValidationError.from_exception_data(type(self).__name__, [error])
         return self
 
     @classmethod

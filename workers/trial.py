@@ -34,7 +34,6 @@ RESULT_FILE = "result.json"
 RESULTS_DIR = "results"  # jobs/JOB/results/TRIAL_ID/{model.sparq,result.json}
 OUTBOX_DIR = "outbox"  # jobs/JOB/outbox: see workers/outbox.py
 REPORTED = frozenset({"accuracy", "loss", "size_bytes", "duration_s"})  # a trial's metrics
-RUNG_METHODS = frozenset({"quant_noise", "mx", "bfp"})  # report at early-stopping rungs
 
 
 @dataclass(frozen=True)
@@ -100,10 +99,9 @@ def compress(
     if policy.channels:  # structured first: quantizers are attached to the survivors
         from workers.pruning import prune_channels
 
-        # N:M groups, noise blocks and iPQ sub-vectors tile the surviving channels
-        multiple = math.lcm(4, policy.noise_block)
-        if policy.method == "ipq":
-            multiple = math.lcm(multiple, policy.ipq_block)
+        # N:M groups, noise blocks and the method's own (iPQ's sub-vectors) tile the
+        # surviving channels
+        multiple = math.lcm(4, policy.noise_block, policy.method.channel_multiple())
         pruning = prune_channels(model, policy.channels, example, multiple_of=multiple)
     model = quant.apply(model, policy)
 
@@ -240,9 +238,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         ss = spec.search_space
         es = spec.search.early_stopping
         rungs = set(milestones(ss.finetune_epochs, es.grace_epochs, es.reduction_factor))
-        # Rungs only where the model in eval mode is the model exported: iPQ quantizes
-        # after its fine-tuning epochs and GETA counts steps, so they report once.
-        rungs = rungs if es.enabled and policy.method in RUNG_METHODS else set()
+        # Rungs only where the model in eval mode is the model exported (the method
+        # says: iPQ quantizes after its fine-tuning epochs, GETA counts steps).
+        rungs = rungs if es.enabled and policy.method.reports_at_rungs else set()
         val_loader = make_loader(val, EVAL_BATCH, shuffle=False)
         held: dict[str, Any] = {}
 

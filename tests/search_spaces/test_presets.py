@@ -13,10 +13,14 @@ from pydantic import ValidationError
 
 from search_spaces import LayerInfo, load_preset, merge_preset, policy_from_params, preset_names
 from search_spaces import to_optuna as _to_optuna
+from search_spaces._presets import MERGED_KNOBS
+from search_spaces.methods import METHODS
 from service.api import validation_details
 from service.spec import JobSpec, SearchSpaceSpec
 
-PRESETS = ["geta", "ipq", "joint", "mixed_precision", "quant_noise", "sparsity"]
+# the shipped presets (a method's module comes with one); these must stay
+CORE = ["geta", "ipq", "joint", "mixed_precision", "quant_noise", "sparsity"]
+PRESETS = list(preset_names())
 LAYERS = [
     LayerInfo(name="0", kind="conv2d", numel=144, sparsity_kinds=["unstructured"]).model_dump(),
     LayerInfo(
@@ -43,8 +47,15 @@ def _job(**search_space: Any) -> dict[str, Any]:
     }
 
 
+def test_every_registered_method_has_a_preset() -> None:
+    """A method comes with its preset (mx and bfp predate the rule: they are searched
+    by naming them in `method`)."""
+    methods = {load_preset(name).get("method", "quant_noise") for name in PRESETS}
+    assert set(METHODS) - {"mx", "bfp"} <= methods
+
+
 def test_the_shipped_presets() -> None:
-    assert list(preset_names()) == PRESETS
+    assert set(CORE) <= set(PRESETS)
     shipped = Path(__file__).resolve().parents[2] / "search_spaces" / "presets"
     assert sorted(p.stem for p in shipped.glob("*.yaml")) == PRESETS
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
@@ -60,7 +71,7 @@ def test_every_preset_validates_and_samples(name: str) -> None:
     ss = SearchSpaceSpec(preset=name)
     dumped = ss.model_dump(mode="json")
     for key, value in preset.items():  # the preset's values are the spec's
-        if isinstance(value, dict) and key in ("ipq", "geta", "activation"):
+        if isinstance(value, dict) and key in MERGED_KNOBS:
             assert value.items() <= dumped[key].items(), key
         else:
             assert dumped[key] == value, key
@@ -69,7 +80,7 @@ def test_every_preset_validates_and_samples(name: str) -> None:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(5):
         policy = policy_from_params(space, study.ask(dists).params)
-        assert policy.method == ss.methods[0]
+        assert policy.method.name == ss.methods[0]
         assert policy.layers["0"] == policy.layers["1.b"]  # coupled: one knob (coarsen group)
 
 
@@ -148,10 +159,7 @@ def test_unknown_preset_names_the_field_value_and_presets() -> None:
     (detail,) = validation_details(info.value.errors())
     assert detail["field"] == "search_space.preset"
     assert detail["value"] == "qat"
-    assert detail["rule"] == (
-        "preset 'qat' is not known; choose one of "
-        "['geta', 'ipq', 'joint', 'mixed_precision', 'quant_noise', 'sparsity']"
-    )
+    assert detail["rule"] == f"preset 'qat' is not known; choose one of {PRESETS}"
     with pytest.raises(ValueError, match=r"preset 'qat' is not known; choose one of \['geta'"):
         load_preset("qat")
 

@@ -1,13 +1,12 @@
-"""Quantization methods selectable by ``Policy.method`` (pure torch, no Ray):
+"""Compression methods selectable by ``Policy.method`` (pure torch, no Ray).
 
-- ``quant_noise``: int-N Quant-Noise, per channel or per tensor, symmetric or affine
-  (:mod:`workers.quant.quant_noise`; the default, per-channel symmetric S->Q, is
-  computed in place);
-- ``ipq``: Quant-Noise's PQ proxy while fine-tuning, then iterative product
-  quantization in stages (:mod:`workers.quant.ipq`);
-- ``mx`` / ``bfp``: MX-like and block-floating-point weight formats
-  (:mod:`workers.quant.blockfmt`);
-- ``geta``: learned bit widths with joint structured pruning (:mod:`workers.quant.geta`).
+Each method is a config class in ``search_spaces/methods/`` and a handler here,
+registered for that config type (``register_handler``): ``quant_noise``
+(:mod:`workers.quant.quant_noise`, the default), ``ipq`` (:mod:`workers.quant.ipq`),
+``mx`` / ``bfp`` (:mod:`workers.quant.blockfmt`), ``geta`` (:mod:`workers.quant.geta`),
+and whatever else a module of this package registers: every module is imported
+(``pkgutil``), so adding a method needs no list here. :func:`apply` and
+:func:`finetune` dispatch on the type of ``policy.method``.
 
 Any of them can add activation quantization (``act_bits`` < 32,
 :mod:`workers.quant.actquant`); :func:`count_bops` measures the cost.
@@ -15,7 +14,9 @@ Any of them can add activation quantization (``act_bits`` < 32,
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import pkgutil
 from collections.abc import Callable
 from typing import Any
 
@@ -26,80 +27,66 @@ from torch.utils.data import DataLoader
 
 from search_spaces import Policy
 from search_spaces._policy import FLOAT_BITS
+from search_spaces.methods import METHODS
 from workers.engine import compressible_layers
-from workers.quant import actquant, geta, ipq
+from workers.quant import actquant
 from workers.quant._common import (
     BOUNDS,
     DECODERS,
+    HANDLERS,
     FloatWeight,
+    MethodHandler,
     WeightQuantizer,
-    parametrization,
+    handler_for,
+    register_handler,
     weight,
 )
-from workers.quant.blockfmt import BlockFormatWeight
 from workers.quant.bops import Bops, count_bops
-from workers.quant.quant_noise import PQNoise, ScalarQuantNoise
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
+_missing = sorted(n for n, c in METHODS.items() if c not in HANDLERS)
+if _missing:
+    raise ImportError(f"methods {_missing} have a config but no handler in workers/quant/")
 
 __all__ = [
     "BOUNDS",
     "DECODERS",
+    "HANDLERS",
     "Bops",
     "FloatWeight",
+    "MethodHandler",
     "WeightQuantizer",
     "apply",
     "count_bops",
     "finetune",
+    "register_handler",
 ]
 
 CALIBRATION_BATCHES = 4
 
 
 def apply(model: nn.Module, policy: Policy) -> nn.Module:
-    """Attach the policy's method to every layer it names (in place)."""
+    """Attach the policy's method to every layer it names (in place): its handler
+    wraps the quantized layers, :class:`FloatWeight` the float ones."""
     known = {info.name for info in compressible_layers(model)}
     unknown = sorted(set(policy.layers) - known)
     if unknown:
         raise ValueError(f"policy names layers the model does not have: {unknown}")
+    handler = handler_for(policy.method)
     quantized = [n for n, lp in policy.layers.items() if lp.bits != FLOAT_BITS]
-    if policy.method == "geta":
-        geta.attach(model, quantized)
+    handler.prepare(model, policy, quantized)
     for name, lp in policy.layers.items():
         module = model.get_submodule(name)
         w = weight(module)
-        pm: nn.Module
-        if policy.method == "geta" and lp.bits != FLOAT_BITS:
-            continue
+        pm: nn.Module | None
         if lp.bits == FLOAT_BITS:
             pm = FloatWeight(w, sparsity=lp.sparsity, kind=lp.kind, layer=name)
-        elif policy.method == "quant_noise":
-            pm = ScalarQuantNoise(
-                w,
-                bits=lp.bits,
-                sparsity=lp.sparsity,
-                p=policy.noise_rate,
-                block=policy.noise_block,
-                granularity=policy.granularity,
-                symmetric=policy.symmetric,
-                order=policy.order,
-                layer=name,
-                kind=lp.kind,
-            )
-        elif policy.method == "ipq":
-            ipq.block_size(w, policy.ipq_block, name)  # fail early on a bad block size
-            rate = policy.noise_rate if policy.noise_rate < 1.0 else 0.0
-            pm = PQNoise(w, p=rate, block=policy.ipq_block, layer=name)
         else:
-            pm = BlockFormatWeight(
-                w,
-                fmt=policy.method,
-                bits=lp.bits,
-                sparsity=lp.sparsity,
-                element=policy.mx_element if policy.method == "mx" else "int",
-                order=policy.order,
-                layer=name,
-                kind=lp.kind,
-            )
-        parametrize.register_parametrization(module, "weight", pm)
+            pm = handler.wrap(w, lp, policy, name)
+        if pm is not None:
+            parametrize.register_parametrization(module, "weight", pm)
     if policy.act_bits != FLOAT_BITS:
         # inputs of Linear/Conv2d only: an Embedding's input is indices
         arith = [
@@ -122,37 +109,11 @@ def finetune(
 ) -> dict[str, Any]:
     """Train the wrapped model as its method prescribes; returns what it learned
     (``ipq_stages``, or GETA's ``geta_trace``)."""
-    from workers.train import train_epochs
-
     model.to(device)
     if policy.act_bits != FLOAT_BITS:
         actquant.calibrate(
             model, (x for x, _ in itertools.islice(loader, CALIBRATION_BATCHES)), device
         )
-    if policy.method == "geta":
-        quantizers = {
-            name: pm
-            for name, module in model.named_modules()
-            if isinstance(pm := parametrization(module), geta.GetaQuant)
-        }
-        trace = geta.train(model, loader, quantizers, policy.geta, device)
-        return {"geta_trace": trace}
-    train_epochs(model, loader, epochs=epochs, lr=lr, device=device, on_epoch=on_epoch)
-    if policy.method != "ipq":
-        return {}
-    quantized = [n for n, lp in policy.layers.items() if lp.bits != FLOAT_BITS]
-    stage_epochs = max(1, epochs // 3)
-
-    def tune_centroids(m: nn.Module) -> None:
-        m.to(device)
-        train_epochs(m, loader, epochs=stage_epochs, lr=lr, device=device)
-
-    stages = ipq.staged(
-        model,
-        quantized,
-        k=policy.ipq_centroids,
-        block=policy.ipq_block,
-        finetune=tune_centroids,
-        seed=seed,
+    return handler_for(policy.method).finetune(
+        model, policy, loader, epochs=epochs, lr=lr, device=device, on_epoch=on_epoch, seed=seed
     )
-    return {"ipq_stages": stages}

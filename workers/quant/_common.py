@@ -4,17 +4,97 @@ straight-through round, and the bit-packed code blobs the checkpoint stores."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-# encoding name -> decoder(shape, bits, blob) -> float tensor; filled by each method module
-DECODERS: dict[str, Callable[[list[int], int, bytes], torch.Tensor]] = {}
+from search_spaces.methods import MethodConfig
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from search_spaces import LayerPolicy, Policy
+
+Decoder = Callable[[list[int], int, bytes], torch.Tensor]
+Bound = Callable[[list[int], int, bytes], float]
+Encodings = dict[str, tuple[Decoder, Bound]]  # encoding name -> (decoder, bound)
+# encoding name -> decoder(shape, bits, blob) -> float tensor; filled from the handlers
+DECODERS: dict[str, Decoder] = {}
 # encoding name -> information bound in bits(shape, bits, blob); filled likewise
-BOUNDS: dict[str, Callable[[list[int], int, bytes], float]] = {}
+BOUNDS: dict[str, Bound] = {}
+
+
+class MethodHandler:
+    """The torch side of one method, registered for its config class
+    (:func:`register_handler`): what ``workers.quant.apply`` and ``finetune`` do for
+    a policy whose ``method`` is that config, and the checkpoint encodings its
+    quantizers write (their decoders and information bounds)."""
+
+    # the encodings this method adds, registered into DECODERS / BOUNDS
+    encodings: ClassVar[Encodings] = {}
+    # encodings of the checkpoint's own (``q``, ``qs``, ...) it may also write
+    also_writes: ClassVar[tuple[str, ...]] = ()
+
+    def prepare(self, model: nn.Module, policy: Policy, quantized: list[str]) -> None:
+        """Before any layer is wrapped (GETA attaches all its quantizers at once)."""
+
+    def wrap(
+        self, w: torch.Tensor, lp: LayerPolicy, policy: Policy, layer: str
+    ) -> nn.Module | None:
+        """The parametrization of one quantized layer's weight (``bits`` < 32), or
+        ``None`` when :meth:`prepare` has wrapped it already."""
+        raise NotImplementedError
+
+    def finetune(
+        self,
+        model: nn.Module,
+        policy: Policy,
+        loader: DataLoader,
+        *,
+        epochs: int,
+        lr: float,
+        device: torch.device,
+        on_epoch: Callable[[int, float], None] | None,
+        seed: int,
+    ) -> dict[str, Any]:
+        """Fine-tune the wrapped model; returns what the method learned (logged). The
+        default: the plain training loop over ``epochs``."""
+        from workers.train import train_epochs
+
+        train_epochs(model, loader, epochs=epochs, lr=lr, device=device, on_epoch=on_epoch)
+        return {}
+
+
+HANDLERS: dict[type[MethodConfig], MethodHandler] = {}
+H = TypeVar("H", bound=type[MethodHandler])
+
+
+def register_handler(config: type[MethodConfig]) -> Callable[[H], H]:
+    """Class decorator: the handler of ``config``'s method; its encodings become
+    checkpoint encodings (a name two handlers claim is an error)."""
+
+    def register(cls: H) -> H:
+        if config in HANDLERS:
+            raise TypeError(f"{config.__name__} has a handler already")
+        for enc, (decode, bound) in cls.encodings.items():
+            if enc in DECODERS:
+                raise TypeError(f"encoding {enc!r} is registered twice")
+            DECODERS[enc], BOUNDS[enc] = decode, bound
+        HANDLERS[config] = cls()
+        return cls
+
+    return register
+
+
+def handler_for(config: MethodConfig) -> MethodHandler:
+    """The registered handler of a policy's method config."""
+    handler = HANDLERS.get(type(config))
+    if handler is None:
+        raise TypeError(f"method {config.name!r} has no handler in workers/quant/")
+    return handler
 
 
 def pattern_bound(decoded: torch.Tensor, bits: int) -> float:

@@ -20,21 +20,30 @@ from __future__ import annotations
 
 import struct
 from functools import cache
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
+from search_spaces.methods.bfp import BfpConfig
+from search_spaces.methods.mx import MxConfig
 from workers.engine import qmax
 from workers.quant._common import (
-    BOUNDS,
-    DECODERS,
+    Encodings,
+    MethodHandler,
     WeightQuantizer,
     pack_codes,
     pattern_bound,
+    register_handler,
     rows,
     unpack_codes,
 )
 from workers.sparsity import kind_mask
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from search_spaces import LayerPolicy, Policy
 
 BLOCK = {"mx": 32, "bfp": 64}
 FP_ELEMENTS = {8: (4, 3), 6: (2, 3), 4: (2, 1)}  # bits -> (exponent bits, mantissa bits)
@@ -206,7 +215,43 @@ def _bound(fmt: str):  # type: ignore[no-untyped-def]
     return bound
 
 
-DECODERS["mx"] = _decoder("mx")
-DECODERS["bfp"] = _decoder("bfp")
-BOUNDS["mx"] = _bound("mx")
-BOUNDS["bfp"] = _bound("bfp")
+@register_handler(MxConfig)
+class MxHandler(MethodHandler):
+    """MX-like blocks of 32 with int or small-float elements; plain training loop."""
+
+    encodings: ClassVar[Encodings] = {"mx": (_decoder("mx"), _bound("mx"))}
+
+    def wrap(self, w: torch.Tensor, lp: LayerPolicy, policy: Policy, layer: str) -> nn.Module:
+        cfg = policy.method
+        assert isinstance(cfg, MxConfig)
+        return BlockFormatWeight(
+            w,
+            fmt="mx",
+            bits=lp.bits,
+            sparsity=lp.sparsity,
+            element=cfg.element,
+            order=cfg.order,
+            layer=layer,
+            kind=lp.kind,
+        )
+
+
+@register_handler(BfpConfig)
+class BfpHandler(MethodHandler):
+    """Block floating point, blocks of 64 with int mantissas; plain training loop."""
+
+    encodings: ClassVar[Encodings] = {"bfp": (_decoder("bfp"), _bound("bfp"))}
+
+    def wrap(self, w: torch.Tensor, lp: LayerPolicy, policy: Policy, layer: str) -> nn.Module:
+        cfg = policy.method
+        assert isinstance(cfg, BfpConfig)
+        return BlockFormatWeight(
+            w,
+            fmt="bfp",
+            bits=lp.bits,
+            sparsity=lp.sparsity,
+            element="int",
+            order=cfg.order,
+            layer=layer,
+            kind=lp.kind,
+        )

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,18 +37,23 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
-from search_spaces._policy import GetaSettings
+from search_spaces.methods.geta import GetaConfig, GetaSettings
 from workers.engine import qmax
 from workers.quant._common import (
-    BOUNDS,
-    DECODERS,
+    Encodings,
+    MethodHandler,
     WeightQuantizer,
     original,
     pack_codes,
+    parametrization,
     pattern_bound,
+    register_handler,
     unpack_codes,
     weight,
 )
+
+if TYPE_CHECKING:
+    from search_spaces import LayerPolicy, Policy
 
 START_BITS = 16
 
@@ -169,10 +175,6 @@ def _decode_geta(shape: list[int], bits: int, blob: bytes) -> torch.Tensor:
 
 def _bound_geta(shape: list[int], bits: int, blob: bytes) -> float:
     return 32.0 + pattern_bound(_decode_geta(shape, bits, blob), bits)  # one fp32 step
-
-
-DECODERS["geta"] = _decode_geta
-BOUNDS["geta"] = _bound_geta
 
 
 def attach(model: nn.Module, names: list[str]) -> dict[str, GetaQuant]:
@@ -334,3 +336,38 @@ def train(
     )
     trace.final_bits = {n: int(gq.pinned_bits or 0) for n, gq in quantizers.items()}
     return trace
+
+
+@register_handler(GetaConfig)
+class GetaHandler(MethodHandler):
+    """All quantizers attached at once (the last layer is not prunable), then GETA's
+    own step-counted schedule instead of the training loop."""
+
+    encodings: ClassVar[Encodings] = {"geta": (_decode_geta, _bound_geta)}
+
+    def prepare(self, model: nn.Module, policy: Policy, quantized: list[str]) -> None:
+        attach(model, quantized)
+
+    def wrap(self, w: torch.Tensor, lp: LayerPolicy, policy: Policy, layer: str) -> None:
+        return None  # attached by prepare
+
+    def finetune(
+        self,
+        model: nn.Module,
+        policy: Policy,
+        loader: DataLoader,
+        *,
+        epochs: int,
+        lr: float,
+        device: torch.device,
+        on_epoch: Callable[[int, float], None] | None,
+        seed: int,
+    ) -> dict[str, Any]:
+        cfg = policy.method
+        assert isinstance(cfg, GetaConfig)
+        quantizers = {
+            name: pm
+            for name, module in model.named_modules()
+            if isinstance(pm := parametrization(module), GetaQuant)
+        }
+        return {"geta_trace": train(model, loader, quantizers, cfg, device)}

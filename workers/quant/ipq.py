@@ -19,13 +19,29 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from workers.quant._common import BOUNDS, DECODERS, WeightQuantizer, original, rows, weight
+from search_spaces._policy import FLOAT_BITS
+from search_spaces.methods.ipq import IpqConfig
+from workers.quant._common import (
+    Encodings,
+    MethodHandler,
+    WeightQuantizer,
+    original,
+    register_handler,
+    rows,
+    weight,
+)
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from search_spaces import LayerPolicy, Policy
 
 STAGES: tuple[tuple[str, tuple[type[nn.Module], ...]], ...] = (
     ("linear", (nn.Linear,)),  # the paper's FFN stage
@@ -145,10 +161,6 @@ def _bound_pq(shape: list[int], bits: int, blob: bytes) -> float:
     return 16.0 * k * bs + float(bits * (int(np.prod(shape)) // bs))
 
 
-DECODERS["pq"] = _decode_pq
-BOUNDS["pq"] = _bound_pq
-
-
 def quantize_layers(
     model: nn.Module, names: Sequence[str], *, k: int, block: int, seed: int = 0
 ) -> None:
@@ -222,3 +234,49 @@ class PQExactNoise(WeightQuantizer):
 
     def encode_weight(self, original: torch.Tensor) -> tuple[str, int, bytes]:
         raise ValueError(f"layer {self.layer!r}: PQ training noise is not an export format")
+
+
+@register_handler(IpqConfig)
+class IpqHandler(MethodHandler):
+    """PQ-proxy Quant-Noise while fine-tuning, then iPQ in stages, each followed by a
+    third of the epochs tuning the centroids and the still-float layers."""
+
+    encodings: ClassVar[Encodings] = {"pq": (_decode_pq, _bound_pq)}
+
+    def wrap(self, w: torch.Tensor, lp: LayerPolicy, policy: Policy, layer: str) -> nn.Module:
+        from workers.quant.quant_noise import PQNoise
+
+        cfg = policy.method
+        assert isinstance(cfg, IpqConfig)
+        block_size(w, cfg.block, layer)  # fail early on a bad block size
+        rate = policy.noise_rate if policy.noise_rate < 1.0 else 0.0
+        return PQNoise(w, p=rate, block=cfg.block, layer=layer)
+
+    def finetune(
+        self,
+        model: nn.Module,
+        policy: Policy,
+        loader: DataLoader,
+        *,
+        epochs: int,
+        lr: float,
+        device: torch.device,
+        on_epoch: Callable[[int, float], None] | None,
+        seed: int,
+    ) -> dict[str, Any]:
+        from workers.train import train_epochs
+
+        cfg = policy.method
+        assert isinstance(cfg, IpqConfig)
+        train_epochs(model, loader, epochs=epochs, lr=lr, device=device, on_epoch=on_epoch)
+        quantized = [n for n, lp in policy.layers.items() if lp.bits != FLOAT_BITS]
+        stage_epochs = max(1, epochs // 3)
+
+        def tune_centroids(m: nn.Module) -> None:
+            m.to(device)
+            train_epochs(m, loader, epochs=stage_epochs, lr=lr, device=device)
+
+        stages = staged(
+            model, quantized, k=cfg.centroids, block=cfg.block, finetune=tune_centroids, seed=seed
+        )
+        return {"ipq_stages": stages}

@@ -23,22 +23,30 @@ every block (p = 1) and the PQ proxy is off.
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
 from search_spaces._policy import FLOAT_BITS
+from search_spaces.methods.quant_noise import QuantNoiseConfig
 from workers.engine import block_mask_shape, channel_scale, qmax
 from workers.quant._common import (
-    BOUNDS,
-    DECODERS,
+    Encodings,
+    MethodHandler,
     WeightQuantizer,
     pack_codes,
     pattern_bound,
+    register_handler,
     rows,
     unpack_codes,
 )
 from workers.sparsity import kind_mask
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from search_spaces import LayerPolicy, Policy
 
 _MIN_SCALE = 2.0**-14  # scales are stored in fp16
 
@@ -236,10 +244,6 @@ def _bound_qx(shape: list[int], bits: int, blob: bytes) -> float:
     return side + pattern_bound(_decode_qx(shape, bits, blob), bits)
 
 
-DECODERS["qx"] = _decode_qx
-BOUNDS["qx"] = _bound_qx
-
-
 class PQNoise(WeightQuantizer):
     """The PQ proxy noise: drop a Bernoulli(p) fraction of blocks, rescale the
     survivors by ``1/(1-p)``; off in eval. Trains a float model for a later iPQ."""
@@ -263,3 +267,27 @@ class PQNoise(WeightQuantizer):
     def encode_weight(self, original: torch.Tensor) -> tuple[str, int, bytes]:
         w = original.detach().float().cpu().contiguous()
         return "raw:float32", 0, w.numpy().astype("<f4").tobytes()
+
+
+@register_handler(QuantNoiseConfig)
+class QuantNoiseHandler(MethodHandler):
+    """int-N Quant-Noise on every quantized layer; the plain training loop."""
+
+    encodings: ClassVar[Encodings] = {"qx": (_decode_qx, _bound_qx)}
+    also_writes: ClassVar[tuple[str, ...]] = ("q", "qs", "qsr", "qnm")  # per channel, symmetric
+
+    def wrap(self, w: torch.Tensor, lp: LayerPolicy, policy: Policy, layer: str) -> nn.Module:
+        cfg = policy.method
+        assert isinstance(cfg, QuantNoiseConfig)
+        return ScalarQuantNoise(
+            w,
+            bits=lp.bits,
+            sparsity=lp.sparsity,
+            p=policy.noise_rate,
+            block=policy.noise_block,
+            granularity=cfg.granularity,
+            symmetric=cfg.symmetric,
+            order=cfg.order,
+            layer=layer,
+            kind=lp.kind,
+        )

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from search_spaces import LayerPolicy, Policy
+from search_spaces.methods import METHODS as REGISTRY
 from service.spec import ModelSpec
 from workers import checkpoint as ckpt
 from workers import quant
@@ -26,21 +27,25 @@ _GETA = {
     "cooldown_steps": 2,
     "target_group_sparsity": 0.25,
 }
-METHODS: list[tuple[str, dict[str, Any]]] = [
-    ("quant_noise", {}),
+# Each registered method with its defaults (GETA's schedule shortened), then knob
+# variants of some; a method added to the registry is in the contract unasked.
+FAST: dict[str, dict[str, Any]] = {
+    "ipq": {"noise_rate": 0.1, "ipq_centroids": 8},
+    "geta": {"geta": _GETA},
+}
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("quant_noise", {"granularity": "tensor"}),
     ("quant_noise", {"symmetric": False}),
     ("quant_noise", {"order": "qs"}),
     ("quant_noise", {"granularity": "tensor", "symmetric": False, "order": "qs"}),
-    ("ipq", {"noise_rate": 0.1, "ipq_centroids": 8}),
-    ("mx", {}),
     ("mx", {"mx_element": "fp"}),
     ("mx", {"order": "qs"}),
-    ("bfp", {}),
-    ("geta", {"geta": _GETA}),
     ("quant_noise", {"act_bits": 4}),
     ("mx", {"act_bits": 8, "act_range": "learned"}),
 ]
+METHODS: list[tuple[str, dict[str, Any]]] = [
+    (name, FAST.get(name, {})) for name in REGISTRY
+] + VARIANTS
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in kw.items() if k != 'geta')}" for m, kw in METHODS]
 MODELS = {"digits-mlp": lambda: digits_mlp(hidden=32), "digits-cnn": lambda: digits_cnn(width=8)}
 
@@ -84,6 +89,7 @@ def test_wrap_train_export_reload_gives_identical_outputs(
     assert back.policy == policy
     if method == "ipq":
         assert info["ipq_stages"][0] == "linear"
+    assert back.policy.method.name == method
     # the checkpoint really is compressed: smaller than the fp32 state
     fp32 = sum(v.numel() * 4 for v in stored.values())
     assert len(data) < fp32
@@ -110,3 +116,14 @@ def test_gradients_reach_the_trainable_parameters(method: str, kw: dict[str, Any
         g = module.parametrizations.weight.original.grad
         assert g is not None, name
         assert bool(g.abs().sum() > 0), name
+
+
+def test_every_method_has_a_handler_and_its_encodings_are_checked_bytes() -> None:
+    """Handlers register their encodings; the loader's byte checks
+    (``workers/_ckpt_safety.py``, pure Python) know every one of them."""
+    from workers import _ckpt_safety
+
+    assert set(quant.HANDLERS) == set(REGISTRY.values())
+    assert set(quant.DECODERS) == set(quant.BOUNDS)
+    assert set(quant.DECODERS) <= set(_ckpt_safety.ENCODINGS)
+    assert set(_ckpt_safety.METHOD_ENCODINGS) <= set(quant.DECODERS)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from search_spaces import KnobSpace, LayerPolicy, Policy, policy_from_params, to_optuna
+from search_spaces.methods import METHODS
 from service.spec import JobSpec
 from workers import checkpoint as ckpt
 from workers.baseline import evaluate_bytes
@@ -24,7 +25,7 @@ SPEC: dict[str, Any] = {
     "model": {"builtin": "digits-mlp", "kwargs": {"hidden": 32}},
     "dataset": {"builtin": "digits"},
     "search_space": {
-        "method": ["quant_noise", "ipq", "mx", "bfp", "geta"],
+        "method": list(METHODS),
         "weight_bits": [4, 8],
         "sparsity": {"low": 0.0, "high": 0.5},
         "granularity": ["channel", "tensor"],
@@ -50,7 +51,7 @@ def _space(spec: JobSpec, model: torch.nn.Module) -> KnobSpace:
     return spec.search_space.knob_space([i.model_dump() for i in compressible_layers(model)])
 
 
-@pytest.mark.parametrize("method", ["quant_noise", "ipq", "mx", "bfp", "geta"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_runs_as_a_trial_and_exports_a_reloadable_checkpoint(method: str) -> None:
     spec = JobSpec.model_validate(SPEC)
     torch.manual_seed(0)
@@ -77,14 +78,14 @@ def test_every_method_runs_as_a_trial_and_exports_a_reloadable_checkpoint(method
     assert metrics["bops"] > 0
     back = ckpt.decode(data)
     assert back.policy is not None
-    assert back.policy.method == method
+    assert back.policy.method.name == method
     again = evaluate_bytes(data, spec, torch.device("cpu"))
     assert again.accuracy == metrics["accuracy"]
     if method == "geta":
-        assert abs(metrics["group_sparsity"] - policy.geta.target_group_sparsity) < 0.05
+        assert abs(metrics["group_sparsity"] - policy.method.target_group_sparsity) < 0.05
 
 
-@pytest.mark.parametrize("method", ["quant_noise", "ipq", "mx", "bfp", "geta"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_composes_with_channel_pruning_and_nm_sparsity(method: str) -> None:
     """Issue 4 meets the methods: channels pruned first, 2:4 in-layer masks where the
     method honours sparsity, then the method; the checkpoint replays the pruning and
