@@ -138,6 +138,30 @@ class Policy(BaseModel):
             raise ValueError(f"channel fractions must lie in [0, 1), but got {bad}")
         return v
 
+    def compact_json(self) -> dict[str, Any]:
+        """The smallest JSON that validates back to this policy, as a checkpoint header
+        stores it: a method whose knobs all have flat spellings (every method older than
+        method configs) is written flat, as sparq wrote it then, so no file grew when
+        methods became configs; any other method as its nested config."""
+        out = self.model_dump(mode="json", exclude_defaults=True)
+        nested = self.method.model_dump(mode="json", exclude_defaults=True)
+        nested.pop("name", None)
+        legacy = type(self.method).legacy_fields
+        whole = [key for key, target in legacy.items() if target == ""]
+        flat = {target: key for key, target in legacy.items() if target}
+        out.pop("method", None)
+        if whole:  # one flat field holds the whole config (geta)
+            if nested:
+                out[whole[0]] = nested
+        elif all(k in flat for k in nested):
+            out |= {flat[k]: v for k, v in nested.items()}
+        else:
+            out["method"] = {"name": self.method.name, **nested}
+            return out
+        if self.method.name != QuantNoiseConfig.model_fields["name"].default:
+            out["method"] = self.method.name
+        return out
+
     def summary(self) -> dict[str, str]:
         """Flat string view for MLflow params (one entry per knob)."""
         out = {"noise_rate": f"{self.noise_rate:.4g}", "noise_block": str(self.noise_block)}

@@ -210,7 +210,7 @@ def encode(
         "dataset": dataset_spec.model_dump(mode="json") if dataset_spec else None,
         "task": task,
         # defaults left out: the method knobs would otherwise grow every header
-        "policy": policy.model_dump(mode="json", exclude_defaults=True) if policy else None,
+        "policy": policy.compact_json() if policy else None,
         "meta": meta or {},
         "pruning": pruning or [],
         "example": (

@@ -129,6 +129,7 @@ def compress(
         device=device,
         on_epoch=on_epoch,
         seed=seed,
+        task=spec.task,
     )
     cost = quant.count_bops(model, example)
     data = encode_now()

@@ -106,6 +106,7 @@ def finetune(
     device: torch.device,
     on_epoch: Callable[[int, float], None] | None = None,
     seed: int = 0,
+    task: str = "classification",
 ) -> dict[str, Any]:
     """Train the wrapped model as its method prescribes; returns what it learned
     (``ipq_stages``, or GETA's ``geta_trace``)."""
@@ -115,5 +116,13 @@ def finetune(
             model, (x for x, _ in itertools.islice(loader, CALIBRATION_BATCHES)), device
         )
     return handler_for(policy.method).finetune(
-        model, policy, loader, epochs=epochs, lr=lr, device=device, on_epoch=on_epoch, seed=seed
+        model,
+        policy,
+        loader,
+        epochs=epochs,
+        lr=lr,
+        device=device,
+        on_epoch=on_epoch,
+        seed=seed,
+        task=task,
     )

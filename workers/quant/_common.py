@@ -59,12 +59,15 @@ class MethodHandler:
         device: torch.device,
         on_epoch: Callable[[int, float], None] | None,
         seed: int,
+        task: str = "classification",
     ) -> dict[str, Any]:
         """Fine-tune the wrapped model; returns what the method learned (logged). The
         default: the plain training loop over ``epochs``."""
         from workers.train import train_epochs
 
-        train_epochs(model, loader, epochs=epochs, lr=lr, device=device, on_epoch=on_epoch)
+        train_epochs(
+            model, loader, epochs=epochs, lr=lr, device=device, on_epoch=on_epoch, task=task
+        )
         return {}
 
 

@@ -251,8 +251,12 @@ def train(
     quantizers: dict[str, GetaQuant],
     cfg: GetaSettings,
     device: torch.device,
+    task: str = "classification",
 ) -> GetaTrace:
-    """Run GETA's four stages; returns the per-step trace."""
+    """Run GETA's four stages on the task's loss; returns the per-step trace."""
+    from workers.train import task_loss
+
+    criterion = task_loss(task)
     model.to(device).train()
     qparams = {id(p) for gq in quantizers.values() for p in (gq.log_d, gq.q_m, gq.t)}
     opt = torch.optim.Adam(
@@ -284,7 +288,7 @@ def train(
                 for gq in quantizers.values():
                     gq.pin(cfg.bit_low, cfg.bit_high)
             x, y = x.to(device), y.to(device)
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = criterion(model(x), y, "mean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             j = step - cfg.warmup_steps - cfg.projection_steps
@@ -362,6 +366,7 @@ class GetaHandler(MethodHandler):
         device: torch.device,
         on_epoch: Callable[[int, float], None] | None,
         seed: int,
+        task: str = "classification",
     ) -> dict[str, Any]:
         cfg = policy.method
         assert isinstance(cfg, GetaConfig)
@@ -370,4 +375,4 @@ class GetaHandler(MethodHandler):
             for name, module in model.named_modules()
             if isinstance(pm := parametrization(module), GetaQuant)
         }
-        return {"geta_trace": train(model, loader, quantizers, cfg, device)}
+        return {"geta_trace": train(model, loader, quantizers, cfg, device, task)}

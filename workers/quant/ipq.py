@@ -263,18 +263,21 @@ class IpqHandler(MethodHandler):
         device: torch.device,
         on_epoch: Callable[[int, float], None] | None,
         seed: int,
+        task: str = "classification",
     ) -> dict[str, Any]:
         from workers.train import train_epochs
 
         cfg = policy.method
         assert isinstance(cfg, IpqConfig)
-        train_epochs(model, loader, epochs=epochs, lr=lr, device=device, on_epoch=on_epoch)
+        train_epochs(
+            model, loader, epochs=epochs, lr=lr, device=device, on_epoch=on_epoch, task=task
+        )
         quantized = [n for n, lp in policy.layers.items() if lp.bits != FLOAT_BITS]
         stage_epochs = max(1, epochs // 3)
 
         def tune_centroids(m: nn.Module) -> None:
             m.to(device)
-            train_epochs(m, loader, epochs=stage_epochs, lr=lr, device=device)
+            train_epochs(m, loader, epochs=stage_epochs, lr=lr, device=device, task=task)
 
         stages = staged(
             model, quantized, k=cfg.centroids, block=cfg.block, finetune=tune_centroids, seed=seed
