@@ -65,15 +65,15 @@ from bench import _doc  # noqa: E402
 from search_spaces import KnobSpace, policy_from_params, to_optuna  # noqa: E402
 from service import stack  # noqa: E402
 from service.spec import OBJECTIVE_MODES, JobSpec, SearchSpec  # noqa: E402
-from workers.baseline import (  # noqa: E402
+from workers.compress.train import pick_device, set_threads  # noqa: E402
+from workers.jobs.baseline import (  # noqa: E402
     ModelDescription,
     describe_model,
     knob_space,
     train_baseline,
 )
-from workers.sampling import make_sampler  # noqa: E402
-from workers.train import pick_device, set_threads  # noqa: E402
-from workers.trial import compress  # noqa: E402
+from workers.jobs.trial import compress  # noqa: E402
+from workers.search.sampling import make_sampler  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 TARGET_RATIO = 1.25
@@ -113,8 +113,8 @@ def trial_work(
     *,
     epochs: int | None = None,
 ) -> tuple[float, int]:
-    """What ``workers.trial.run_trial`` does, minus Ray and MLflow: the same
-    ``workers.trial.compress``, seeded the same way; returns (accuracy, size_bytes)."""
+    """What ``workers.jobs.trial.run_trial`` does, minus Ray and MLflow: the same
+    ``workers.jobs.trial.compress``, seeded the same way; returns (accuracy, size_bytes)."""
     if epochs is not None:
         ss = spec.search_space.model_copy(update={"finetune_epochs": epochs})
         spec = spec.model_copy(update={"search_space": ss})
@@ -306,7 +306,7 @@ def service_phases(
     trial's MLflow run starts → last trial's run ends → job ``finished_at`` → the
     poll sees it.
     """
-    from workers import tracking
+    from workers.search import tracking
 
     c = tracking.client(mlflow_url)
     marks: dict[str, float | None] = {"post": t_post, "started": _ts(job.get("started_at"))}

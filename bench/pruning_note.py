@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.spec import ModelSpec
-from workers.models import build_model
-from workers.pruning import analyze, count_params, prune_channels
+from workers.compress.pruning import analyze, count_params, prune_channels
+from workers.zoo.models import build_model
 
 NETWORKS = [
     "tests.nets:residual_cnn",

@@ -3,7 +3,8 @@ every layer's bit width stays inside ``[b_l, b_u']`` (the current upper bound, w
 shrinks to ``b_u``), and the final group sparsity is exactly the target.
 
 Digits CNN: train the float model, then run GETA's four stages from it (method
-``geta`` through :func:`workers.quant.apply` / :func:`workers.quant.finetune`, as a
+``geta`` through :func:`workers.compress.quant.apply` /
+:func:`workers.compress.quant.finetune`, as a
 trial does), export to ``.sparq``, decode, evaluate. Per seed: bit-bound violations
 counted over every step after projection starts, group sparsity achieved vs target,
 final bits per layer, accuracy of float vs the decoded GETA model, relative BOPs.
@@ -36,12 +37,12 @@ from bench._doc import machine, record_section  # noqa: E402
 from search_spaces import LayerPolicy, Policy  # noqa: E402
 from search_spaces._policy import GetaSettings  # noqa: E402
 from service.spec import ModelSpec  # noqa: E402
-from workers import checkpoint as ckpt  # noqa: E402
 from workers import quant  # noqa: E402
-from workers.data import digits  # noqa: E402
-from workers.engine import compressible_layers  # noqa: E402
-from workers.models import digits_cnn  # noqa: E402
-from workers.train import evaluate, make_loader, train_epochs  # noqa: E402
+from workers.compress.engine import compressible_layers  # noqa: E402
+from workers.compress.train import evaluate, make_loader, train_epochs  # noqa: E402
+from workers.jobs import checkpoint as ckpt  # noqa: E402
+from workers.zoo.data import digits  # noqa: E402
+from workers.zoo.models import digits_cnn  # noqa: E402
 
 DOC = ROOT / "docs" / "reproduction.md"
 SECTION = "## GETA: bit-width bounds and exact group sparsity (bench/reproduce_geta.py)"

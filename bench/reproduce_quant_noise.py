@@ -41,13 +41,13 @@ from torch.nn.utils import parametrize  # noqa: E402
 from bench._doc import machine, record_section  # noqa: E402
 from search_spaces import LayerPolicy, Policy  # noqa: E402
 from service.spec import ModelSpec  # noqa: E402
-from workers import checkpoint as ckpt  # noqa: E402
 from workers import quant  # noqa: E402
-from workers.data import digits  # noqa: E402
-from workers.engine import compressible_layers  # noqa: E402
-from workers.models import digits_cnn  # noqa: E402
-from workers.quant import ipq  # noqa: E402
-from workers.train import evaluate, make_loader, train_epochs  # noqa: E402
+from workers.compress.engine import compressible_layers  # noqa: E402
+from workers.compress.quant import ipq  # noqa: E402
+from workers.compress.train import evaluate, make_loader, train_epochs  # noqa: E402
+from workers.jobs import checkpoint as ckpt  # noqa: E402
+from workers.zoo.data import digits  # noqa: E402
+from workers.zoo.models import digits_cnn  # noqa: E402
 
 DOC = ROOT / "docs" / "reproduction.md"
 SECTION = (

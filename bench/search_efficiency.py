@@ -55,18 +55,18 @@ from bench._doc import record_section  # noqa: E402
 from dashboards import FrontPoint, sparq_front  # noqa: E402
 from search_spaces import KnobSpace, policy_from_params, to_optuna  # noqa: E402
 from service.spec import JobSpec, SearchSpec  # noqa: E402
-from workers.baseline import (  # noqa: E402
+from workers.compress.train import evaluate, make_loader  # noqa: E402
+from workers.jobs.baseline import (  # noqa: E402
     Baseline,
     ModelDescription,
     describe_model,
     knob_space,
     train_baseline,
 )
-from workers.data import build_datasets  # noqa: E402
-from workers.sampling import make_sampler, resolve_sampler  # noqa: E402
-from workers.scheduler import ParetoHalving  # noqa: E402
-from workers.train import evaluate, make_loader  # noqa: E402
-from workers.trial import compress  # noqa: E402
+from workers.jobs.trial import compress  # noqa: E402
+from workers.search.sampling import make_sampler, resolve_sampler  # noqa: E402
+from workers.search.scheduler import ParetoHalving  # noqa: E402
+from workers.zoo.data import build_datasets  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Search efficiency (bench/search_efficiency.py)"
@@ -98,7 +98,7 @@ def trial(
     number: int,
     at_rung: Callable[[int, float, int], bool] | None,
 ) -> tuple[float, int]:
-    """The service's trial work (``workers.trial.compress``, seeded as a trial is);
+    """The service's trial work (``workers.jobs.trial.compress``, seeded as a trial is);
     ``at_rung(epoch, accuracy, size)`` may stop it after any fine-tune epoch."""
     cpu = torch.device("cpu")
     torch.manual_seed(spec.search.seed * 100_003 + number)

@@ -105,7 +105,7 @@ class Policy(BaseModel):
     noise_block: int = Field(default=4, ge=1, description="Quant-Noise block size (Linear/1x1)")
     method: AnyMethod = Field(
         default_factory=QuantNoiseConfig,
-        description="the method (workers/quant/) and its knobs, told apart by `name`",
+        description="the method (workers/compress/quant/) and its knobs, told apart by `name`",
     )
     act_bits: int = Field(default=FLOAT_BITS, description="activation bits: 2..8, or 32 (float)")
     act_range: Literal["calibrated", "learned"] = "calibrated"

@@ -93,7 +93,7 @@ class KnobSpace(BaseModel):
     groups: list[GroupInfo] = Field(default_factory=list)
     channel_low: float = Field(default=0.0, ge=0.0, lt=1.0)
     channel_high: float = Field(default=0.0, ge=0.0, lt=1.0)
-    # Method knobs (workers/quant/): each list with more than one value is searched.
+    # Method knobs (workers/compress/quant/): each list with more than one value is searched.
     methods: list[str] = Field(default_factory=lambda: ["quant_noise"])
     granularities: list[str] = Field(default_factory=lambda: ["channel"])
     symmetric: list[bool] = Field(default_factory=lambda: [True])

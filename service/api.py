@@ -558,7 +558,7 @@ UPLOAD_BODY = {
 
 def _state_dict_problem(path: Path) -> str | None:
     """Why ``path`` is not a state dict the baseline task would load, or None."""
-    from workers.baseline import read_state_dict  # torch: on the first upload only
+    from workers.jobs.baseline import read_state_dict  # torch: on the first upload only
 
     try:
         read_state_dict(path)

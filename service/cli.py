@@ -319,11 +319,11 @@ def evaluate_checkpoint(path: Path, allow_modules: tuple[str, ...] = ()) -> dict
     ``allow_modules`` (and ``$SPARQ_ENTRYPOINT_MODULES``)."""
     import torch
 
-    from workers import _ckpt_safety as safety
     from workers import entrypoints
-    from workers.checkpoint import load_checkpoint, size_report
-    from workers.data import build_datasets
-    from workers.train import evaluate, make_loader
+    from workers.compress.train import evaluate, make_loader
+    from workers.jobs import _ckpt_safety as safety
+    from workers.jobs.checkpoint import load_checkpoint, size_report
+    from workers.zoo.data import build_datasets
 
     ck = load_checkpoint(path, allow_modules=allow_modules)
     bound = size_report(path.read_bytes())

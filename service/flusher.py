@@ -1,6 +1,6 @@
 """What a finished job's driver could not hand to MLflow, sent by the service.
 
-A job's driver sends its outbox (``workers/outbox.py``) while it runs, and for a
+A job's driver sends its outbox (``workers/search/outbox.py``) while it runs, and for a
 bounded time at the end; if MLflow was down then, the rest waits on disk and the job
 carries a warning. This thread, in the service, sends what is left of finished jobs
 once MLflow is back (in order, once: the same sender and state as the driver's),
@@ -22,7 +22,7 @@ WARNING_PREFIX = "MLflow has not taken every record"
 
 def record_mlflow_id(store: st.JobStore, job_id: str, key: str, value: str) -> None:
     """The job store learns an MLflow id as the outbox's sender creates it (keys as in
-    workers/tracking.py: ``experiment``, ``parent``, ``trial:<id>``)."""
+    workers/search/tracking.py: ``experiment``, ``parent``, ``trial:<id>``)."""
     if key == "experiment":
         store.update(job_id, mlflow_experiment_id=value)
     elif key == "parent":
@@ -59,7 +59,7 @@ class Flusher:
 
     def flush(self) -> int:
         """One pass over finished jobs not yet synced; returns the jobs synced."""
-        from workers import outbox
+        from workers.search import outbox
 
         synced = 0
         for job_id in self.store.unsynced_finished():
@@ -76,7 +76,7 @@ class Flusher:
     def _send(self, job: st.Job, root: object) -> bool:
         from pathlib import Path
 
-        from workers import outbox, tracking
+        from workers.search import outbox, tracking
 
         def on_id(key: str, value: str) -> None:
             record_mlflow_id(self.store, job.id, key, value)

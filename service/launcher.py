@@ -162,7 +162,7 @@ def driver_env(settings: Settings) -> dict[str, str]:
 
 
 def spawn_driver(settings: Settings, job_id: str, resume: bool) -> ChildDriver:
-    """Start ``python -m workers.driver JOB [--resume]`` in its own session (so its
+    """Start ``python -m workers.search.driver JOB [--resume]`` in its own session (so its
     process group is the driver and a local Ray it starts), logging to the job's
     ``driver.log``. The job id is on the command line so an operator finds it with
     ``ps``."""
@@ -170,7 +170,13 @@ def spawn_driver(settings: Settings, job_id: str, resume: bool) -> ChildDriver:
     job_dir.mkdir(parents=True, exist_ok=True)
     with (job_dir / "driver.log").open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.driver", job_id, *(["--resume"] if resume else [])],
+            [
+                sys.executable,
+                "-m",
+                "workers.search.driver",
+                job_id,
+                *(["--resume"] if resume else []),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

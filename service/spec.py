@@ -462,7 +462,7 @@ class ConstraintsSpec(_Strict):
 
 
 class EarlyStoppingSpec(_Strict):
-    """Multi-objective successive halving over fine-tune epochs (workers/scheduler.py)."""
+    """Multi-objective successive halving over fine-tune epochs (workers/search/scheduler.py)."""
 
     enabled: bool = False
     grace_epochs: int = Field(default=1, ge=1, description="the first rung, in epochs")

@@ -9,7 +9,7 @@ views, the CLI's pick, the sampler's constraints, early stopping) goes through
 
 This is the task's pure part: the service, ``dashboards`` and the search import it
 without torch. Its torch part (the training loss and the evaluation metrics) is in
-``workers/train.py``. A task registers itself by subclassing :class:`Task`: there
+``workers/compress/train.py``. A task registers itself by subclassing :class:`Task`: there
 is no list of tasks to keep in step.
 """
 

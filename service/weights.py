@@ -6,7 +6,7 @@ on the server: that once read any ``.pt`` there, other jobs' baselines included.
 Uploads are files ``SPARQ_HOME/weights/<id>.<ext>`` with a JSON sidecar ``<id>.json``
 (owner, sha256, size, time, filename): no table of their own in the job store. No
 torch here (the API imports this); whether a file holds a state dict is
-``workers.baseline.read_state_dict``'s to say, the loader the baseline task uses.
+``workers.jobs.baseline.read_state_dict``'s to say, the loader the baseline task uses.
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ def environ_digits(dump: str) -> tuple[object, object]:
     import os
     from pathlib import Path
 
-    from workers.data import digits
+    from workers.zoo.data import digits
 
     environ = Path("/proc/self/environ").read_text()
     with open(dump, "a") as f:

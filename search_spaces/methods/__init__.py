@@ -2,7 +2,7 @@
 
 Every public module of this package is imported once (``pkgutil``); each registers its
 config class with :func:`register_method`. Adding a method is adding its module here,
-its handler module in ``workers/quant/`` and a preset in ``search_spaces/presets/``.
+its handler module in ``workers/compress/quant/`` and a preset in ``search_spaces/presets/``.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 search space searches for it and what the rest of sparq may ask of it.
 
 Pure pydantic (the service imports it without torch). The torch side, the handler that
-wraps a layer, fine-tunes and encodes, lives in ``workers/quant/`` and is registered for
-the config class (``workers.quant.register_handler``).
+wraps a layer, fine-tunes and encodes, lives in ``workers/compress/quant/`` and is registered for
+the config class (``workers.compress.quant.register_handler``).
 """
 
 from __future__ import annotations

@@ -51,9 +51,9 @@ def _front_points_reproduce(stack: Stack, job: dict[str, Any], tmp: Path) -> lis
     """Download every front point, reload it, re-evaluate: the reported metrics."""
     import torch
 
-    from workers.checkpoint import load_checkpoint, size_report
-    from workers.data import build_datasets
-    from workers.train import evaluate, make_loader
+    from workers.compress.train import evaluate, make_loader
+    from workers.jobs.checkpoint import load_checkpoint, size_report
+    from workers.zoo.data import build_datasets
 
     pareto = httpx.get(f"{stack.api}/v1/jobs/{job['id']}/pareto", timeout=30).json()
     assert pareto["points"], pareto
@@ -75,8 +75,8 @@ def _front_points_reproduce(stack: Stack, job: dict[str, Any], tmp: Path) -> lis
 
 @pytest.mark.parametrize("net", nets.GENERALITY)
 def test_generality_network_by_entrypoint(gstack: Stack, net: str, tmp_path: Path) -> None:
-    from workers.models import build_model
-    from workers.pruning import count_params
+    from workers.compress.pruning import count_params
+    from workers.zoo.models import build_model
 
     model = {"entrypoint": f"tests.nets:{net}"}
     extra = {"export": {"formats": ["sparq", "onnx"]}} if net == "tiny_transformer" else {}

@@ -96,9 +96,9 @@ def stack(shared_stack: Stack) -> Stack:
 def test_job_runs_end_to_end(stack: Stack, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from workers.checkpoint import load_checkpoint
-    from workers.data import digits
-    from workers.train import evaluate, make_loader
+    from workers.compress.train import evaluate, make_loader
+    from workers.jobs.checkpoint import load_checkpoint
+    from workers.zoo.data import digits
 
     job = stack.wait(stack.post(SMALL)["id"])
     assert job["status"] == "succeeded", job

@@ -40,9 +40,9 @@ def _model(label: str) -> tuple[tuple[LayerInfo, ...], tuple[GroupInfo, ...]]:
     import torch
 
     from service.spec import ModelSpec
-    from workers.engine import compressible_layers
-    from workers.models import build_model
-    from workers.pruning import analyze
+    from workers.compress.engine import compressible_layers
+    from workers.compress.pruning import analyze
+    from workers.zoo.models import build_model
 
     spec = ModelSpec(entrypoint=label) if ":" in label else ModelSpec(builtin=label)
     torch.manual_seed(0)

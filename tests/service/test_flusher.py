@@ -7,7 +7,7 @@ from pathlib import Path
 from service import store as st
 from service.flusher import WARNING_PREFIX, Flusher
 from service.settings import Settings
-from workers import outbox, tracking
+from workers.search import outbox, tracking
 
 SPEC = {"name": "f", "search": {"trials": 1}}
 

@@ -138,7 +138,7 @@ def _queued(store: st.JobStore, n: int) -> list[str]:
 
 
 def _running(store: st.JobStore, **fields: Any) -> str:
-    """A job a driver claimed (the way workers.driver.main does)."""
+    """A job a driver claimed (the way workers.search.driver.main does)."""
     job_id = store.create(SPEC).id
     assert store.transition(job_id, {st.JobStatus.QUEUED}, status=st.JobStatus.RUNNING, **fields)
     return job_id

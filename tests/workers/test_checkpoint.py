@@ -10,10 +10,12 @@ import torch
 
 from search_spaces import LayerPolicy, Policy
 from service.spec import DatasetSpec, ModelSpec
-from workers import checkpoint as ckpt
-from workers.engine import apply_policy, compressible_layers
+from workers.codec import bits as codec_bits
+from workers.compress.engine import compressible_layers
+from workers.compress.quant import apply as apply_policy
 from workers.errors import CheckpointError
-from workers.models import build_model
+from workers.jobs import checkpoint as ckpt
+from workers.zoo.models import build_model
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -21,14 +23,14 @@ from workers.models import build_model
 def test_pack_bits_round_trip_and_exact_length(bits: int, n: int) -> None:
     rng = np.random.default_rng(bits * 1000 + n)
     codes = rng.integers(0, 2**bits, size=n, dtype=np.uint8)
-    buf = ckpt.pack_bits(codes, bits)
+    buf = codec_bits.pack_bits(codes, bits)
     assert len(buf) == (n * bits + 7) // 8
-    assert np.array_equal(ckpt.unpack_bits(buf, bits, n), codes)
+    assert np.array_equal(codec_bits.unpack_bits(buf, bits, n), codes)
 
 
 def test_pack_bits_refuses_codes_that_do_not_fit() -> None:
     with pytest.raises(ValueError, match="does not fit in 3 bits"):
-        ckpt.pack_bits(np.array([8], dtype=np.uint8), 3)
+        codec_bits.pack_bits(np.array([8], dtype=np.uint8), 3)
 
 
 def _compressed(name: str, bits: int, sparsity: float) -> tuple[torch.nn.Module, ModelSpec, Policy]:

@@ -21,20 +21,22 @@ from typer.testing import CliRunner
 
 from search_spaces import LayerPolicy, Policy
 from service.spec import DatasetSpec, ModelSpec
-from workers import _ckpt_safety as safety
-from workers import checkpoint as ckpt
-from workers import entrypoints, quant
-from workers.engine import apply_policy, compressible_layers
+from workers import entrypoints
+from workers.compress import quant
+from workers.compress.engine import compressible_layers
+from workers.compress.quant import apply as apply_policy
+from workers.compress.quant import ipq
 from workers.errors import CheckpointError
-from workers.models import digits_mlp
-from workers.quant import ipq
+from workers.jobs import _ckpt_safety as safety
+from workers.jobs import checkpoint as ckpt
+from workers.zoo.models import digits_mlp
 
 MLP = {"hidden": 32}
 SPEC = ModelSpec(builtin="digits-mlp", kwargs=MLP)
 DATA = DatasetSpec(builtin="digits")
 # what a load may take (numpy allocations, traced): the element budget of the format
 # lets a B-byte file decode to at most MAX_FREE_ELEMENTS + 32 B float32 values (plus a
-# bool pattern each); see workers/_ckpt_safety.py
+# bool pattern each); see workers/jobs/_ckpt_safety.py
 FIXED = 16 << 20
 
 
@@ -286,7 +288,7 @@ def test_os_system_entrypoint_never_runs(tmp_path: Path) -> None:
         ({"entrypoint": "os:system", "kwargs": cmd}, "keep", ()),
         ({"entrypoint": "builtins:exec", "kwargs": {"source": "1"}}, "keep", ("builtins",)),
         ({"entrypoint": "subprocess:run", "kwargs": {"args": ["touch", str(marker)]}}, "keep", ()),
-        ({"entrypoint": "workers.models:build_model"}, "keep", ("workers",)),
+        ({"entrypoint": "workers.zoo.models:build_model"}, "keep", ("workers",)),
         (SPEC.model_dump(), {"entrypoint": "os:system", "kwargs": cmd}, ()),
         (SPEC.model_dump(), {"entrypoint": "subprocess:run", "kwargs": {}}, ("subprocess",)),
     ]
@@ -305,8 +307,10 @@ def test_allowed_module_loads_and_reexports_are_refused(
     pkg.mkdir()
     (pkg / "__init__.py").write_text(
         "from os import system\n"
-        "from workers.models import digits_mlp as reexported\n"
-        "def mlp(**kw):\n    from workers.models import digits_mlp\n    return digits_mlp(**kw)\n"
+        "from workers.zoo.models import digits_mlp as reexported\n"
+        "def mlp(**kw):\n"
+        "    from workers.zoo.models import digits_mlp\n"
+        "    return digits_mlp(**kw)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     marker = tmp_path / "pwned"

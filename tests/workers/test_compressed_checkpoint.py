@@ -15,11 +15,12 @@ from torch import nn
 
 from search_spaces import LayerPolicy, Policy
 from service.spec import ModelSpec
-from workers import checkpoint as ckpt
-from workers import sparse_codec as sc
-from workers.engine import apply_policy, compressible_layers
-from workers.models import build_model
-from workers.pruning import analyze, count_params, prune_channels
+from workers.codec import sparse_codec as sc
+from workers.compress.engine import compressible_layers
+from workers.compress.pruning import analyze, count_params, prune_channels
+from workers.compress.quant import apply as apply_policy
+from workers.jobs import checkpoint as ckpt
+from workers.zoo.models import build_model
 
 
 def _compress(
@@ -130,7 +131,7 @@ def test_index_coding_round_trips(n: int, density: float) -> None:
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4)])
 @pytest.mark.parametrize("groups", [1, 23, 24, 25, 1000])
 def test_nm_index_coding_round_trips(n: int, m: int, groups: int) -> None:
-    from workers.sparsity import nm_mask
+    from workers.compress.sparsity import nm_mask
 
     torch.manual_seed(groups)
     w = torch.randn(groups, m)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.data import SPLIT_SEED, digits
+from workers.zoo.data import SPLIT_SEED, digits
 
 
 def _reference(val_fraction: float) -> tuple[np.ndarray, ...]:
@@ -35,15 +35,17 @@ def test_digits_default_split_does_not_import_scikit_learn() -> None:
     import subprocess
     import sys
 
-    code = "import sys; from workers.data import digits; digits(); print('sklearn' in sys.modules)"
+    code = (
+        "import sys; from workers.zoo.data import digits; digits(); print('sklearn' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_stored_digits_split_is_what_its_generator_writes(tmp_path: Path) -> None:
     """The package data is the generator's output byte for byte (regenerate with
-    ``python -m workers.digits_split``), and it is scikit-learn's split."""
-    from workers import digits_split
+    ``python -m workers.zoo.digits_split``), and it is scikit-learn's split."""
+    from workers.zoo import digits_split
 
     digits_split.write(tmp_path / "split.txt")
     assert (tmp_path / "split.txt").read_bytes() == digits_split.PATH.read_bytes()

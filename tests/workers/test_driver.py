@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from service.settings import _PRINCIPAL
 from service.spec import JobSpec
-from workers.driver import check_fits, mlflow_names, ray_lost
+from workers.search.driver import check_fits, mlflow_names, ray_lost
 
 MINIMAL_SPEC = {"model": {"builtin": "digits-mlp"}, "dataset": {"builtin": "digits"}}
 TWO_NODES = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 1.0, "memory": 1e9}]
@@ -59,7 +59,7 @@ def test_a_resumed_search_runs_only_what_the_job_store_lacks() -> None:
 
     from service import store as st
     from service.spec import JobSpec
-    from workers.driver import Remaining
+    from workers.search.driver import Remaining
 
     spec = JobSpec.model_validate(
         {

@@ -18,7 +18,7 @@ import pytest
 from service import store as st
 from service.settings import Settings
 from service.spec import JobSpec
-from workers.baseline import (
+from workers.jobs.baseline import (
     Baseline,
     ModelDescription,
     Reevaluation,
@@ -28,7 +28,7 @@ from workers.baseline import (
     reevaluate,
     save_baseline,
 )
-from workers.driver import (
+from workers.search.driver import (
     BEST_FILE,
     BaselineSource,
     Export,
@@ -377,8 +377,8 @@ def test_the_results_crossing_ray_pickle(model: ModelDescription) -> None:
 
 
 def test_reevaluate_measures_a_checkpoint_file(tmp_path: Path) -> None:
-    from workers import checkpoint as ckpt
-    from workers.models import build_model
+    from workers.jobs import checkpoint as ckpt
+    from workers.zoo.models import build_model
 
     spec = JobSpec.model_validate(SPEC)
     data = ckpt.encode(

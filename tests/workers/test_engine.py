@@ -8,16 +8,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from search_spaces import LayerPolicy, Policy
-from workers.engine import (
-    apply_policy,
-    compressible_layers,
-    dequantize,
-    magnitude_mask,
-    qmax,
-    quantize,
-)
-from workers.models import digits_cnn, digits_mlp
-from workers.quant.quant_noise import ScalarQuantNoise
+from workers.codec.bits import dequantize, qmax
+from workers.compress.engine import compressible_layers, quantize
+from workers.compress.quant import apply as apply_policy
+from workers.compress.quant.quant_noise import ScalarQuantNoise
+from workers.compress.sparsity import magnitude_mask
+from workers.zoo.models import digits_cnn, digits_mlp
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.77, 0.95])

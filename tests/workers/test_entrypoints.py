@@ -10,9 +10,9 @@ import pytest
 
 from service.spec import DatasetSpec, ModelSpec
 from workers import entrypoints
-from workers.data import build_datasets
 from workers.errors import SpecError
-from workers.models import build_model
+from workers.zoo.data import build_datasets
+from workers.zoo.models import build_model
 
 
 @pytest.fixture
@@ -25,8 +25,10 @@ def evilpkg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (pkg / "__init__.py").write_text(
         f"open({str(marker)!r}, 'w').close()\n"
         "from os import system\n"
-        "from workers.models import digits_mlp as reexported\n"
-        "def mlp(**kw):\n    from workers.models import digits_mlp\n    return digits_mlp(**kw)\n"
+        "from workers.zoo.models import digits_mlp as reexported\n"
+        "def mlp(**kw):\n"
+        "    from workers.zoo.models import digits_mlp\n"
+        "    return digits_mlp(**kw)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield marker
@@ -40,7 +42,7 @@ def evilpkg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("subprocess:run", "never allowed (it is Python's standard library)"),
         ("builtins:exec", "never allowed (it is Python's standard library)"),
         ("shutil:rmtree", "never allowed (it is Python's standard library)"),
-        ("workers.models:digits_mlp", "never allowed (it is sparq's own package)"),
+        ("workers.zoo.models:digits_mlp", "never allowed (it is sparq's own package)"),
         ("numpy:loadtxt", "not allowed (SPARQ_ENTRYPOINT_MODULES is tests)"),
         ("testsuite.x:f", "not allowed"),  # a prefix is a package, not a string prefix
     ],
@@ -74,7 +76,7 @@ def test_a_function_reexported_through_an_allowed_module_is_refused(
     evilpkg: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(entrypoints.ENV, "evilpkg")
-    for fn, origin in (("system", "posix"), ("reexported", "workers.models")):
+    for fn, origin in (("system", "posix"), ("reexported", "workers.zoo.models")):
         with pytest.raises(SpecError, match=f"not defined under the allowed 'evilpkg'.*{origin}"):
             build_model(ModelSpec(entrypoint=f"evilpkg:{fn}"))
 

@@ -7,11 +7,12 @@ import torch
 
 from search_spaces import LayerPolicy, Policy
 from service.spec import DatasetSpec, ModelSpec
-from workers import checkpoint as ckpt
-from workers.data import digits
-from workers.engine import apply_policy, compressible_layers
-from workers.models import build_model
-from workers.train import evaluate, make_loader, pick_device, train_epochs
+from workers.compress.engine import compressible_layers
+from workers.compress.quant import apply as apply_policy
+from workers.compress.train import evaluate, make_loader, pick_device, train_epochs
+from workers.jobs import checkpoint as ckpt
+from workers.zoo.data import digits
+from workers.zoo.models import build_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from dashboards import PlotPoint
-from workers import outbox, tracking
-from workers.live import ARTIFACT_DIR, LiveViews, Snapshot, priority, renderer_process
+from workers.search import outbox, tracking
+from workers.search.live import ARTIFACT_DIR, LiveViews, Snapshot, priority, renderer_process
 
 pytestmark = pytest.mark.slow  # renders plots and starts an MLflow store
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from service.spec import DatasetSpec, JobSpec, ModelSpec
-from workers.data import build_datasets
-from workers.models import build_model
-from workers.train import evaluate, make_loader, train_epochs
+from workers.compress.train import evaluate, make_loader, train_epochs
+from workers.zoo.data import build_datasets
+from workers.zoo.models import build_model
 
 
 def test_python_text_split_is_fixed_and_disjoint() -> None:
@@ -49,10 +49,10 @@ def test_language_modeling_spec_defaults_to_perplexity() -> None:
 
 
 def test_every_task_has_a_torch_loss_and_reports_its_objective() -> None:
-    """The torch part of the registry (workers/train.py): the LM loss is next-token
+    """The torch part of the registry (workers/compress/train.py): the LM loss is next-token
     cross-entropy over every position, and an evaluation reports what the task says."""
     from service.tasks import get_task, task_names
-    from workers.train import EvalResult, task_loss
+    from workers.compress.train import EvalResult, task_loss
 
     torch.manual_seed(0)
     logits, y = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))

@@ -28,10 +28,10 @@ from service.api import create_app
 from service.settings import Settings
 from service.spec import OBJECTIVE_MODES, JobSpec
 from service.views import current_choice
-from workers import driver, live, outbox
-from workers.baseline import Baseline, Reevaluation, describe_model, knob_space
-from workers.progress import JobProgress
-from workers.sampling import ConstrainedOptunaSearch, make_sampler
+from workers.jobs.baseline import Baseline, Reevaluation, describe_model, knob_space
+from workers.search import driver, live, outbox
+from workers.search.progress import JobProgress
+from workers.search.sampling import ConstrainedOptunaSearch, make_sampler
 
 LM_SPEC = {
     "name": "lm-front",

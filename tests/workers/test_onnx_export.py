@@ -12,11 +12,13 @@ from onnx import numpy_helper
 
 from search_spaces import LayerPolicy, Policy
 from service.spec import ModelSpec
-from workers import checkpoint as ckpt
-from workers.engine import apply_policy, compressible_layers, qmax
-from workers.models import build_model
-from workers.onnx_export import ACTIVATION_TOLERANCE, WEIGHT_TOLERANCE, export_qdq
-from workers.pruning import analyze, prune_channels
+from workers.codec.bits import qmax
+from workers.compress.engine import compressible_layers
+from workers.compress.pruning import analyze, prune_channels
+from workers.compress.quant import apply as apply_policy
+from workers.jobs import checkpoint as ckpt
+from workers.jobs.onnx_export import ACTIVATION_TOLERANCE, WEIGHT_TOLERANCE, export_qdq
+from workers.zoo.models import build_model
 
 
 def _checkpoint(label: str, bits: list[int], x: torch.Tensor) -> ckpt.Checkpoint:

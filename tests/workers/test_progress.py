@@ -20,9 +20,9 @@ from search_spaces import KnobSpace, policy_from_params, to_optuna
 from service import store as st
 from service.settings import Settings
 from service.spec import JobSpec
-from workers import live, outbox, progress, tracking
-from workers.baseline import describe_model, knob_space
-from workers.progress import JobProgress, JobStopper
+from workers.jobs.baseline import describe_model, knob_space
+from workers.search import live, outbox, progress, tracking
+from workers.search.progress import JobProgress, JobStopper
 
 MINIMAL_SPEC = {"model": {"builtin": "digits-mlp"}, "dataset": {"builtin": "digits"}}
 BASELINE_SIZE = 10_000

@@ -10,8 +10,8 @@ from torch import nn
 
 from service.spec import ModelSpec
 from tests import nets
-from workers.models import build_model
-from workers.pruning import analyze, count_params, prune_channels, replay
+from workers.compress.pruning import analyze, count_params, prune_channels, replay
+from workers.zoo.models import build_model
 
 CASES = [f"tests.nets:{n}" for n in nets.GENERALITY] + ["digits-dsconv", "digits-transformer"]
 
@@ -122,7 +122,7 @@ def test_untraceable_network_is_reported_dense_not_a_crash() -> None:
 def test_the_report_feeds_the_knob_space() -> None:
     """The driver passes the report's groups to the search space as they are."""
     from search_spaces import KnobSpace, to_optuna
-    from workers.engine import compressible_layers
+    from workers.compress.engine import compressible_layers
 
     model, x = _build("tests.nets:tiny_transformer")
     report = analyze(model, x).as_dict()
@@ -149,7 +149,9 @@ def test_quantizers_follow_the_surviving_channels() -> None:
     """Pruning first, quantizers after: masks and per-channel scales have the pruned
     shapes (no sliced or stale quantizer state)."""
     from search_spaces import LayerPolicy, Policy
-    from workers.engine import apply_policy, compressible_layers, dequantize, quantize
+    from workers.codec.bits import dequantize
+    from workers.compress.engine import compressible_layers, quantize
+    from workers.compress.quant import apply as apply_policy
 
     model, x = _build("tests.nets:se_cnn")
     prune_channels(model, {"conv1": 0.5, "conv2": 0.5}, x)

@@ -8,7 +8,7 @@ import pytest
 
 from search_spaces import KnobSpace, LayerInfo, to_optuna
 from service.spec import JobSpec
-from workers.sampling import (
+from workers.search.sampling import (
     ConstrainedOptunaSearch,
     constraint_values,
     make_sampler,

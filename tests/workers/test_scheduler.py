@@ -9,7 +9,7 @@ import random
 import pytest
 
 from dashboards import hypervolume_2d
-from workers.scheduler import ParetoHalving, milestones, promotion_order
+from workers.search.scheduler import ParetoHalving, milestones, promotion_order
 
 
 def test_milestones() -> None:

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from search_spaces import LayerPolicy, Policy
-from workers.engine import apply_policy, compressible_layers, dequantize, quantize
-from workers.sparsity import layer_mask, nm_groups_view, nm_mask, supported_kinds
+from workers.codec.bits import dequantize
+from workers.compress.engine import compressible_layers, quantize
+from workers.compress.quant import apply as apply_policy
+from workers.compress.sparsity import layer_mask, nm_groups_view, nm_mask, supported_kinds
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4)])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from workers import outbox, tracking
+from workers.search import outbox, tracking
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.train import pick_device
-from workers.trial import trial_number
+from workers.compress.train import pick_device
+from workers.search.trials import trial_number
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
@@ -28,7 +28,7 @@ class _Tagged:
 
 
 def test_trial_names_skip_the_numbers_kept_trials_hold() -> None:
-    from workers.trial import TrialNames
+    from workers.search.trials import TrialNames
 
     assert [TrialNames()(_Tagged(f"{k}_x=1")) for k in (1, 2)] == ["trial-001", "trial-002"]
     resumed = TrialNames(frozenset({1, 3, 4}))  # a resumed search: 1, 3, 4 finished

@@ -15,9 +15,9 @@ import torch
 from service import weights as wt
 from service.settings import get_settings
 from service.spec import JobSpec
-from workers.baseline import Baseline, load_baseline, load_weights, train_baseline
 from workers.errors import SpecError
-from workers.models import build_model
+from workers.jobs.baseline import Baseline, load_baseline, load_weights, train_baseline
+from workers.zoo.models import build_model
 
 SPEC = {
     "model": {"builtin": "digits-mlp", "kwargs": {"hidden": 32}},

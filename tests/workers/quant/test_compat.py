@@ -18,10 +18,10 @@ import torch
 
 from search_spaces import LayerPolicy, Policy
 from service.spec import ModelSpec
-from workers import checkpoint as ckpt
-from workers import quant
-from workers.engine import compressible_layers
-from workers.models import digits_mlp
+from workers.compress import quant
+from workers.compress.engine import compressible_layers
+from workers.jobs import checkpoint as ckpt
+from workers.zoo.models import digits_mlp
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CASES = [("engine", {}, "qs"), ("qx", {"symmetric": False, "granularity": "tensor"}, "qx")]

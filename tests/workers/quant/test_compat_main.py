@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from search_spaces import KnobSpace, Policy, policy_from_params, to_optuna
-from workers import checkpoint as ckpt
+from workers.jobs import checkpoint as ckpt
 
 FIXTURES = Path(__file__).parent / "fixtures"
 METHODS = ["quant_noise", "ipq", "mx", "bfp", "geta"]

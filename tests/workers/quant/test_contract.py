@@ -13,10 +13,10 @@ from torch.nn.utils import parametrize
 from search_spaces import LayerPolicy, Policy
 from search_spaces.methods import METHODS as REGISTRY
 from service.spec import ModelSpec
-from workers import checkpoint as ckpt
-from workers import quant
-from workers.engine import compressible_layers
-from workers.models import digits_cnn, digits_mlp
+from workers.compress import quant
+from workers.compress.engine import compressible_layers
+from workers.jobs import checkpoint as ckpt
+from workers.zoo.models import digits_cnn, digits_mlp
 
 _GETA = {
     "warmup_steps": 2,
@@ -120,8 +120,8 @@ def test_gradients_reach_the_trainable_parameters(method: str, kw: dict[str, Any
 
 def test_every_method_has_a_handler_and_its_encodings_are_checked_bytes() -> None:
     """Handlers register their encodings; the loader's byte checks
-    (``workers/_ckpt_safety.py``, pure Python) know every one of them."""
-    from workers import _ckpt_safety
+    (``workers/jobs/_ckpt_safety.py``, pure Python) know every one of them."""
+    from workers.jobs import _ckpt_safety
 
     assert set(quant.HANDLERS) == set(REGISTRY.values())
     assert set(quant.DECODERS) == set(quant.BOUNDS)

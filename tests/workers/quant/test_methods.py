@@ -11,11 +11,11 @@ from torch.nn.utils import parametrize
 
 from search_spaces import LayerPolicy, Policy
 from search_spaces._policy import GetaSettings
-from workers import quant
-from workers.engine import compressible_layers
-from workers.models import digits_cnn, digits_mlp
-from workers.quant import blockfmt, geta, ipq
-from workers.quant.quant_noise import PQNoise, ScalarQuantNoise, fake_int, noise_mask
+from workers.compress import quant
+from workers.compress.engine import compressible_layers
+from workers.compress.quant import blockfmt, geta, ipq
+from workers.compress.quant.quant_noise import PQNoise, ScalarQuantNoise, fake_int, noise_mask
+from workers.zoo.models import digits_cnn, digits_mlp
 
 
 @pytest.mark.parametrize(
@@ -235,7 +235,7 @@ def test_activation_ranges_calibrate_then_learn() -> None:
 
 @pytest.mark.parametrize("shape", [(64, 32), (16, 8, 1, 1), (16, 8, 3, 3)])
 def test_in_place_block_noise_matches_the_block_definition(shape: tuple[int, ...]) -> None:
-    from workers.quant.quant_noise import mask_noise_
+    from workers.compress.quant.quant_noise import mask_noise_
 
     torch.manual_seed(0)
     noise = torch.randn(*shape)
@@ -249,8 +249,8 @@ def test_in_place_block_noise_matches_the_block_definition(shape: tuple[int, ...
 
 
 def test_geta_analytic_gradients_match_autograd() -> None:
-    from workers.quant._common import ste_round
-    from workers.quant.geta import _GetaQ
+    from workers.compress.quant._common import ste_round
+    from workers.compress.quant.geta import _GetaQ
 
     torch.manual_seed(0)
     w = torch.randn(6, 5, requires_grad=True)
@@ -306,7 +306,7 @@ def test_embeddings_are_quantized_and_decode_exactly(method: str, kw: dict[str, 
 
 
 def parametrize_of(module: nn.Module) -> quant.WeightQuantizer:
-    from workers.quant._common import parametrization
+    from workers.compress.quant._common import parametrization
 
     pm = parametrization(module)
     assert isinstance(pm, quant.WeightQuantizer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from search_spaces.methods import METHODS
-from workers.quant import _table
+from workers.compress.quant import _table
 
 DOCS = Path(__file__).parents[3] / "docs" / "compression.md"
 
@@ -23,7 +23,7 @@ def test_every_documented_method_is_registered_with_the_documented_properties() 
     assert set(documented) <= set(METHODS)
     for name, row in documented.items():
         assert row == generated[name], (
-            f"regenerate: python -m workers.quant._table --write ({name})"
+            f"regenerate: python -m workers.compress.quant._table --write ({name})"
         )
 
 

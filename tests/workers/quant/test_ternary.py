@@ -8,11 +8,11 @@ from pydantic import ValidationError
 
 from search_spaces import LayerPolicy, Policy, policy_from_params, to_optuna
 from service.spec import JobSpec, ModelSpec
-from workers import checkpoint as ckpt
-from workers import quant
-from workers.engine import compressible_layers
-from workers.models import digits_mlp
-from workers.quant.ternary import TernaryWeight
+from workers.compress import quant
+from workers.compress.engine import compressible_layers
+from workers.compress.quant.ternary import TernaryWeight
+from workers.jobs import checkpoint as ckpt
+from workers.zoo.models import digits_mlp
 
 
 def test_each_channel_is_minus_a_zero_plus_a_with_the_threshold() -> None:

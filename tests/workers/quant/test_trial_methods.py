@@ -13,11 +13,11 @@ import torch
 from search_spaces import KnobSpace, LayerPolicy, Policy, policy_from_params, to_optuna
 from search_spaces.methods import METHODS
 from service.spec import JobSpec
-from workers import checkpoint as ckpt
-from workers.baseline import evaluate_bytes
-from workers.engine import compressible_layers
-from workers.models import build_model
-from workers.trial import compress
+from workers.compress.engine import compressible_layers
+from workers.jobs import checkpoint as ckpt
+from workers.jobs.baseline import evaluate_bytes
+from workers.jobs.trial import compress
+from workers.zoo.models import build_model
 
 pytestmark = pytest.mark.slow
 

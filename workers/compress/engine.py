@@ -1,0 +1,79 @@
+"""The compression engine's primitives: magnitude sparsity, per-channel symmetric
+int-N quantization with fp16 scales, the Quant-Noise block shape, and the layers a
+policy can address. Pure torch; usable without Ray.
+
+Quant-Noise itself (Fan, Stock et al., ICLR 2021: a random fraction ``p`` of weight
+blocks quantized in each training pass, straight-through gradients, fully quantized
+in eval) is one parametrization, :class:`workers.compress.quant.quant_noise.ScalarQuantNoise`;
+:func:`workers.compress.quant.apply` attaches it (or the policy's other method).
+
+Sparsity is applied before quantization (Harma et al., ICLR 2025: S->Q is the
+optimal order for magnitude pruning with max-scaled quantization): the pruning
+mask is computed from the float weights with an exact top-k, and the quantization
+scale is computed from the pruned weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from search_spaces import LayerInfo
+from workers.codec.bits import qmax
+from workers.compress.sparsity import supported_kinds
+
+COMPRESSIBLE = (nn.Linear, nn.Conv2d, nn.Embedding)
+_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
+_MIN_SCALE = 2.0**-14  # smallest normal fp16: scales are stored in fp16
+
+
+def channel_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel symmetric scale, rounded to fp16 (as it is stored)."""
+    absmax = weight.detach().abs().flatten(1).amax(dim=1)
+    scale = (absmax / qmax(bits)).clamp_min(_MIN_SCALE)
+    return scale.half().float()
+
+
+def quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes in [-qmax, qmax] (int8) and the per-channel fp16-exact scale."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8 for integer quantization, but got {bits}")
+    scale = channel_scale(weight, bits)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    m = qmax(bits)
+    q = torch.clamp(torch.round(weight.detach() / scale.view(shape)), -m, m)
+    return q.to(torch.int8), scale
+
+
+def block_mask_shape(weight: torch.Tensor, block: int, layer: str = "") -> tuple[int, ...]:
+    """Shape of the Bernoulli mask over Quant-Noise blocks, as the paper defines blocks.
+
+    Linear ``[out, in]``: runs of ``block`` consecutive input features. 1x1 conv: runs
+    of ``block`` input channels. kxk conv: one whole kernel per (out, in) pair.
+    """
+    if weight.dim() == 4 and weight.shape[2:] != (1, 1):
+        return (weight.shape[0], weight.shape[1], 1, 1)
+    fan_in = weight.shape[1]
+    if fan_in % block != 0:
+        raise ValueError(
+            f"layer {layer!r}: noise block size {block} must divide its input size {fan_in}; "
+            f"choose a divisor of {fan_in}"
+        )
+    return (weight.shape[0], fan_in // block, *weight.shape[2:])
+
+
+def compressible_layers(model: nn.Module) -> list[LayerInfo]:
+    """The Linear, Conv2d and Embedding layers a policy can address, in module order."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, COMPRESSIBLE):
+            kind = next(k for t, k in _KINDS.items() if isinstance(module, t))
+            out.append(
+                LayerInfo(
+                    name=name,
+                    kind=kind,
+                    numel=module.weight.numel(),
+                    sparsity_kinds=supported_kinds(module),
+                )
+            )
+    return out

@@ -1,0 +1,325 @@
+"""Work the search driver does besides the trials: describe the model, train the
+float baseline once, re-measure an exported checkpoint, export it to ONNX. A module
+of its own so that the Ray worker running it imports only what it needs (torch and
+the engine), never Tune or MLflow: those cost a cold worker about 3 s, on the path
+of every job."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dashboards import quality
+from service.spec import JobSpec
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from search_spaces import KnobSpace
+    from service.weights import Roots
+    from workers.compress.train import EvalResult
+
+EVAL_BATCH = 512
+
+
+# What this module hands the driver (and the driver the trials). Plain frozen
+# dataclasses of builtins and numpy arrays: they cross Ray's task boundary by pickle,
+# and a field is read by name, so a misspelt key fails at type-check, not mid-search.
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What the search space is built from, known before any training
+    (:func:`describe_model`)."""
+
+    layers: list[dict[str, Any]]  # the compressible layers (``LayerInfo`` dumps)
+    pruning_report: dict[str, Any]  # prunable channel groups, layers left dense and why
+    size_bytes: int  # the float checkpoint's bytes: the same trained or not
+
+    @property
+    def groups(self) -> list[dict[str, Any]]:
+        groups: list[dict[str, Any]] = self.pruning_report["groups"]
+        return groups
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The trained float baseline (:func:`train_baseline`): every trial starts from
+    ``state``, and its measurements are the reference of the front and the constraints."""
+
+    state: dict[str, np.ndarray]
+    accuracy: float
+    quality: float  # the front's quality axis (``dashboards.quality``: exp(-loss) for an LM)
+    loss: float
+    train_loss: float | None  # the last epoch's; None when it was not trained further
+    warm_start: str | None  # ``baseline.weights``, when the user's weights were the start
+    size_bytes: int
+
+    def meta(self) -> dict[str, Any]:
+        """Everything but the weights, as JSON keeps it (``baseline.json``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "state"}
+
+
+@dataclass(frozen=True)
+class Reevaluation:
+    """An exported checkpoint measured again from its file (:func:`reevaluate`); the
+    ``info_*`` fields are :func:`workers.jobs.checkpoint.size_report`'s."""
+
+    accuracy: float
+    loss: float
+    size_bytes: int
+    info_size_bytes: float
+    info_header_bytes: float
+    info_bound_bytes: float
+    info_ratio: float  # bytes over the information bound
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def load_baseline(spec: JobSpec, state: dict[str, np.ndarray]) -> torch.nn.Module:
+    """The job's model with the baseline's weights."""
+    import numpy as np
+    import torch
+
+    from workers.zoo.models import build_model
+
+    model = build_model(spec.model)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return model
+
+
+def job_model(spec: JobSpec) -> torch.nn.Module | None:
+    """A fresh model of the job's own spec for decoding the job's checkpoints: an
+    entrypoint comes from the spec the user submitted, never from the file."""
+    from workers.zoo.models import build_model
+
+    return build_model(spec.model) if spec.model.entrypoint else None
+
+
+def evaluate_bytes(data: bytes, spec: JobSpec, device: torch.device) -> EvalResult:
+    """Decode checkpoint bytes and evaluate the model they hold."""
+    from workers.compress.train import evaluate, make_loader
+    from workers.jobs import checkpoint as ckpt
+    from workers.zoo.data import build_datasets
+
+    _, val = build_datasets(spec.dataset)
+    model = ckpt.decode(data, model=job_model(spec)).model
+    return evaluate(model, make_loader(val, EVAL_BATCH, shuffle=False), device, spec.task)
+
+
+def describe_model(spec: JobSpec) -> ModelDescription:
+    """What the search space is built from, known before any training: the model's
+    compressible layers, its prunable channel groups (and the layers left dense, with
+    why) and the size of its float checkpoint. None of it depends on the weights, so
+    the driver computes it on the untrained model while the baseline trains."""
+    import torch
+
+    from workers.compress.engine import compressible_layers
+    from workers.compress.pruning import analyze
+    from workers.jobs import checkpoint as ckpt
+    from workers.zoo.data import build_datasets, example_input
+    from workers.zoo.models import build_model
+
+    torch.manual_seed(spec.search.seed)
+    model = build_model(spec.model)
+    train, _ = build_datasets(spec.dataset)
+    report = analyze(model, example_input(train))  # prunable groups; layers left dense, why
+    data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
+    return ModelDescription(
+        layers=[info.model_dump() for info in compressible_layers(model)],
+        pruning_report=report.as_dict(),
+        size_bytes=len(data),  # float32 payload: the same bytes trained or not
+    )
+
+
+def knob_space(spec: JobSpec, model: ModelDescription) -> KnobSpace:
+    """The job's search space over a :func:`describe_model` description: what the
+    driver searches (and the benches too, to search the same space)."""
+    return spec.search_space.knob_space(model.layers, model.groups)
+
+
+def _why(e: Exception) -> str:
+    """A load error in one line: torch's weights-only refusal is paragraphs of advice
+    (with terminal colours) around the one line that says what it met."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    said = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text)
+    if said:
+        return f"torch.load(weights_only=True) refused it: {said.group(1).strip()}"
+    return " ".join(text.split())[:500]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.pt``/``.pth`` (``torch.load(weights_only=True)``: tensors
+    only, never arbitrary objects) or ``.npz`` (no pickle); a checkpoint dict holding
+    it under ``state_dict`` or ``model`` is accepted too. ``ValueError`` (the rule)
+    otherwise. The service checks an upload with it too."""
+    import numpy as np
+    import torch
+
+    try:
+        if str(path).endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                state: Any = {k: torch.from_numpy(z[k]) for k in z.files}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # unreadable, not a state dict, or holding non-tensor objects
+        raise ValueError(f"cannot be read as a state dict: {_why(e)}") from None
+    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        state = next((state[k] for k in ("state_dict", "model") if k in state), state)
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError("must hold a mapping of parameter names to tensors")
+    if not state:
+        raise ValueError("must hold a mapping of parameter names to tensors, not nothing")
+    return state
+
+
+def load_weights(model: torch.nn.Module, path: str, roots: Roots | None = None) -> None:
+    """Load a user's state dict (:func:`read_state_dict`) into ``model`` strictly: every
+    key, every shape. ``path`` is ``baseline.weights``: an uploaded id or a server
+    path, checked again here against ``roots`` (the service's, from the driver; the
+    environment's settings without) before anything is opened."""
+    from service import weights as wt
+    from service.settings import get_settings
+    from workers.errors import SpecError
+
+    field = f"baseline.weights={path!r}"
+    try:
+        real = wt.check(path, roots or wt.Roots.of(get_settings()), None, owner_checked=False)
+        state = read_state_dict(real)
+    except FileNotFoundError:
+        raise SpecError(f"{field}: no such file on this worker") from None
+    except (wt.Refused, ValueError) as e:
+        raise SpecError(f"{field}: {e}") from None
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} given, {tuple(want[k].shape)} expected"
+        for k in sorted(set(want) & set(state))
+        if state[k].shape != want[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise SpecError(
+            f"{field} does not fit the model: missing {missing[:8]}, unexpected "
+            f"{unexpected[:8]}, shape mismatches {shapes[:8]}"
+        )
+    model.load_state_dict(state)
+
+
+def train_baseline(spec_json: dict[str, Any], roots: Roots | None = None) -> Baseline:
+    """Ray task: train the float model once; return its weights and measurements.
+    ``roots``: where the service lets ``baseline.weights`` be read from."""
+    import torch
+
+    from workers.compress.train import evaluate, make_loader, pick_device, set_threads, train_epochs
+    from workers.jobs import checkpoint as ckpt
+    from workers.zoo.data import build_datasets
+    from workers.zoo.models import build_model
+
+    spec = JobSpec.model_validate(spec_json)
+    set_threads(spec.resources.cpus)
+    device = pick_device(spec.resources.gpus)
+    torch.manual_seed(spec.search.seed)
+    model = build_model(spec.model)
+    if spec.baseline.weights:  # warm start: the user's trained weights
+        load_weights(model, spec.baseline.weights, roots)
+    train, val = build_datasets(spec.dataset)
+    epochs = spec.baseline.train_epochs  # 0: the given weights as they are
+    losses = (
+        train_epochs(
+            model,
+            make_loader(train, spec.baseline.batch_size, shuffle=True, seed=spec.search.seed),
+            epochs=epochs,
+            lr=spec.baseline.lr,
+            device=device,
+            task=spec.task,
+        )
+        if epochs
+        else []
+    )
+    model.cpu()
+    data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
+    reloaded = ckpt.decode(data, model=job_model(spec)).model
+    result = evaluate(reloaded, make_loader(val, 512, shuffle=False), device, spec.task)
+    return Baseline(
+        state={k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
+        accuracy=result.accuracy,
+        quality=quality(spec.task, {"accuracy": result.accuracy, "loss": result.loss}),
+        loss=result.loss,
+        train_loss=losses[-1] if losses else None,
+        warm_start=spec.baseline.weights,
+        size_bytes=len(data),
+    )
+
+
+def reevaluate(path: str, spec_json: dict[str, Any]) -> Reevaluation:
+    """Ray task: reload an exported checkpoint from disk and measure it again."""
+    from workers.compress.train import pick_device, set_threads
+    from workers.jobs import checkpoint as ckpt
+
+    spec = JobSpec.model_validate(spec_json)
+    set_threads(spec.resources.cpus)
+    data = Path(path).read_bytes()
+    ckpt.decode(data, model=job_model(spec))  # validates the header before anything else
+    result = evaluate_bytes(data, spec, pick_device(spec.resources.gpus))
+    info = {f"info_{k}": float(v) for k, v in ckpt.size_report(data).items()}
+    return Reevaluation(accuracy=result.accuracy, loss=result.loss, size_bytes=len(data), **info)
+
+
+def export_onnx(path: str, out: str, spec_json: dict[str, Any]) -> dict[str, float]:
+    """Ray task: the exported checkpoint as an int8 QDQ ONNX model, checked against torch
+    in onnxruntime on validation inputs."""
+    from workers.jobs import checkpoint as ckpt
+    from workers.jobs.onnx_export import export_qdq
+    from workers.zoo.data import build_datasets
+
+    spec = JobSpec.model_validate(spec_json)
+    _, val = build_datasets(spec.dataset)
+    xs = [val[i][0] for i in range(min(64, len(val)))]  # type: ignore[arg-type]
+    import torch
+
+    report = export_qdq(ckpt.load_checkpoint(path, model=job_model(spec)), out, torch.stack(xs))
+    return {
+        "rel_diff": report.rel_diff,
+        "rel_diff_optimized": report.rel_diff_optimized,
+        "top1_agreement": report.top1_agreement,
+        "bytes": float(report.size_bytes),
+    }
+
+
+_STATE, _META = "baseline.npz", "baseline.json"
+
+
+def save_baseline(job_dir: Path, baseline: Baseline) -> None:
+    """Keep the trained baseline in the job's directory (arrays in ``.npz``, the rest in
+    JSON; no pickle), written atomically, so a resumed driver never trains it again."""
+    import numpy as np
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    tmp = job_dir / f".{_STATE}.tmp"
+    arrays: dict[str, Any] = baseline.state  # savez's own keywords typed in: names only here
+    with tmp.open("wb") as f:
+        np.savez(f, **arrays)
+    (job_dir / f".{_META}.tmp").write_text(json.dumps(baseline.meta()))
+    tmp.replace(job_dir / _STATE)
+    (job_dir / f".{_META}.tmp").replace(job_dir / _META)
+
+
+def load_saved_baseline(job_dir: Path) -> Baseline | None:
+    """The baseline :func:`save_baseline` kept, or None if there is none (complete)."""
+    import numpy as np
+
+    if not (job_dir / _STATE).exists() or not (job_dir / _META).exists():
+        return None
+    with np.load(job_dir / _STATE, allow_pickle=False) as z:
+        state = {k: z[k] for k in z.files}
+    return Baseline(state=state, **json.loads((job_dir / _META).read_text()))
