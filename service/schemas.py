@@ -72,6 +72,10 @@ class JobSummary(BaseModel):
     cancel_requested: bool
     restarts: int
     warnings: list[str] = []  # what to know that did not change the outcome
+    # layer -> why structured pruning leaves it dense (its channels reach the output, ...)
+    layers_left_dense: dict[str, str] = {}
+    # layer -> the block size it takes instead of a requested one its width does not divide
+    layers_adjusted: dict[str, str] = {}
 
     @classmethod
     def of(cls, job: st.Job, tracking_uri: str, *, hide: Hide) -> Self:
@@ -121,6 +125,8 @@ class JobSummary(BaseModel):
             "cancel_requested": job.cancel_requested,
             "restarts": job.restarts or 0,
             "warnings": [hide(str(w)) for w in job.warnings or []],
+            "layers_left_dense": job.layers_left_dense or {},
+            "layers_adjusted": job.layers_adjusted or {},
         }
 
 

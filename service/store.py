@@ -112,6 +112,9 @@ class Job(Base):
     mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     warnings: Mapped[list[str]] = mapped_column(JSON, default=list)  # said by the driver
+    # what the engine does not do as asked, per layer, and why (said at the job's set-up)
+    layers_left_dense: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    layers_adjusted: Mapped[dict[str, str] | None] = mapped_column(JSON)
     # MLflow's copy of the job: outbox bytes not yet sent, and whether all was sent
     mlflow_pending: Mapped[int | None] = mapped_column(Integer)
     mlflow_synced: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -184,6 +187,8 @@ _ADDED_COLUMNS = {
     ("jobs", "mlflow_synced"): "BOOLEAN NOT NULL DEFAULT FALSE",
     ("trials", "node_id"): "VARCHAR(64)",
     ("jobs", "owner"): "VARCHAR(64)",
+    ("jobs", "layers_left_dense"): "JSON",
+    ("jobs", "layers_adjusted"): "JSON",
 }
 
 

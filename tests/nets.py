@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 class _ResBlock(nn.Module):
@@ -146,6 +147,78 @@ def dsconv_net(c: int = 16) -> nn.Module:
 
 def tiny_transformer(dim: int = 24, heads: int = 4) -> nn.Module:
     return TinyTransformer(dim, heads)
+
+
+class TinyViT(nn.Module):
+    """A ViT as such models are written: 2x2 patches of the 8x8 digit, a class token and
+    position embeddings that are bare ``nn.Parameter``s, one encoder layer, the class
+    token's output classified. Nobody wrote sparq's engine for it."""
+
+    def __init__(self, dim: int = 24, heads: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Linear(4, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        self.encoder = nn.TransformerEncoderLayer(dim, heads, 2 * dim, batch_first=True)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        patches = x.reshape(b, 1, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, 16, 4)
+        h = torch.cat([self.cls.expand(b, -1, -1), self.patch(patches)], dim=1) + self.pos
+        return self.head(self.encoder(h)[:, 0])
+
+
+class SEResNet(nn.Module):
+    """A residual block with squeeze-excitation to 6 channels (24 // 4): widths that no
+    default block size (4) divides."""
+
+    def __init__(self, c: int = 24) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(c)
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.squeeze = nn.Conv2d(c, c // 4, 1)
+        self.excite = nn.Conv2d(c // 4, c, 1)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.bn0(self.stem(x)))
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(s)))))
+        g = torch.sigmoid(self.excite(torch.relu(self.squeeze(y.mean(dim=(2, 3), keepdim=True)))))
+        return self.fc(torch.relu(s + y * g).mean(dim=(2, 3)))
+
+
+def tiny_vit(dim: int = 24, heads: int = 4) -> nn.Module:
+    return TinyViT(dim, heads)
+
+
+def se_resnet(c: int = 24) -> nn.Module:
+    return SEResNet(c)
+
+
+class _BreaksWhenCompressed(nn.Module):
+    """An MLP that trains and evaluates as a float model but raises once a weight is
+    wrapped by a compression method: every trial of it fails, with this message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if parametrize.is_parametrized(self.fc1):
+            raise RuntimeError("this test network refuses compressed weights")
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def breaks_when_compressed() -> nn.Module:
+    return _BreaksWhenCompressed()
+
+
+UNSEEN = ["tiny_vit", "se_resnet"]  # the networks of the "Real models" issue
 
 
 GENERALITY = ["residual_cnn", "concat_cnn", "se_cnn", "dsconv_net", "tiny_transformer"]

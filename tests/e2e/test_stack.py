@@ -164,15 +164,16 @@ def test_job_runs_end_to_end(stack: Stack, tmp_path: Path) -> None:
 
 
 def test_failing_trials_are_recorded_with_their_reason(stack: Stack) -> None:
-    spec = {**SMALL, "search_space": {"finetune_epochs": 1, "noise_block": 3},
+    spec = {**SMALL, "model": {"entrypoint": "tests.nets:breaks_when_compressed"},
+            "search_space": {"finetune_epochs": 1},
             "search": {"trials": 2, "concurrency": 2}}  # fmt: skip
     job = stack.wait(stack.post(spec)["id"])
     assert job["status"] == "failed"
     assert "all 2 trials failed" in job["error"]
-    assert "block size 3 must divide" in job["error"]
+    assert "refuses compressed weights" in job["error"]
     trials = httpx.get(f"{stack.api}/v1/jobs/{job['id']}/trials").json()
     assert [t["status"] for t in trials] == ["failed", "failed"]
-    assert all("block size 3 must divide" in t["error"] for t in trials)
+    assert all("refuses compressed weights" in t["error"] for t in trials)
 
 
 def test_a_baseline_that_fails_to_train_fails_the_job_with_its_error(stack: Stack) -> None:

@@ -165,6 +165,7 @@ def test_set_up_of_a_resumed_job_keeps_the_stored_trials_and_says_the_spec_once(
     logged = [(a[2], a[1]) for a, _ in rec.named("log_dict")]
     assert logged == [
         ("pruning_report.json", model.pruning_report),
+        ("layers_adjusted.json", model.adjusted),
         ("search_space.json", setup.space.model_dump(mode="json")),
     ]
 

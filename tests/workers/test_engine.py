@@ -9,7 +9,13 @@ from torch.nn.utils import parametrize
 
 from search_spaces import LayerPolicy, Policy
 from workers.codec.bits import dequantize, qmax
-from workers.compress.engine import compressible_layers, quantize
+from workers.compress.engine import (
+    block_adjustments,
+    block_mask_shape,
+    compressible_layers,
+    fitting_block,
+    quantize,
+)
 from workers.compress.quant import apply as apply_policy
 from workers.compress.quant.quant_noise import ScalarQuantNoise
 from workers.compress.sparsity import magnitude_mask
@@ -114,9 +120,14 @@ def test_conv_blocks_are_whole_kernels() -> None:
     assert bool((per_kernel_q | per_kernel_f).all())
 
 
-def test_block_size_must_divide_the_layer() -> None:
+def test_a_block_that_does_not_divide_the_layer_is_replaced_and_said() -> None:
+    assert ScalarQuantNoise(torch.ones(10, 64), bits=4, sparsity=0.0, p=0.5, block=3).block == 2
+    assert [fitting_block(n, 4) for n in (64, 6, 30, 7, 2)] == [4, 3, 3, 1, 2]
     with pytest.raises(ValueError, match=r"block size 3 must divide its input size 64"):
-        ScalarQuantNoise(torch.ones(10, 64), bits=4, sparsity=0.0, p=0.5, block=3, layer="fc")
+        block_mask_shape(torch.ones(10, 64), 3, "fc")  # the primitive stays strict
+    model = nn.Sequential(nn.Linear(64, 6), nn.Linear(6, 10), nn.Conv2d(6, 4, 3))
+    said = block_adjustments(model, {"noise_block": [4]})
+    assert said == {"1": "noise_block 4 does not divide its input size 6: blocks of 3"}
 
 
 def test_apply_policy_rejects_unknown_layers() -> None:

@@ -45,21 +45,55 @@ def quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     return q.to(torch.int8), scale
 
 
+def fitting_block(fan_in: int, block: int) -> int:
+    """The block size a layer of input size ``fan_in`` takes for a requested ``block``:
+    ``block`` itself when it divides ``fan_in``, else its largest divisor below ``block``
+    (1 at worst), so a layer whose width the block does not divide (a squeeze-excitation
+    to 6 channels under blocks of 4) is still quantized under noise, not failed."""
+    return next(b for b in range(min(block, fan_in), 0, -1) if fan_in % b == 0)
+
+
 def block_mask_shape(weight: torch.Tensor, block: int, layer: str = "") -> tuple[int, ...]:
     """Shape of the Bernoulli mask over Quant-Noise blocks, as the paper defines blocks.
 
     Linear ``[out, in]``: runs of ``block`` consecutive input features. 1x1 conv: runs
-    of ``block`` input channels. kxk conv: one whole kernel per (out, in) pair.
+    of ``block`` input channels. kxk conv: one whole kernel per (out, in) pair. The
+    parametrizations pass a block that fits (:func:`fitting_block`).
     """
     if weight.dim() == 4 and weight.shape[2:] != (1, 1):
         return (weight.shape[0], weight.shape[1], 1, 1)
     fan_in = weight.shape[1]
-    if fan_in % block != 0:
+    if fan_in % block != 0:  # the wrappers take fitting_block(fan_in, block) first
         raise ValueError(
             f"layer {layer!r}: noise block size {block} must divide its input size {fan_in}; "
             f"choose a divisor of {fan_in}"
         )
     return (weight.shape[0], fan_in // block, *weight.shape[2:])
+
+
+def block_adjustments(model: nn.Module, blocks: dict[str, list[int]]) -> dict[str, str]:
+    """Layer -> what sparq does instead of a requested block size its input size does
+    not divide (``blocks``: a knob name such as ``noise_block`` -> the sizes the job
+    may use), for the job to say: the layer keeps its method with the largest block that
+    fits (:func:`fitting_block`). kxk convs use whole kernels, so never appear."""
+    out: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, COMPRESSIBLE):
+            continue
+        w = module.weight
+        if w.dim() == 4 and w.shape[2:] != (1, 1):
+            continue
+        fan_in = int(w.shape[1])
+        said = [
+            f"{knob} {b} does not divide its input size {fan_in}: blocks of "
+            f"{fitting_block(fan_in, b)}"
+            for knob, sizes in blocks.items()
+            for b in sizes
+            if fan_in % b
+        ]
+        if said:
+            out[name] = "; ".join(said)
+    return out
 
 
 def compressible_layers(model: nn.Module) -> list[LayerInfo]:

@@ -97,7 +97,8 @@ def _members(group: Any) -> list[nn.Module]:
 
 def _covered(group: Any, model: nn.Module) -> list[str]:
     """Compressible layers whose weight the group slices (including those inside a
-    member such as ``MultiheadAttention.out_proj``)."""
+    member such as ``MultiheadAttention.out_proj``). Members that are bare parameters
+    (torch-pruning slices them with the group) hold no layer."""
     names = _names(model)
     out: list[str] = []
     for item in group:
@@ -106,6 +107,8 @@ def _covered(group: Any, model: nn.Module) -> list[str]:
         depthwise = isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1
         if "out_channels" not in handler and not depthwise:
             continue  # only its inputs are sliced: the layer is still the root of its own group
+        if not isinstance(m, nn.Module):
+            continue  # a bare parameter (a class token, position embeddings): no layer
         for sub in m.modules():
             if isinstance(sub, COMPRESSIBLE) and names.get(sub) is not None:
                 name = names[sub]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,14 @@ class ModelDescription:
     layers: list[dict[str, Any]]  # the compressible layers (``LayerInfo`` dumps)
     pruning_report: dict[str, Any]  # prunable channel groups, layers left dense and why
     size_bytes: int  # the float checkpoint's bytes: the same trained or not
+    # layer -> the block size it takes instead of one its width does not divide, and why
+    adjusted: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def left_dense(self) -> dict[str, str]:
+        """Layers structured pruning leaves dense, with the reason (the job says them)."""
+        dense: dict[str, str] = self.pruning_report["dense"]
+        return dense
 
     @property
     def groups(self) -> list[dict[str, Any]]:
@@ -119,7 +127,7 @@ def describe_model(spec: JobSpec) -> ModelDescription:
     the driver computes it on the untrained model while the baseline trains."""
     import torch
 
-    from workers.compress.engine import compressible_layers
+    from workers.compress.engine import block_adjustments, compressible_layers
     from workers.compress.pruning import analyze
     from workers.jobs import checkpoint as ckpt
     from workers.zoo.data import build_datasets, example_input
@@ -134,7 +142,18 @@ def describe_model(spec: JobSpec) -> ModelDescription:
         layers=[info.model_dump() for info in compressible_layers(model)],
         pruning_report=report.as_dict(),
         size_bytes=len(data),  # float32 payload: the same bytes trained or not
+        adjusted=block_adjustments(model, _blocks(spec)),
     )
+
+
+def _blocks(spec: JobSpec) -> dict[str, list[int]]:
+    """The block sizes the job's methods may use on a layer's input (iPQ's only when
+    iPQ is searched)."""
+    ss = spec.search_space
+    blocks = {"noise_block": [ss.noise_block]}
+    if "ipq" in ss.methods:
+        blocks["ipq block"] = list(ss.ipq.block_sizes)
+    return blocks
 
 
 def knob_space(spec: JobSpec, model: ModelDescription) -> KnobSpace:

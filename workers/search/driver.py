@@ -412,6 +412,7 @@ def set_up(
         rec.params(tracking.PARENT, tracking.flatten(spec_json))
     model = describe_model(spec)  # the untrained model: layers, groups, float size
     rec.log_dict(tracking.PARENT, model.pruning_report, "pruning_report.json")
+    rec.log_dict(tracking.PARENT, model.adjusted, "layers_adjusted.json")
     space = knob_space(spec, model)
     rec.log_dict(tracking.PARENT, space.model_dump(mode="json"), "search_space.json")
     return SetUp(job, spec, spec_json, job_dir, baseline, left, model, space, resume)
@@ -811,6 +812,8 @@ def run_search(
     progress: JobProgress | None = None
     try:
         setup = set_up(job, job_dir, baseline, store.trials(job_id), rec, resume=resume)
+        m = setup.model  # what the engine does otherwise than asked, said on the job
+        store.update(job_id, layers_left_dense=m.left_dense, layers_adjusted=m.adjusted)
         progress = JobProgress(
             db_url=settings.db_url,
             job_id=job_id,

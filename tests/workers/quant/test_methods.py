@@ -46,11 +46,15 @@ def test_noise_blocks_follow_the_paper_and_drop_about_p(
 
 
 @pytest.mark.parametrize("module", [nn.Linear(30, 4), nn.Embedding(10, 30), nn.Conv2d(30, 4, 1)])
-def test_a_block_size_that_does_not_divide_is_refused(module: nn.Module) -> None:
-    with pytest.raises(ValueError, match=r"block size 4 must divide its input size 30"):
-        ScalarQuantNoise(module.weight, bits=4, sparsity=0.0, p=0.5, block=4, layer="x")
-    with pytest.raises(ValueError, match=r"iPQ block size 4 must divide its input size 30"):
-        ipq.block_size(module.weight, 4, "x")
+def test_a_block_size_that_does_not_divide_takes_the_largest_that_does(module: nn.Module) -> None:
+    """A width the requested block does not divide (a squeeze-excitation to 6 or 30
+    channels) keeps its method with the largest block that fits, never a failed trial."""
+    pm = ScalarQuantNoise(module.weight, bits=4, sparsity=0.0, p=0.5, block=4, layer="x")
+    assert pm.block == 3
+    pm.train()
+    assert pm(module.weight).shape == module.weight.shape  # noise over blocks of 3
+    assert ipq.block_size(module.weight, 4, "x") == 3
+    assert PQNoise(module.weight, p=0.5, block=4).block == 3
 
 
 @pytest.mark.parametrize("granularity", ["channel", "tensor"])

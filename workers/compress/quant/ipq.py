@@ -28,6 +28,7 @@ from torch.nn.utils import parametrize
 
 from search_spaces._policy import FLOAT_BITS
 from search_spaces.methods.ipq import IpqConfig
+from workers.compress.engine import fitting_block
 from workers.compress.quant._common import (
     Encodings,
     MethodHandler,
@@ -51,16 +52,11 @@ STAGES: tuple[tuple[str, tuple[type[nn.Module], ...]], ...] = (
 
 
 def block_size(weight: torch.Tensor, block: int, layer: str = "") -> int:
-    """The sub-vector length for this weight (kxk convs: the kernel size)."""
+    """The sub-vector length for this weight: kxk convs the kernel size, else `block` or
+    its largest divisor of the input size (:func:`workers.compress.engine.fitting_block`)."""
     if weight.dim() == 4 and weight.shape[2:] != (1, 1):
         return int(weight.shape[2] * weight.shape[3])
-    fan_in = rows(weight).shape[1]
-    if fan_in % block != 0:
-        raise ValueError(
-            f"layer {layer!r}: iPQ block size {block} must divide its input size {fan_in}; "
-            f"choose a divisor of {fan_in}"
-        )
-    return block
+    return fitting_block(rows(weight).shape[1], block)  # said on the job, as noise blocks
 
 
 def subvectors(weight: torch.Tensor, block: int, layer: str = "") -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 from search_spaces._policy import FLOAT_BITS
 from search_spaces.methods.quant_noise import QuantNoiseConfig
 from workers.codec.bits import pack_codes, qmax, unpack_codes
-from workers.compress.engine import block_mask_shape, channel_scale
+from workers.compress.engine import block_mask_shape, channel_scale, fitting_block
 from workers.compress.quant._common import (
     Encodings,
     MethodHandler,
@@ -152,10 +152,10 @@ class ScalarQuantNoise(WeightQuantizer):
             raise ValueError(f"noise rate p must lie in [0, 1], but got {p}")
         if order not in ("sq", "qs"):
             raise ValueError(f"order must be 'sq' or 'qs', but got {order!r}")
+        block = fitting_block(weight.shape[1], block)  # said on the job (describe_model)
         self.bits, self.p, self.block, self.layer = bits, p, block, layer
         self.granularity, self.symmetric, self.order = granularity, symmetric, order
         self.kind = kind
-        block_mask_shape(weight, block, layer)  # fail early on a bad block size
         w = weight.detach()
         source = w if order == "sq" else fake_int(w, bits, granularity, symmetric)
         mask = kind_mask(source, sparsity, kind, layer)  # unstructured or N:M
@@ -251,8 +251,7 @@ class PQNoise(WeightQuantizer):
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"PQ noise rate p must lie in [0, 1), but got {p}")
-        block_mask_shape(weight, block, layer)
-        self.p, self.block, self.layer = p, block, layer
+        self.p, self.block, self.layer = p, fitting_block(weight.shape[1], block), layer
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
