@@ -44,7 +44,7 @@ from torch import nn  # noqa: E402
 
 from bench._doc import machine, record_section  # noqa: E402
 from search_spaces import LayerPolicy, Policy  # noqa: E402
-from workers import quant  # noqa: E402
+from workers.compress import quant  # noqa: E402
 from workers.compress.engine import compressible_layers  # noqa: E402
 from workers.compress.quant import ipq  # noqa: E402
 from workers.zoo.models import digits_cnn, digits_mlp  # noqa: E402

@@ -50,7 +50,7 @@ from torch import nn  # noqa: E402
 from bench._doc import machine, record_section  # noqa: E402
 from search_spaces import LayerPolicy, Policy  # noqa: E402
 from service.spec import ModelSpec  # noqa: E402
-from workers import quant  # noqa: E402
+from workers.compress import quant  # noqa: E402
 from workers.compress.engine import compressible_layers  # noqa: E402
 from workers.compress.quant._common import parametrization  # noqa: E402
 from workers.compress.quant.blockfmt import block_quant  # noqa: E402

@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize  # noqa: E402
 from bench._doc import machine, record_section  # noqa: E402
 from search_spaces import LayerPolicy, Policy  # noqa: E402
 from service.spec import ModelSpec  # noqa: E402
-from workers import quant  # noqa: E402
+from workers.compress import quant  # noqa: E402
 from workers.compress.engine import compressible_layers  # noqa: E402
 from workers.compress.quant import ipq  # noqa: E402
 from workers.compress.train import evaluate, make_loader, train_epochs  # noqa: E402
