@@ -58,6 +58,17 @@ def test_a_job_shows_the_warnings_its_driver_recorded(client: TestClient) -> Non
     assert view["warnings"] == ["the dataset has 3 classes; the model has 10 outputs"]
 
 
+def test_a_job_says_which_layers_the_engine_handles_otherwise_and_why(client: TestClient) -> None:
+    job_id = client.post("/v1/jobs", json=MINIMAL).json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}").json()["layers_adjusted"] == {}  # before set-up
+    store: st.JobStore = client.app.state.store  # type: ignore[attr-defined]
+    dense = {"fc": "its channels reach the network's output"}
+    adjusted = {"excite": "noise_block 4 does not divide its input size 6: blocks of 3"}
+    store.update(job_id, layers_left_dense=dense, layers_adjusted=adjusted)
+    view = client.get(f"/v1/jobs/{job_id}").json()
+    assert (view["layers_left_dense"], view["layers_adjusted"]) == (dense, adjusted)
+
+
 def test_invalid_spec_is_422_naming_field_value_and_rule(client: TestClient) -> None:
     r = client.post("/v1/jobs", json={**MINIMAL, "search": {"trials": 0}})
     assert r.status_code == 422
