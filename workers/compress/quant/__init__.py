@@ -37,6 +37,7 @@ from workers.compress.quant._common import (
     HANDLERS,
     FloatWeight,
     MethodHandler,
+    Schedule,
     WeightQuantizer,
     handler_for,
     register_handler,
@@ -58,6 +59,7 @@ __all__ = [
     "Bops",
     "FloatWeight",
     "MethodHandler",
+    "Schedule",
     "WeightQuantizer",
     "apply",
     "count_bops",
@@ -116,14 +118,5 @@ def finetune(
         actquant.calibrate(
             model, (x for x, _ in itertools.islice(loader, CALIBRATION_BATCHES)), device
         )
-    return handler_for(policy.method).finetune(
-        model,
-        policy,
-        loader,
-        epochs=epochs,
-        lr=lr,
-        device=device,
-        on_epoch=on_epoch,
-        seed=seed,
-        task=task,
-    )
+    schedule = Schedule(loader, epochs, lr, device, on_epoch, seed, task)
+    return handler_for(policy.method).finetune(model, policy, schedule)

@@ -4,6 +4,7 @@ straight-through round, and the bit-packed code blobs the checkpoint stores."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
@@ -27,6 +28,37 @@ DECODERS: dict[str, Decoder] = {}
 BOUNDS: dict[str, Bound] = {}
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How a trial fine-tunes: its data, epochs, learning rate, device, the task whose
+    loss it trains on, its seed and the per-epoch callback. Every handler's
+    :meth:`MethodHandler.finetune` takes one; :meth:`train` is the plain loop."""
+
+    loader: DataLoader
+    epochs: int
+    lr: float
+    device: torch.device
+    on_epoch: Callable[[int, float], None] | None = None
+    seed: int = 0
+    task: str = "classification"
+
+    def train(self, model: nn.Module, epochs: int | None = None, *, report: bool = True) -> None:
+        """The plain training loop on the task's loss: ``epochs`` (default: the
+        schedule's), calling ``on_epoch`` when ``report``."""
+        from workers.compress.train import train_epochs
+
+        model.to(self.device)
+        train_epochs(
+            model,
+            self.loader,
+            epochs=self.epochs if epochs is None else epochs,
+            lr=self.lr,
+            device=self.device,
+            on_epoch=self.on_epoch if report else None,
+            task=self.task,
+        )
+
+
 class MethodHandler:
     """The torch side of one method, registered for its config class
     (:func:`register_handler`): what ``workers.compress.quant.apply`` and ``finetune`` do for
@@ -48,26 +80,10 @@ class MethodHandler:
         ``None`` when :meth:`prepare` has wrapped it already."""
         raise NotImplementedError
 
-    def finetune(
-        self,
-        model: nn.Module,
-        policy: Policy,
-        loader: DataLoader,
-        *,
-        epochs: int,
-        lr: float,
-        device: torch.device,
-        on_epoch: Callable[[int, float], None] | None,
-        seed: int,
-        task: str = "classification",
-    ) -> dict[str, Any]:
+    def finetune(self, model: nn.Module, policy: Policy, schedule: Schedule) -> dict[str, Any]:
         """Fine-tune the wrapped model; returns what the method learned (logged). The
-        default: the plain training loop over ``epochs``."""
-        from workers.compress.train import train_epochs
-
-        train_epochs(
-            model, loader, epochs=epochs, lr=lr, device=device, on_epoch=on_epoch, task=task
-        )
+        default: the plain training loop over the schedule's epochs."""
+        schedule.train(model)
         return {}
 
 

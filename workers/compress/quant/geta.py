@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -42,6 +41,7 @@ from workers.codec.bits import pack_codes, qmax, unpack_codes
 from workers.compress.quant._common import (
     Encodings,
     MethodHandler,
+    Schedule,
     WeightQuantizer,
     original,
     parametrization,
@@ -353,19 +353,7 @@ class GetaHandler(MethodHandler):
     def wrap(self, w: torch.Tensor, lp: LayerPolicy, policy: Policy, layer: str) -> None:
         return None  # attached by prepare
 
-    def finetune(
-        self,
-        model: nn.Module,
-        policy: Policy,
-        loader: DataLoader,
-        *,
-        epochs: int,
-        lr: float,
-        device: torch.device,
-        on_epoch: Callable[[int, float], None] | None,
-        seed: int,
-        task: str = "classification",
-    ) -> dict[str, Any]:
+    def finetune(self, model: nn.Module, policy: Policy, schedule: Schedule) -> dict[str, Any]:
         cfg = policy.method
         assert isinstance(cfg, GetaConfig)
         quantizers = {
@@ -373,4 +361,5 @@ class GetaHandler(MethodHandler):
             for name, module in model.named_modules()
             if isinstance(pm := parametrization(module), GetaQuant)
         }
-        return {"geta_trace": train(model, loader, quantizers, cfg, device, task)}
+        trace = train(model, schedule.loader, quantizers, cfg, schedule.device, schedule.task)
+        return {"geta_trace": trace}

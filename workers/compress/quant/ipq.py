@@ -32,6 +32,7 @@ from workers.compress.engine import fitting_block
 from workers.compress.quant._common import (
     Encodings,
     MethodHandler,
+    Schedule,
     WeightQuantizer,
     original,
     register_handler,
@@ -40,8 +41,6 @@ from workers.compress.quant._common import (
 )
 
 if TYPE_CHECKING:
-    from torch.utils.data import DataLoader
-
     from search_spaces import LayerPolicy, Policy
 
 STAGES: tuple[tuple[str, tuple[type[nn.Module], ...]], ...] = (
@@ -248,34 +247,22 @@ class IpqHandler(MethodHandler):
         rate = policy.noise_rate if policy.noise_rate < 1.0 else 0.0
         return PQNoise(w, p=rate, block=cfg.block, layer=layer)
 
-    def finetune(
-        self,
-        model: nn.Module,
-        policy: Policy,
-        loader: DataLoader,
-        *,
-        epochs: int,
-        lr: float,
-        device: torch.device,
-        on_epoch: Callable[[int, float], None] | None,
-        seed: int,
-        task: str = "classification",
-    ) -> dict[str, Any]:
-        from workers.compress.train import train_epochs
-
+    def finetune(self, model: nn.Module, policy: Policy, schedule: Schedule) -> dict[str, Any]:
         cfg = policy.method
         assert isinstance(cfg, IpqConfig)
-        train_epochs(
-            model, loader, epochs=epochs, lr=lr, device=device, on_epoch=on_epoch, task=task
-        )
+        schedule.train(model)
         quantized = [n for n, lp in policy.layers.items() if lp.bits != FLOAT_BITS]
-        stage_epochs = max(1, epochs // 3)
+        stage_epochs = max(1, schedule.epochs // 3)
 
         def tune_centroids(m: nn.Module) -> None:
-            m.to(device)
-            train_epochs(m, loader, epochs=stage_epochs, lr=lr, device=device, task=task)
+            schedule.train(m, stage_epochs, report=False)
 
         stages = staged(
-            model, quantized, k=cfg.centroids, block=cfg.block, finetune=tune_centroids, seed=seed
+            model,
+            quantized,
+            k=cfg.centroids,
+            block=cfg.block,
+            finetune=tune_centroids,
+            seed=schedule.seed,
         )
         return {"ipq_stages": stages}
