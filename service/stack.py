@@ -107,6 +107,10 @@ def start_mlflow(
     ]  # fmt: skip
     env = {
         "MLFLOW_DISABLE_TELEMETRY": "true",  # no phoning home
+        # No job runner: it starts nine processes (a runner and eight huey consumers,
+        # each importing MLflow: about 30 s of CPU at every start of the stack, and
+        # their polling after) for GenAI scorer jobs, which sparq never submits.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         **scrub_env(os.environ, keep=OBJECT_STORE),
         "MLFLOW_BACKEND_STORE_URI": backend_uri or f"sqlite:///{root / 'mlflow.db'}",
     }
