@@ -66,13 +66,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make the project importable
     sys.path.insert(0, str(ROOT))
 
-import optuna  # noqa: E402
 import torch  # noqa: E402
 
 from bench import _doc  # noqa: E402
@@ -87,7 +86,12 @@ from workers.jobs.baseline import (  # noqa: E402
     train_baseline,
 )
 from workers.jobs.trial import compress  # noqa: E402
-from workers.search.sampling import make_sampler  # noqa: E402
+
+if TYPE_CHECKING:
+    # Optuna and Ray Tune (the sampler) are imported where used: the process pool's
+    # workers import this module (spawn), and its reference would pay seconds of
+    # imports a Ray trial worker does not.
+    import optuna
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 TARGETS = {"short": 1.10, "long": 1.03}  # overhead_ratio_vs_processes, median of rounds
@@ -209,6 +213,8 @@ class BareRun:
 
 def suggest(trial: optuna.Trial, dists: dict[str, Any]) -> dict[str, Any]:
     """Sample every knob from the distributions the service hands to OptunaSearch."""
+    import optuna
+
     out: dict[str, Any] = {}
     for name, d in dists.items():
         if isinstance(d, optuna.distributions.CategoricalDistribution):
@@ -272,6 +278,10 @@ def run_bare(spec: JobSpec, *, processes: bool = False) -> BareRun:
         with lock:
             durations.append(took)
         return out
+
+    import optuna
+
+    from workers.search.sampling import make_sampler
 
     study = optuna.create_study(
         directions=[
@@ -457,6 +467,8 @@ def _mean(xs: list[float]) -> float:
 
 
 def machine() -> str:
+    import optuna
+
     return f"{_doc.machine()}, optuna {optuna.__version__}"
 
 
@@ -801,6 +813,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(1)
     print(f"machine: {machine()}", flush=True)
