@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from service.launcher import Driver, driver_env, log_tail, spawn_driver
@@ -32,6 +33,7 @@ from service.settings import Settings
 log = logging.getLogger("sparq.warm")
 ZYGOTE_MODULE = "workers.search.zygote"
 ANSWER_S = 5.0  # a fork answers in milliseconds; past this, a cold driver instead
+REAP_WAIT_S = 2.0  # how long a driver's exit code may take to be written
 STARTING_WAIT_S = 60.0  # a job asked for while the warm process imports waits this long
 
 
@@ -46,11 +48,15 @@ class ForkedDriver:
         return same_process(self.pid, self.started)
 
     def describe_exit(self) -> str:
-        try:
-            code = (self.exits / f"{self.pid}-{self.started}").read_text().strip()
-        except OSError:
-            return "exited (exit code unknown: its warm parent did not record it)"
-        return f"exited with code {code}"
+        path = self.exits / f"{self.pid}-{self.started}"
+        deadline = time.monotonic() + REAP_WAIT_S  # its parent reaps it within 0.2 s
+        while True:
+            try:
+                return f"exited with code {path.read_text().strip()}"
+            except OSError:
+                if time.monotonic() > deadline:
+                    return "exited (exit code unknown: its warm parent did not record it)"
+                time.sleep(0.05)
 
     def terminate(self) -> None:
         if self.running():

@@ -29,7 +29,7 @@ def fake_driver(argv: list[str]) -> int:
                 "pid": os.getpid(),
                 "sid": os.getsid(0),
                 "argv": argv,
-                "threads_ok": True,
+                "title": Path("/proc/self/cmdline").read_bytes().replace(b"\0", b" ").decode(),
                 "home": os.environ["SPARQ_HOME"],
             }
         )
@@ -77,6 +77,7 @@ def test_a_driver_is_forked_warm_in_its_own_session_with_its_log(
     assert seen["sid"] == driver.pid  # a session of its own: the launcher signals its group
     assert seen["argv"] == ["exit-7"]
     assert seen["home"] == str(settings.home)  # the driver's environment
+    assert seen["title"].strip().endswith("-m workers.search.driver exit-7")  # what ps shows
     log = (settings.job_dir("exit-7") / "driver.log").read_text()
     assert "fake driver for exit-7" in log
     assert (warm.forked, warm.cold) == (1, 0)

@@ -86,6 +86,7 @@ def _child(target: Callable[[list[str]], int], argv: list[str], log: str) -> Non
 
             np.random.seed()
         sys.argv = ["workers.search.driver", *argv]
+        _retitle(" ".join([sys.executable, "-m", "workers.search.driver", *argv]))
         code = int(target(argv) or 0)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -103,6 +104,17 @@ def _child(target: Callable[[list[str]], int], argv: list[str], log: str) -> Non
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _retitle(title: str) -> None:
+    """The command line ``ps`` shows: a cold driver's, job id included, so an operator
+    finds a job's driver as before (Ray's own setproctitle, which workers use too)."""
+    try:
+        from ray._raylet import setproctitle
+
+        setproctitle(title)
+    except (ImportError, AttributeError, OSError) as e:
+        sys.stderr.write(f"could not set the process title: {e}\n")
 
 
 def _process_start(pid: int) -> str | None:
