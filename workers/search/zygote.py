@@ -110,7 +110,7 @@ def _retitle(title: str) -> None:
     """The command line ``ps`` shows: a cold driver's, job id included, so an operator
     finds a job's driver as before (Ray's own setproctitle, which workers use too)."""
     try:
-        from ray._raylet import setproctitle
+        from ray._raylet import setproctitle  # type: ignore[attr-defined]
 
         setproctitle(title)
     except (ImportError, AttributeError, OSError) as e:
