@@ -13,6 +13,10 @@ fine-tune, encode, evaluate the decoded checkpoint) is run ``--trials`` times
   ``concurrency`` spawned worker processes, started inside the timed region;
 * through the same loop with the work in Optuna's threads (the second row: one GIL).
 
+The pool's workers run at Ray's worker niceness (15, ``--pool-nice``): on a machine
+someone else loads, Ray's trials yield to that load, and the reference must yield alike
+(on a quiet machine niceness changes nothing).
+
 Both use the same spec (model, baseline epochs, fine-tune epochs, seed, one CPU per
 trial, the same concurrency; early stopping off, as the bare loops have none). The
 fine-tune epochs are calibrated first so that one trial, alone on one thread, takes
@@ -191,10 +195,12 @@ def calibrate(args: argparse.Namespace, size: Size) -> Calibration:
     t0 = time.perf_counter()
     trial_work(spec, space, base.state, params, 1, epochs=0)
     fixed = time.perf_counter() - t0
-    probe = 3
-    t0 = time.perf_counter()
-    trial_work(spec, space, base.state, params, 1, epochs=probe)
-    epoch_s = max(1e-3, (time.perf_counter() - t0 - fixed) / probe)
+    probe, took = 3, []
+    for _ in range(2):  # the faster of two: a busy second says less about the work
+        t0 = time.perf_counter()
+        trial_work(spec, space, base.state, params, 1, epochs=probe)
+        took.append(time.perf_counter() - t0)
+    epoch_s = max(1e-3, (min(took) - fixed) / probe)
     epochs = max(1, round((size.trial_seconds - fixed) / epoch_s))
     spec = make_spec(args, size, finetune_epochs=epochs)
     t0 = time.perf_counter()
@@ -229,7 +235,19 @@ def suggest(trial: optuna.Trial, dists: dict[str, Any]) -> dict[str, Any]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(spec_json: dict[str, Any], model: ModelDescription, state: Any) -> None:
+RAY_WORKER_NICENESS = 15  # Ray's default (RAY_worker_niceness): its workers run at nice 15
+
+
+def pool_niceness() -> int:
+    """The niceness of the pool's workers: that of Ray's, so that on a machine someone
+    else loads both references yield to that load alike (on a quiet one it changes
+    nothing)."""
+    return int(os.environ.get("RAY_worker_niceness", RAY_WORKER_NICENESS))
+
+
+def _init_worker(spec_json: dict[str, Any], model: ModelDescription, state: Any, nice: int) -> None:
+    if nice:
+        os.nice(nice)
     torch.set_num_threads(1)
     spec = JobSpec.model_validate(spec_json)
     _WORKER.update(spec=spec, space=knob_space(spec, model), state=state)
@@ -243,7 +261,7 @@ def _work_in_worker(params: dict[str, Any], number: int) -> tuple[tuple[float, i
     return out, time.perf_counter() - t0
 
 
-def run_bare(spec: JobSpec, *, processes: bool = False) -> BareRun:
+def run_bare(spec: JobSpec, *, processes: bool = False, nice: int = 0) -> BareRun:
     """The bare loop. ``processes=False`` (the headline): the trials run in Optuna's
     ``n_jobs`` threads, in this process. ``processes=True``: each of those threads
     hands its trial's work to a pool of ``concurrency`` worker processes (started
@@ -263,7 +281,7 @@ def run_bare(spec: JobSpec, *, processes: bool = False) -> BareRun:
             max_workers=spec.search.concurrency,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(spec_json, model, base.state),
+            initargs=(spec_json, model, base.state, nice),
         )
 
     def objective(trial: optuna.Trial) -> tuple[float, int]:
@@ -569,7 +587,7 @@ def run_size(args: argparse.Namespace, size: Size, stk: Stack, home: Path) -> Si
             rnd.busy.append(wait_quiet(timeout_s=args.quiet_timeout))
             rnd.load.append(_load())
             if path == "processes":
-                rnd.procs = run_bare(spec, processes=True)
+                rnd.procs = run_bare(spec, processes=True, nice=args.pool_nice)
                 wall = rnd.procs.wall_s
             elif path == "threads":
                 rnd.threads = run_bare(spec)
@@ -693,7 +711,8 @@ def render(results: list[SizeResult], args: argparse.Namespace, stack_start_s: f
     head = [
         f"model {args.model}, baseline {args.baseline_epochs} epochs, seed {args.seed}, "
         f"1 CPU per trial, early stopping off; {args.rounds} round(s) per size, the order "
-        "of the paths rotated each round",
+        f"of the paths rotated each round; the pool's workers at nice {args.pool_nice} "
+        f"(Ray's workers: nice {pool_niceness()}), the thread loop at the bench's own",
         f"stack start-up (MLflow server, Ray head, API; not counted): {stack_start_s:.1f} s",
         "",
     ]
@@ -715,6 +734,7 @@ def figures(results: list[SizeResult], args: argparse.Namespace) -> dict[str, An
             "model": args.model,
             "baseline_epochs": args.baseline_epochs,
             "rounds_per_size": args.rounds,
+            "pool_nice": args.pool_nice,
             "machine": machine(),
         }
     )
@@ -779,6 +799,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-long", action="store_true", help="only the short size")
     p.add_argument("--no-short", action="store_true", help="only the long size")
     p.add_argument("--no-threads", action="store_true", help="skip the thread-loop row")
+    p.add_argument(
+        "--pool-nice",
+        type=int,
+        default=None,
+        help="niceness of the pool's workers (default: Ray's worker niceness, 15)",
+    )
     p.add_argument("--model", default="digits-cnn", choices=["digits-cnn", "digits-mlp"])
     p.add_argument("--baseline-epochs", type=int, default=None, help="default 5 (quick: 2)")
     p.add_argument("--seed", type=int, default=0)
@@ -801,6 +827,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.long_seconds = args.long_seconds or (6.0 if q else 30.0)
     args.baseline_epochs = args.baseline_epochs or (2 if q else 5)
     args.rounds = args.rounds or (1 if q else 3)
+    args.pool_nice = pool_niceness() if args.pool_nice is None else args.pool_nice
     for name in ("trials", "long_trials", "concurrency", "rounds", "baseline_epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(args, name)}")
