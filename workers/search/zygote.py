@@ -96,9 +96,13 @@ def _child(target: Callable[[list[str]], int], argv: list[str], log: str) -> Non
         traceback.print_exc()
         code = 1
     finally:
-        try:  # what the interpreter's exit would do: Ray's shutdown, log handlers
+        try:  # what the interpreter's exit does, in its order: first the threads' shutdown
+            # (it stops executors: a live-views renderer still drawing is told to stop),
+            # then the exit handlers (Ray's shutdown; multiprocessing joins its children,
+            # which without the first step waits forever on that renderer)
             import atexit
 
+            threading._shutdown()  # type: ignore[attr-defined]
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
