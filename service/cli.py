@@ -106,12 +106,14 @@ def up(
             mlflow_port,
             backend_uri=settings.mlflow_backend_uri,
             artifacts_destination=settings.mlflow_artifacts_destination,
+            wait=False,  # the Ray head starts while MLflow does
         )
     except StackError as e:
         raise _fail(str(e)) from e
     head = None
     try:
         settings, head = _start_ray(settings)
+        mlflow.ready()
         console.print(
             f"MLflow UI   {mlflow.url}\nAPI docs    http://{host}:{port}/docs\n"
             f"Ray         {settings.ray_address}\nSPARQ_HOME  {settings.home}\n"
@@ -391,10 +393,11 @@ def demo(
     mlflow_port = free_port() if port_in_use(host, mlflow_port) else mlflow_port
     settings = _settings_for(host, port, mlflow_port)
     console.print(f"SPARQ_HOME {settings.home}; starting MLflow on :{mlflow_port}")
-    mlflow = start_mlflow(settings.home, host, mlflow_port)
+    mlflow = start_mlflow(settings.home, host, mlflow_port, wait=False)
     head = None
     try:
         settings, head = _start_ray(settings)
+        mlflow.ready()
         with serve_in_thread(create_app(settings), host, port) as url:
             client = Client(url)
             spec = {**DEMO_SPEC, "search": {**DEMO_SPEC["search"], "trials": trials}}
