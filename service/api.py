@@ -52,6 +52,8 @@ from service.secrets import known_secrets, scrub
 from service.settings import Settings, get_settings
 from service.spec import JobSpec
 from service.tasks import get_task
+from service.warm import WarmDrivers
+from service.warm import enabled as warm_enabled
 from workers import entrypoints
 from workers.errors import (
     Conflict,
@@ -240,12 +242,15 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
     settings = (settings or get_settings()).prepare()
     secrets = known_secrets(settings)
     store = st.JobStore(settings.db_url, secrets)
-    launcher = Launcher(settings, store)
+    warm = WarmDrivers(settings) if launch and warm_enabled(settings) else None
+    launcher = Launcher(settings, store, spawner=warm)
     flusher = Flusher(settings, store)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if launch:
+            if warm is not None:
+                warm.start()
             launcher.start()
             flusher.start()
         try:
@@ -254,6 +259,8 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
             if launch:
                 flusher.stop()
                 launcher.stop()
+                if warm is not None:
+                    warm.stop()
             store.close()
 
     app = FastAPI(

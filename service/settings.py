@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         default_factory=list, description="principals (comma separated) who see every job"
     )
     max_running_jobs: int = Field(default=1, ge=1, description="search drivers at once")
+    warm_drivers: bool = Field(
+        default=True,
+        description="fork search drivers from a process that has imported Ray, Tune, "
+        "torch and MLflow once (service/warm.py) instead of starting each cold",
+    )
     driver_restarts: int = Field(
         default=2, ge=0, description="times a dead search driver is relaunched to resume its job"
     )

@@ -121,8 +121,9 @@ def start_mlflow(
     ]  # fmt: skip
     env = {
         "MLFLOW_DISABLE_TELEMETRY": "true",  # no phoning home
-        # No server-side job runner (GenAI scorer jobs, which sparq never submits): one
-        # process fewer to start and keep, its huey queue included.
+        # No job runner: it starts nine processes (a runner and eight huey consumers,
+        # each importing MLflow: about 30 s of CPU at every start of the stack, and
+        # their polling after) for GenAI scorer jobs, which sparq never submits.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         **scrub_env(os.environ, keep=OBJECT_STORE),
         "MLFLOW_BACKEND_STORE_URI": backend_uri or f"sqlite:///{root / 'mlflow.db'}",
@@ -185,6 +186,9 @@ def ray_auth_env(home: Path) -> None:
     )
 
 
+RAY_PRELOAD = "torch,workers.jobs.trial"  # what every baseline and trial worker imports
+
+
 def start_ray(home: Path, num_cpus: int | None = None, host: str = "127.0.0.1") -> RayHead:
     """``ray start --head --block`` on loopback, every port chosen free.
 
@@ -205,7 +209,16 @@ def start_ray(home: Path, num_cpus: int | None = None, host: str = "127.0.0.1") 
     # Stopped (or its stack dead): no 30 s drain serving the old stack's drivers. The
     # service stops its drivers first, and after a crash they are resumed anew.
     # Its workers (the trials) inherit its environment: no secret but Ray's own.
-    env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **scrub_env(os.environ, keep=RAY_AUTH)}
+    env = {
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        # Every worker the head starts imports torch and the engine as it starts, before
+        # its first task: the workers Ray prestarts for the stack's first job (one per
+        # CPU, before any job exists) are warm when that job's baseline and first trials
+        # reach them. (Ray binds a worker to the job it first serves, so later jobs start
+        # their own; those import the same modules anyway.) As workers.search.driver's.
+        "RAY_preload_python_modules": RAY_PRELOAD,
+        **scrub_env(os.environ, keep=RAY_AUTH),
+    }
     with log.open("ab") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from service.spec import JobSpec
 from workers.compress.train import pick_device
-from workers.search.trials import trial_number
+from workers.search.trials import trial_datasets, trial_number
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
@@ -34,3 +38,36 @@ def test_trial_names_skip_the_numbers_kept_trials_hold() -> None:
     resumed = TrialNames(frozenset({1, 3, 4}))  # a resumed search: 1, 3, 4 finished
     assert [resumed.number(_Tagged(str(k))) for k in (1, 2, 3)] == [2, 5, 6]
     assert resumed.number(_Tagged("odd")) == 0
+
+
+def _spec(dataset: dict[str, object]) -> JobSpec:
+    return JobSpec.model_validate({"model": {"builtin": "digits-mlp"}, "dataset": dataset})
+
+
+def test_a_builtin_dataset_is_built_once_per_worker() -> None:
+    digits = _spec({"builtin": "digits"})
+    first = trial_datasets(digits)
+    assert trial_datasets(digits) is first  # the next trial of this worker: kept
+    other = trial_datasets(_spec({"builtin": "digits", "kwargs": {"val_fraction": 0.3}}))
+    assert other is not first
+    assert len(other[1]) != len(first[1])
+
+
+def user_digits() -> tuple[object, object]:
+    """A dataset of user code (an entrypoint), for the test below."""
+    from workers.zoo.data import digits
+
+    return digits()
+
+
+def test_a_dataset_of_user_code_is_built_for_every_trial() -> None:
+    spec = _spec({"entrypoint": "tests.workers.test_trial:user_digits"})
+    assert trial_datasets(spec) is not trial_datasets(spec)
+
+
+def test_a_trial_worker_does_not_load_mlflow() -> None:
+    """A trial only appends to its outbox (the driver's sender talks to MLflow), so its
+    worker skips MLflow's imports: seconds of every job's first trials."""
+    code = "import sys, workers.search.trials; print('mlflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

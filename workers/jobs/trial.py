@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from search_spaces import Policy
 from service.spec import JobSpec
@@ -38,6 +39,7 @@ def compress(
     on_epoch: Callable[[int, float], None] | None = None,
     on_model: Callable[[torch.nn.Module, Callable[[], bytes]], None] | None = None,
     meta: dict[str, Any] | None = None,
+    datasets: tuple[Dataset, Dataset] | None = None,
 ) -> tuple[bytes, dict[str, float]]:
     """A trial's work without Ray or MLflow: prune channels (structured, first), apply
     the policy's method to the survivors, fine-tune as the method says, export, and
@@ -45,8 +47,9 @@ def compress(
     (accuracy, loss, perplexity, size_bytes, information bound, params, BOPs).
 
     ``on_model(model, encode_now)`` sees the wrapped model before it is trained, with
-    a function that exports it as it stands."""
-    train, val = build_datasets(spec.dataset)
+    a function that exports it as it stands. ``datasets``: the spec's ``(train, val)``
+    when the caller built them already (built here otherwise)."""
+    train, val = datasets if datasets is not None else build_datasets(spec.dataset)
     example = example_input(train)
     model = load_baseline(spec, baseline_state)
     pruning: list[dict[str, Any]] = []

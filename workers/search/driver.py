@@ -79,6 +79,7 @@ BEST_ONNX_FILE = "best.onnx"
 OUTBOX_DIR = "outbox"  # as workers.jobs.trial.OUTBOX_DIR (not imported: it imports torch)
 SYSTEM_RETRIES = 3  # runs of a trial whose worker or node died, before it counts failed
 RUNGS_FILE = "rungs.json"  # early stopping's rungs, kept for a resumed search
+RAY_PRELOAD = "torch,workers.jobs.trial"  # what every baseline and trial worker imports
 
 
 def _init_ray(settings: Settings, spec: JobSpec) -> None:
@@ -286,6 +287,10 @@ def _process_env() -> None:
     # fast rather than retry for minutes inside the client.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # A local Ray (no stack) prestarts a worker per CPU as this driver connects: with
+    # torch and the engine imported as they start, the baseline and the first trials
+    # find them warm. (The stack's head sets the same: service/stack.py.)
+    os.environ.setdefault("RAY_preload_python_modules", RAY_PRELOAD)
 
 
 def mlflow_names(owner: str | None, name: str) -> tuple[str, str]:

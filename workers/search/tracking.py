@@ -16,12 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from workers.search import outbox
+
+if TYPE_CHECKING:  # imported where used: a trial's worker records to its outbox only, so
+    # it never loads MLflow (about 1.7 s of imports in every trial worker of every job)
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("sparq.tracking")
 PARENT_TAG = "mlflow.parentRunId"
@@ -33,6 +35,8 @@ _MAX_PARAM = 6000  # MLflow's limit on a param value
 def client(tracking_uri: str) -> MlflowClient:
     # The registry is the same server: never whatever MLFLOW_REGISTRY_URI / the process's
     # global tracking URI happen to name (MLflow resolves the registry from those).
+    from mlflow.tracking import MlflowClient
+
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
@@ -417,6 +421,8 @@ class MlflowSender:
         run = recs[0]["run"]
         if run in self.state.dead:
             return
+        from mlflow.entities import Metric, Param, RunTag
+
         metrics = [Metric(k, v, ts, step) for r in recs for k, v, ts, step in r.get("metrics", [])]
         # one value per key in a request (MLflow refuses a key twice, even with one value)
         params = [

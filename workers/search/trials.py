@@ -93,6 +93,24 @@ def fetch_baseline(ref: Any) -> Baseline:
     return baseline
 
 
+_BUILTIN_DATA: dict[str, tuple[Any, Any]] = {}
+
+
+def trial_datasets(spec: JobSpec) -> tuple[Any, Any]:
+    """The job's ``(train, val)``, built once per trial (the rungs' evaluation and
+    :func:`compress` share them). A builtin dataset is also kept for the next trial this
+    worker runs (Tune reuses its actors): it is fixed data, never changed by a trial. A
+    dataset of the user's code is built for every trial, as it always was: it may
+    hold state a trial changes."""
+    if not spec.dataset.builtin:
+        return build_datasets(spec.dataset)
+    key = spec.dataset.model_dump_json()
+    if key not in _BUILTIN_DATA:
+        _BUILTIN_DATA.clear()  # one job's data at a time
+        _BUILTIN_DATA[key] = build_datasets(spec.dataset)
+    return _BUILTIN_DATA[key]
+
+
 def _replay(results: Path) -> dict[str, Any] | None:
     """What an earlier attempt of this trial measured, if it finished: a trial Tune
     runs again (its driver died after the trial ended but before Tune saved that)
@@ -158,7 +176,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         policy = policy_from_params(KnobSpace.model_validate(ctx.space), config)
         rec.params(run, policy.summary())
         rec.log_dict(run, policy.model_dump(mode="json"), "policy.json")  # the full policy
-        _, val = build_datasets(spec.dataset)
+        train, val = trial_datasets(spec)
         ss = spec.search_space
         es = spec.search.early_stopping
         rungs = set(milestones(ss.finetune_epochs, es.grace_epochs, es.reduction_factor))
@@ -203,6 +221,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             on_epoch=on_epoch,
             on_model=on_model,
             meta=meta,
+            datasets=(train, val),
         )
         metrics["duration_s"] = time.perf_counter() - started
         metrics["quality"] = quality(spec.task, metrics)  # the front's axis, as at rungs
