@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.compress.batch import Inputs, forward, output_of
 from workers.compress.engine import COMPRESSIBLE
 
 __all__ = ["GroupReport", "PruningReport", "analyze", "count_params", "prune_channels", "replay"]
@@ -74,14 +75,18 @@ def _names(model: nn.Module) -> dict[nn.Module, str]:
     return {m: n for n, m in model.named_modules()}
 
 
-def _graph(model: nn.Module, example: torch.Tensor) -> Any:
+def _graph(model: nn.Module, example: Inputs) -> Any:
+    """torch-pruning's dependency graph, traced with the example as the model takes it
+    (keyword arguments for a mapping) from the output :mod:`.batch` compares."""
     import torch_pruning as tp
 
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():  # the graph is traced through autograd
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, output_transform=lambda out: output_of(out)[1]
+            )
     finally:
         model.train(was_training)
 
@@ -125,12 +130,10 @@ def _heads(group: Any, channels: int) -> int:
     return heads
 
 
-def _forward_shape(model: nn.Module, example: torch.Tensor) -> tuple[int, ...]:
+def _forward_shape(model: nn.Module, example: Inputs) -> tuple[int, ...]:
     model.eval()
     with torch.no_grad():
-        out = model(example)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model returned {type(out).__name__}, not a tensor")
+        out = forward(model, example)
     return tuple(out.shape)
 
 
@@ -141,7 +144,7 @@ def _channels(module: nn.Module) -> int:
     return int(weight.shape[0])
 
 
-def analyze(model: nn.Module, example: torch.Tensor) -> PruningReport:
+def analyze(model: nn.Module, example: Inputs) -> PruningReport:
     """The prunable groups of a float model and the layers left dense, with reasons.
 
     Never raises for a network it cannot prune: the whole network is then reported
@@ -185,7 +188,7 @@ def analyze(model: nn.Module, example: torch.Tensor) -> PruningReport:
 
 def _trial_prune(
     model: nn.Module,
-    example: torch.Tensor,
+    example: Inputs,
     name: str,
     n_out: int,
     heads: int,
@@ -195,10 +198,19 @@ def _trial_prune(
     on a copy, then the graph's own check, a forward pass and the output shape."""
     if n_out <= heads:
         return f"only {n_out} output channel(s) for {heads} head(s): nothing can be removed"
+    import torch_pruning as tp
+
     trial = copy.deepcopy(model)
     try:
         dg = _graph(trial, example)
         module = trial.get_submodule(name)
+        full = dg.get_pruning_group(module, _out_pruner(dg, module), idxs=list(range(n_out)))
+        scores = tp.importance.GroupMagnitudeImportance(p=2)(full)  # what a trial ranks by
+        if scores is None or scores.numel() != n_out:
+            return "torch-pruning cannot score the group's channels (a layer it cannot weigh)"
+    except Exception as e:
+        return f"torch-pruning cannot score the group's channels ({type(e).__name__}: {e})"
+    try:
         width = n_out // heads
         idxs = [h * width for h in range(heads)]
         group = dg.get_pruning_group(module, _out_pruner(dg, module), idxs=idxs)
@@ -248,7 +260,7 @@ def _select(scores: torch.Tensor, fraction: float, heads: int, multiple_of: int 
 def prune_channels(
     model: nn.Module,
     fractions: dict[str, float],
-    example: torch.Tensor,
+    example: Inputs,
     *,
     multiple_of: int = 4,
     report: PruningReport | None = None,
@@ -291,7 +303,7 @@ def prune_channels(
     return record
 
 
-def replay(model: nn.Module, record: list[dict[str, Any]], example: torch.Tensor) -> nn.Module:
+def replay(model: nn.Module, record: list[dict[str, Any]], example: Inputs) -> nn.Module:
     """Apply a pruning record to a freshly built model (same channels, same order)."""
     if not record:
         return model

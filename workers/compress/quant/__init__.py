@@ -19,16 +19,20 @@ import importlib
 import itertools
 import pkgutil
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
+if TYPE_CHECKING:
+    from workers.compress.train import Teacher
+
 from search_spaces import Policy
 from search_spaces._policy import FLOAT_BITS
 from search_spaces.methods import METHODS
+from workers.compress.batch import split
 from workers.compress.engine import compressible_layers
 from workers.compress.quant import actquant
 from workers.compress.quant._common import (
@@ -110,13 +114,18 @@ def finetune(
     on_epoch: Callable[[int, float], None] | None = None,
     seed: int = 0,
     task: str = "classification",
+    teacher: Teacher | None = None,
+    lr_schedule: str = "cosine",
 ) -> dict[str, Any]:
     """Train the wrapped model as its method prescribes; returns what it learned
-    (``ipq_stages``, or GETA's ``geta_trace``)."""
+    (``ipq_stages``, or GETA's ``geta_trace``). ``teacher``: a distillation job's float
+    model; ``lr_schedule``: ``workers.compress.train.LrSchedule``."""
     model.to(device)
     if policy.act_bits != FLOAT_BITS:
         actquant.calibrate(
-            model, (x for x, _ in itertools.islice(loader, CALIBRATION_BATCHES)), device
+            model,
+            (split(item).inputs for item in itertools.islice(loader, CALIBRATION_BATCHES)),
+            device,
         )
-    schedule = Schedule(loader, epochs, lr, device, on_epoch, seed, task)
+    schedule = Schedule(loader, epochs, lr, device, on_epoch, seed, task, teacher, lr_schedule)
     return handler_for(policy.method).finetune(model, policy, schedule)
