@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from workers.compress.batch import Inputs, forward, output_of
-from workers.compress.engine import COMPRESSIBLE
+from workers.compress.engine import COMPRESSIBLE, tied_layers
 
 __all__ = ["GroupReport", "PruningReport", "analyze", "count_params", "prune_channels", "replay"]
 
@@ -166,8 +166,10 @@ def analyze(model: nn.Module, example: Inputs) -> PruningReport:
         pruner = _out_pruner(dg, module)
         if pruner is None or module not in dg.module2node:
             dense[name] = (
-                "not a node of the traced graph (its weight is used inside another module's "
-                "forward, e.g. attention's out_proj); it is pruned with that module's group"
+                "not a node of the traced graph: its weight is used inside another module's "
+                "forward (e.g. attention's out_proj, pruned with that module's group), or "
+                "torch-pruning's trace does not reach it (its output leaves autograd: a "
+                "detach, a numpy or other non-torch call)"
             )
             continue
         n_out = _channels(module)
@@ -230,6 +232,21 @@ def _trial_prune(
     return None
 
 
+def _retie(model: nn.Module, tied: dict[str, str]) -> None:
+    """Share the weights that were shared before pruning again: torch-pruning gives
+    each member of a group a new, sliced parameter, so a head tied to its embedding
+    would otherwise come out with a copy of its own."""
+    for alias, source in tied.items():
+        a, s = model.get_submodule(alias), model.get_submodule(source)
+        aw, sw = a.weight, s.weight
+        if aw is not sw:
+            if not (isinstance(aw, torch.Tensor) and isinstance(sw, torch.Tensor)):
+                raise TypeError(f"tied layers {alias} and {source} hold no weight tensors")
+            if aw.shape != sw.shape or not torch.equal(aw, sw):
+                raise ValueError(f"pruning sliced tied weights {alias} and {source} differently")
+            a.weight = sw
+
+
 def _step(channels: int, heads: int, multiple_of: int) -> int:
     """Channels are removed in multiples of this: the head count (heads keep equal
     widths) and ``multiple_of`` (4 by default) when the width is a multiple of it, so
@@ -284,6 +301,7 @@ def prune_channels(
             f"policy.channels names {unknown}, which are not prunable groups of this model; "
             f"prunable groups: {sorted(by_name)}"
         )
+    tied = tied_layers(model)
     dg = _graph(model, example)
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     record: list[dict[str, Any]] = []
@@ -300,6 +318,7 @@ def prune_channels(
         group = dg.get_pruning_group(module, _out_pruner(dg, module), idxs=idxs)
         group.prune()
         record.append({"group": name, "idxs": idxs})
+    _retie(model, tied)
     return record
 
 
@@ -307,6 +326,7 @@ def replay(model: nn.Module, record: list[dict[str, Any]], example: Inputs) -> n
     """Apply a pruning record to a freshly built model (same channels, same order)."""
     if not record:
         return model
+    tied = tied_layers(model)
     dg = _graph(model, example)
     for step in record:
         try:
@@ -315,4 +335,5 @@ def replay(model: nn.Module, record: list[dict[str, Any]], example: Inputs) -> n
             raise ValueError(f"pruning record names {step['group']!r}, not in the model") from e
         group = dg.get_pruning_group(module, _out_pruner(dg, module), idxs=list(step["idxs"]))
         group.prune()
+    _retie(model, tied)
     return model

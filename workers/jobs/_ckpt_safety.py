@@ -42,6 +42,7 @@ ELEMENTS_PER_BYTE = 32  # ...plus this many per byte of the file
 MAX_PRUNING_STEPS = 10_000
 MAX_EXAMPLE_ELEMENTS = 1 << 20
 MAX_EXAMPLE_INPUTS = 16  # keyword inputs of a model's example
+MAX_TIED = 4096  # tensors stored once and held by more than one name
 EXAMPLE_DTYPES = ("float32", "float16", "float64", "int64", "int32", "uint8", "bool")
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
@@ -172,6 +173,15 @@ def check_header(header: Any, file_size: int) -> int:
         else:
             _shape(ex.get("shape"), "example shape", MAX_EXAMPLE_ELEMENTS)
             _need(ex.get("dtype") in EXAMPLE_DTYPES, f"example dtype {ex.get('dtype')!r}")
+    tied = header.get("tied", {})
+    _need(isinstance(tied, dict) and len(tied) <= MAX_TIED, f"`tied`: at most {MAX_TIED}")
+    names = {row[0] for row in header["tensors"] if isinstance(row, list) and row}
+    for alias, source in tied.items():
+        _need(
+            isinstance(alias, str) and isinstance(source, str) and source in names,
+            f"tied tensor {alias!r} must name a stored tensor, not {source!r}",
+        )
+        _need(alias not in names, f"tied tensor {alias!r} is also stored")
     act = header.get("act_quant", {})
     _need(isinstance(act, dict), "`act_quant` must be an object")
     for name, v in act.items():

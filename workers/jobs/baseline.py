@@ -155,7 +155,12 @@ def describe_model(spec: JobSpec) -> ModelDescription:
     import torch
 
     from workers.compress.batch import example
-    from workers.compress.engine import block_adjustments, compressible_layers
+    from workers.compress.engine import (
+        block_adjustments,
+        compressible_layers,
+        float_parameters,
+        tied_layers,
+    )
     from workers.compress.pruning import analyze
     from workers.jobs import checkpoint as ckpt
     from workers.zoo.data import build_datasets
@@ -164,13 +169,20 @@ def describe_model(spec: JobSpec) -> ModelDescription:
     torch.manual_seed(spec.search.seed)
     model = build_model(spec.model)
     train, _ = build_datasets(spec.dataset)
-    report = analyze(model, example(train))  # prunable groups; layers left dense, why
+    report = analyze(model, example(train)).as_dict()  # prunable groups; dense ones, why
+    report["dense"].update(float_parameters(model))  # weights outside the layers: float
     data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
+    adjusted = block_adjustments(model, _blocks(spec))
+    for alias, source in tied_layers(model).items():
+        adjusted[alias] = (
+            f"its weight is {source}'s (tied): compressed as {source} is, with its policy, "
+            "and stored once"
+        )
     return ModelDescription(
         layers=[info.model_dump() for info in compressible_layers(model)],
-        pruning_report=report.as_dict(),
+        pruning_report=report,
         size_bytes=len(data),  # float32 payload: the same bytes trained or not
-        adjusted=block_adjustments(model, _blocks(spec)),
+        adjusted=adjusted,
     )
 
 

@@ -105,7 +105,16 @@ def encode(
         raise CheckpointError("a pruned model needs `example` (an input) to be rebuilt")
     rows: list[list[Any]] = []
     blobs: list[bytes] = []
+    tied: dict[str, str] = {}  # a tensor the model holds twice (tied weights): stored once
+    seen: dict[tuple[Any, ...], str] = {}
     for key, value in model.state_dict().items():
+        stored = key.replace(".parametrizations.weight.original", ".weight")
+        if ".parametrizations." not in key or key.endswith(".weight.original"):
+            same = (value.data_ptr(), tuple(value.shape), value.stride(), value.dtype)
+            if value.numel() and same in seen:
+                tied[stored] = seen[same]
+                continue
+            seen.setdefault(same, stored)
         weight = _method_weight(
             model, key
         )  # the methods of workers.compress.quant encode themselves
@@ -143,6 +152,8 @@ def encode(
         "example": describe_example(example) if example is not None else None,
         "tensors": rows,
     }
+    if tied:  # only when there are: other headers do not grow
+        header["tied"] = tied
     from workers.compress.quant import actquant
 
     if act := actquant.header(model):
@@ -304,6 +315,8 @@ def decode(
             raise CheckpointError(
                 f"cannot replay the pruning record on model {model_spec.label!r}: {e}"
             ) from e
+    for alias, source in header.get("tied", {}).items():  # stored once, held twice
+        state[alias] = state[source]
     try:
         built.load_state_dict(state, strict=True)
     except RuntimeError as e:

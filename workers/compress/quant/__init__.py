@@ -33,7 +33,7 @@ from search_spaces import Policy
 from search_spaces._policy import FLOAT_BITS
 from search_spaces.methods import METHODS
 from workers.compress.batch import split
-from workers.compress.engine import compressible_layers
+from workers.compress.engine import compressible_layers, tied_layers
 from workers.compress.quant import actquant
 from workers.compress.quant._common import (
     BOUNDS,
@@ -44,6 +44,7 @@ from workers.compress.quant._common import (
     Schedule,
     WeightQuantizer,
     handler_for,
+    parametrization,
     register_handler,
     weight,
 )
@@ -81,6 +82,7 @@ def apply(model: nn.Module, policy: Policy) -> nn.Module:
     unknown = sorted(set(policy.layers) - known)
     if unknown:
         raise ValueError(f"policy names layers the model does not have: {unknown}")
+    tied = tied_layers(model)  # before wrapping: shared weights are still one parameter
     handler = handler_for(policy.method)
     quantized = [n for n, lp in policy.layers.items() if lp.bits != FLOAT_BITS]
     handler.prepare(model, policy, quantized)
@@ -94,6 +96,13 @@ def apply(model: nn.Module, policy: Policy) -> nn.Module:
             pm = handler.wrap(w, lp, policy, name)
         if pm is not None:
             parametrize.register_parametrization(module, "weight", pm)
+    for alias, source in tied.items():  # a tied layer computes its source's weight
+        src = model.get_submodule(source)
+        if parametrize.is_parametrized(src, "weight"):
+            shared = parametrization(src)
+            if shared is not None:
+                alias_module = model.get_submodule(alias)
+                parametrize.register_parametrization(alias_module, "weight", shared)
     if policy.act_bits != FLOAT_BITS:
         # inputs of Linear/Conv2d only: an Embedding's input is indices
         arith = [
