@@ -27,14 +27,21 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# Tests that start no stack run on every core (pytest-xdist, at most 4 workers); the
+# end-to-end tests run one at a time after them: they share one `sparq up` per session
+# (tests/e2e/conftest.py), and their timing (a node killed mid-trial, a cancel within
+# seconds) assumes the machine is theirs.
+XDIST := -n auto --maxprocesses 4
+
 unit: setup
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" $(XDIST)
 
 e2e: setup
-	$(BIN)/pytest -m "slow"
+	$(BIN)/pytest -m e2e --durations=30
 
 test: lint typecheck
-	$(BIN)/pytest --durations=30
+	$(BIN)/pytest -m "not e2e" $(XDIST) --durations=15
+	$(BIN)/pytest -m e2e --durations=30
 
 bench: setup
 	$(BIN)/python bench/overhead.py

@@ -106,12 +106,14 @@ def up(
             mlflow_port,
             backend_uri=settings.mlflow_backend_uri,
             artifacts_destination=settings.mlflow_artifacts_destination,
+            wait=False,  # the Ray head starts while MLflow does
         )
     except StackError as e:
         raise _fail(str(e)) from e
     head = None
     try:
         settings, head = _start_ray(settings)
+        mlflow.ready()
         console.print(
             f"MLflow UI   {mlflow.url}\nAPI docs    http://{host}:{port}/docs\n"
             f"Ray         {settings.ray_address}\nSPARQ_HOME  {settings.home}\n"
@@ -333,8 +335,20 @@ def evaluate_checkpoint(path: Path, allow_modules: tuple[str, ...] = ()) -> dict
     if ck.dataset_spec.entrypoint:  # allowed by load_checkpoint; its function must be too
         safety.import_allowed(ck.dataset_spec.entrypoint, "dataset.entrypoint", allowed)
     _, val = build_datasets(ck.dataset_spec, allowed)
-    result = evaluate(ck.model, make_loader(val, 512, shuffle=False), torch.device("cpu"), ck.task)
+    teacher = None
+    from service.tasks import get_task
+
+    if get_task(ck.task).needs_teacher:
+        # the teacher is the float model as its spec builds it: a pretrained model as it
+        # arrives (a job's baseline for a pretrained model; not for `baseline.weights`)
+        from workers.compress.train import Teacher
+        from workers.zoo.models import build_model
+
+        teacher = Teacher(build_model(ck.model_spec, allowed))
+    loader = make_loader(val, 512, shuffle=False)
+    result = evaluate(ck.model, loader, torch.device("cpu"), ck.task, teacher)
     return {
+        **({"cosine": result.cosine} if teacher is not None else {}),
         "accuracy": result.accuracy,
         "loss": result.loss,
         "perplexity": result.perplexity,
@@ -391,10 +405,11 @@ def demo(
     mlflow_port = free_port() if port_in_use(host, mlflow_port) else mlflow_port
     settings = _settings_for(host, port, mlflow_port)
     console.print(f"SPARQ_HOME {settings.home}; starting MLflow on :{mlflow_port}")
-    mlflow = start_mlflow(settings.home, host, mlflow_port)
+    mlflow = start_mlflow(settings.home, host, mlflow_port, wait=False)
     head = None
     try:
         settings, head = _start_ray(settings)
+        mlflow.ready()
         with serve_in_thread(create_app(settings), host, port) as url:
             client = Client(url)
             spec = {**DEMO_SPEC, "search": {**DEMO_SPEC["search"], "trials": trials}}

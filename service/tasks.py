@@ -31,6 +31,8 @@ class Task:
     quality_label: ClassVar[str]  # the front's quality axis, as plots and records name it
     constraint_unit: ClassVar[str]  # what constraints.max_accuracy_drop is a drop of
     reports: ClassVar[tuple[str, ...]]  # an evaluation's metrics in every trial result
+    # the loops compare the model with the float model (the teacher), not with labels
+    needs_teacher: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -55,6 +57,25 @@ class Classification(Task):
     quality_label = "accuracy"
     constraint_unit = "accuracy (a fraction: 0.01 = one point)"
     reports = ("accuracy", "loss")
+
+    def quality(self, metrics: Mapping[str, Any]) -> float:
+        return float(metrics.get("accuracy") or 0.0)
+
+
+class Distillation(Task):
+    """The float model is the teacher: a trial fine-tunes the compressed student to
+    give the teacher's outputs on (unlabelled) inputs, and its quality is how close it
+    stays on held-out inputs: the mean cosine similarity of the (mean-pooled)
+    embeddings, or the top-1 agreement for logits (``distillation.loss: kl``). The
+    evaluation writes that quality into ``accuracy`` (the store's column), and the
+    cosine under its own name too. The float model itself scores 1."""
+
+    name = "distillation"
+    objective = "cosine"
+    quality_label = "similarity to the float model (cosine; agreement for logits)"
+    constraint_unit = "cosine similarity to the float model (0.01 = 0.01 of cosine)"
+    reports = ("cosine", "accuracy", "loss")
+    needs_teacher = True
 
     def quality(self, metrics: Mapping[str, Any]) -> float:
         return float(metrics.get("accuracy") or 0.0)

@@ -54,7 +54,16 @@ def trials(stack: Stack, job_id: str) -> list[dict[str, Any]]:
     return list(httpx.get(f"{stack.api}/v1/jobs/{job_id}/trials", timeout=30).json())
 
 
-def test_trials_run_on_every_node_of_the_cluster(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RayCluster, Stack]]:
+    """A head and a worker node of 1 CPU each, and a stack on them: the spreading test
+    runs its job first, then the node-kill test kills the worker (it must come last:
+    the tests run in file order, and nothing after it uses this cluster)."""
+    with on_cluster(tmp_path_factory.mktemp("two-nodes") / "home", 1, [1]) as both:
+        yield both
+
+
+def test_trials_run_on_every_node_of_the_cluster(two_nodes: tuple[RayCluster, Stack]) -> None:
     from service.store import JobStore
 
     # 4 trials, two at once, each longer (~20 s) than a node's first trial worker takes
@@ -67,29 +76,31 @@ def test_trials_run_on_every_node_of_the_cluster(tmp_path: Path) -> None:
     # Random suggestions: no GP fit between trials.
     spec = {**SMALL, "resources": {"cpus": 1}, "search_space": {"finetune_epochs": 120},
             "search": {**SMALL["search"], "trials": 4, "sampler": "random"}}  # fmt: skip
-    with on_cluster(tmp_path / "home", 1, [1]) as (cluster, stack):
-        job = stack.wait(stack.post(spec)["id"], timeout=300)
-        assert job["status"] == "succeeded", job["error"]
-        assert job["trials_completed"] == 4
-        done = trials(stack, job["id"])
-        nodes = {t["node_id"] for t in done}
-        # one CPU per node, two trials at once: both nodes run trials
-        assert nodes == {cluster.head.node_id, cluster.workers[0].node_id}, done
-        # Tune's trial checkpoints are where the driver reads them (the job dir;
-        # shared by both nodes here because they are on one machine)
-        job_dir = stack.home / "jobs" / job["id"]
-        store = JobStore(f"sqlite:///{stack.home / 'sparq.db'}")
-        for t in store.trials(job["id"]):
-            assert t.checkpoint
-            assert Path(t.checkpoint).is_file()
-            assert Path(t.checkpoint).is_relative_to(job_dir)
-        store.close()
-        assert (job_dir / "best.sparq").stat().st_size == job["best"]["size_bytes"]
-        # no node but the two of the cluster was ever started
-        assert {n["id"] for n in cluster.nodes()} == nodes
+    cluster, stack = two_nodes
+    job = stack.wait(stack.post(spec)["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["trials_completed"] == 4
+    done = trials(stack, job["id"])
+    nodes = {t["node_id"] for t in done}
+    # one CPU per node, two trials at once: both nodes run trials
+    assert nodes == {cluster.head.node_id, cluster.workers[0].node_id}, done
+    # Tune's trial checkpoints are where the driver reads them (the job dir;
+    # shared by both nodes here because they are on one machine)
+    job_dir = stack.home / "jobs" / job["id"]
+    store = JobStore(f"sqlite:///{stack.home / 'sparq.db'}")
+    for t in store.trials(job["id"]):
+        assert t.checkpoint
+        assert Path(t.checkpoint).is_file()
+        assert Path(t.checkpoint).is_relative_to(job_dir)
+    store.close()
+    assert (job_dir / "best.sparq").stat().st_size == job["best"]["size_bytes"]
+    # no node but the two of the cluster was ever started
+    assert {n["id"] for n in cluster.nodes()} == nodes
 
 
-def test_a_worker_node_killed_mid_job_has_its_trials_retried_elsewhere(tmp_path: Path) -> None:
+def test_a_worker_node_killed_mid_job_has_its_trials_retried_elsewhere(
+    two_nodes: tuple[RayCluster, Stack],
+) -> None:
     from service.store import JobStore
 
     # 4 trials of about 20 s, as in the test above: 3 s trials all ran on the head
@@ -97,38 +108,38 @@ def test_a_worker_node_killed_mid_job_has_its_trials_retried_elsewhere(tmp_path:
     # ran on the worker to be killed
     spec = {**SMALL, "resources": {"cpus": 1}, "search_space": {"finetune_epochs": 120},
             "search": {"trials": 4, "concurrency": 2, "seed": 4, "sampler": "random"}}  # fmt: skip
-    with on_cluster(tmp_path / "home", 1, [1]) as (cluster, stack):
-        worker = cluster.workers[0]
-        job_id = stack.post(spec)["id"]
-        deadline = time.monotonic() + 240
-        outbox = stack.home / "jobs" / job_id / "outbox"
-        # kill the worker while a trial runs on it: the trial's outbox stream names
-        # the node of each attempt and has no final status yet
-        while not running_on(outbox, worker.node_id):
-            assert time.monotonic() < deadline, "no trial ran on the worker node"
-            time.sleep(0.2)
-        killed_at = datetime.now(UTC)
-        worker.kill()
-        job = stack.wait(job_id, timeout=300)
-        store = JobStore(f"sqlite:///{stack.home / 'sparq.db'}")
-        rows = store.trials(job_id)
-        store.close()
-        summary = [(t.number, t.status, (t.node_id or "")[:8], t.error) for t in rows]
-        assert job["status"] == "succeeded", (job["error"], summary)
-        assert (job["trials_completed"], job["trials_failed"]) == (4, 0), summary
-        assert {t.node_id for t in rows} <= {cluster.head.node_id, worker.node_id}
-        late = killed_at + timedelta(seconds=2)
-        for t in rows:
-            if t.node_id == worker.node_id:  # finished before the node went down
-                assert t.finished_at is not None
-                assert t.finished_at.replace(tzinfo=UTC) < late, summary
-        assert sum(t.node_id == cluster.head.node_id for t in rows) >= 3, summary
-        # the trial the dead node was running ran again (its outbox stream says RUNNING
-        # once per attempt) and completed on the head
-        attempts = {
-            p.stem: p.read_text().count('"status":"RUNNING"') for p in outbox.glob("trial-*.jsonl")
-        }
-        assert max(attempts.values()) >= 2, attempts
+    cluster, stack = two_nodes
+    worker = cluster.workers[0]
+    job_id = stack.post(spec)["id"]
+    deadline = time.monotonic() + 240
+    outbox = stack.home / "jobs" / job_id / "outbox"
+    # kill the worker while a trial runs on it: the trial's outbox stream names
+    # the node of each attempt and has no final status yet
+    while not running_on(outbox, worker.node_id):
+        assert time.monotonic() < deadline, "no trial ran on the worker node"
+        time.sleep(0.2)
+    killed_at = datetime.now(UTC)
+    worker.kill()
+    job = stack.wait(job_id, timeout=300)
+    store = JobStore(f"sqlite:///{stack.home / 'sparq.db'}")
+    rows = store.trials(job_id)
+    store.close()
+    summary = [(t.number, t.status, (t.node_id or "")[:8], t.error) for t in rows]
+    assert job["status"] == "succeeded", (job["error"], summary)
+    assert (job["trials_completed"], job["trials_failed"]) == (4, 0), summary
+    assert {t.node_id for t in rows} <= {cluster.head.node_id, worker.node_id}
+    late = killed_at + timedelta(seconds=2)
+    for t in rows:
+        if t.node_id == worker.node_id:  # finished before the node went down
+            assert t.finished_at is not None
+            assert t.finished_at.replace(tzinfo=UTC) < late, summary
+    assert sum(t.node_id == cluster.head.node_id for t in rows) >= 3, summary
+    # the trial the dead node was running ran again (its outbox stream says RUNNING
+    # once per attempt) and completed on the head
+    attempts = {
+        p.stem: p.read_text().count('"status":"RUNNING"') for p in outbox.glob("trial-*.jsonl")
+    }
+    assert max(attempts.values()) >= 2, attempts
 
 
 def test_trials_are_placed_on_the_nodes_their_cpus_fit(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ MINIMAL = {"model": {"builtin": "digits-mlp"}, "dataset": {"builtin": "digits"}}
 
 
 def test_the_registry_holds_the_tasks_each_defined_once() -> None:
-    assert task_names() == ["classification", "language_modeling"]
+    assert task_names() == ["classification", "distillation", "language_modeling"]
     for name in task_names():
         task = get_task(name)
         assert task.name == name
@@ -39,19 +39,21 @@ def test_classification_ranks_by_accuracy_and_language_modelling_by_likelihood()
 def test_an_unknown_task_is_refused_naming_the_tasks() -> None:
     with pytest.raises(
         ValueError,
-        match="unknown task 'regression': the tasks are classification, language_modeling",
+        match="unknown task 'regression': the tasks are classification, distillation, "
+        "language_modeling",
     ):
         get_task("regression")
     with pytest.raises(ValidationError) as e:
         JobSpec.model_validate({**MINIMAL, "task": "regression"})
     [err] = e.value.errors()
     assert err["loc"] == ("task",)
-    assert "classification, language_modeling" in err["msg"]
+    assert "classification, distillation, language_modeling" in err["msg"]
 
 
 def test_a_task_sets_the_default_objectives_and_is_listed_in_the_schema() -> None:
+    trained = {"builtin": "digits-mlp", "pretrained": True}  # distillation's teacher
     for name in task_names():
-        spec = JobSpec.model_validate({**MINIMAL, "task": name})
+        spec = JobSpec.model_validate({**MINIMAL, "model": trained, "task": name})
         assert spec.objectives == [get_task(name).objective, "size_bytes"]
     assert JobSpec.model_json_schema()["properties"]["task"]["enum"] == task_names()
 

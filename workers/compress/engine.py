@@ -15,8 +15,11 @@ scale is computed from the pruned weights.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from search_spaces import LayerInfo
 from workers.codec.bits import qmax
@@ -96,11 +99,57 @@ def block_adjustments(model: nn.Module, blocks: dict[str, list[int]]) -> dict[st
     return out
 
 
-def compressible_layers(model: nn.Module) -> list[LayerInfo]:
-    """The Linear, Conv2d and Embedding layers a policy can address, in module order."""
-    out = []
+def _raw_weight(module: nn.Module) -> object:
+    """The weight parameter itself (under a parametrization: its original)."""
+    if parametrize.is_parametrized(module, "weight"):
+        plist: Any = getattr(module, "parametrizations").weight  # noqa: B009 (typed as Any)
+        return plist.original
+    return module.weight
+
+
+def tied_layers(model: nn.Module) -> dict[str, str]:
+    """Layer -> the earlier layer whose weight parameter it shares (an LM head tied to
+    its embedding): such a layer has no policy of its own; it is compressed as the
+    layer it shares with (``workers.compress.quant.apply`` gives it the same
+    parametrization) and its tensor is stored once."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, COMPRESSIBLE):
+            source = first.setdefault(id(_raw_weight(module)), name)
+            if source != name:
+                out[name] = source
+    return out
+
+
+def float_parameters(model: nn.Module) -> dict[str, str]:
+    """Parameters of two or more dimensions outside the compressible layers (a
+    functional call's weight, a custom module's, a class token), with why they stay
+    float32: the engine compresses Linear, Conv2d and Embedding weights only."""
+    held = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, COMPRESSIBLE)
+        for p in m.parameters(recurse=True)
+    }
+    return {
+        name: (
+            f"a bare parameter of shape {list(p.shape)} (used by a functional call or a "
+            "custom module, not the weight of an nn.Linear, nn.Conv2d or nn.Embedding): "
+            "kept float32, neither quantized nor pruned"
+        )
+        for name, p in model.named_parameters()
+        if p.dim() >= 2 and id(p) not in held
+    }
+
+
+def compressible_layers(model: nn.Module) -> list[LayerInfo]:
+    """The Linear, Conv2d and Embedding layers a policy can address, in module order
+    (a layer sharing an earlier one's weight is not: :func:`tied_layers`)."""
+    out = []
+    tied = tied_layers(model)
+    for name, module in model.named_modules():
+        if isinstance(module, COMPRESSIBLE) and name not in tied:
             kind = next(k for t, k in _KINDS.items() if isinstance(module, t))
             out.append(
                 LayerInfo(

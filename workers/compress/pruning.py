@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.compress.engine import COMPRESSIBLE
+from workers.compress.batch import Inputs, forward, output_of
+from workers.compress.engine import COMPRESSIBLE, tied_layers
 
 __all__ = ["GroupReport", "PruningReport", "analyze", "count_params", "prune_channels", "replay"]
 
@@ -74,14 +75,18 @@ def _names(model: nn.Module) -> dict[nn.Module, str]:
     return {m: n for n, m in model.named_modules()}
 
 
-def _graph(model: nn.Module, example: torch.Tensor) -> Any:
+def _graph(model: nn.Module, example: Inputs) -> Any:
+    """torch-pruning's dependency graph, traced with the example as the model takes it
+    (keyword arguments for a mapping) from the output :mod:`.batch` compares."""
     import torch_pruning as tp
 
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():  # the graph is traced through autograd
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, output_transform=lambda out: output_of(out)[1]
+            )
     finally:
         model.train(was_training)
 
@@ -125,12 +130,10 @@ def _heads(group: Any, channels: int) -> int:
     return heads
 
 
-def _forward_shape(model: nn.Module, example: torch.Tensor) -> tuple[int, ...]:
+def _forward_shape(model: nn.Module, example: Inputs) -> tuple[int, ...]:
     model.eval()
     with torch.no_grad():
-        out = model(example)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model returned {type(out).__name__}, not a tensor")
+        out = forward(model, example)
     return tuple(out.shape)
 
 
@@ -141,7 +144,7 @@ def _channels(module: nn.Module) -> int:
     return int(weight.shape[0])
 
 
-def analyze(model: nn.Module, example: torch.Tensor) -> PruningReport:
+def analyze(model: nn.Module, example: Inputs) -> PruningReport:
     """The prunable groups of a float model and the layers left dense, with reasons.
 
     Never raises for a network it cannot prune: the whole network is then reported
@@ -163,8 +166,10 @@ def analyze(model: nn.Module, example: torch.Tensor) -> PruningReport:
         pruner = _out_pruner(dg, module)
         if pruner is None or module not in dg.module2node:
             dense[name] = (
-                "not a node of the traced graph (its weight is used inside another module's "
-                "forward, e.g. attention's out_proj); it is pruned with that module's group"
+                "not a node of the traced graph: its weight is used inside another module's "
+                "forward (e.g. attention's out_proj, pruned with that module's group), or "
+                "torch-pruning's trace does not reach it (its output leaves autograd: a "
+                "detach, a numpy or other non-torch call)"
             )
             continue
         n_out = _channels(module)
@@ -185,7 +190,7 @@ def analyze(model: nn.Module, example: torch.Tensor) -> PruningReport:
 
 def _trial_prune(
     model: nn.Module,
-    example: torch.Tensor,
+    example: Inputs,
     name: str,
     n_out: int,
     heads: int,
@@ -195,10 +200,19 @@ def _trial_prune(
     on a copy, then the graph's own check, a forward pass and the output shape."""
     if n_out <= heads:
         return f"only {n_out} output channel(s) for {heads} head(s): nothing can be removed"
+    import torch_pruning as tp
+
     trial = copy.deepcopy(model)
     try:
         dg = _graph(trial, example)
         module = trial.get_submodule(name)
+        full = dg.get_pruning_group(module, _out_pruner(dg, module), idxs=list(range(n_out)))
+        scores = tp.importance.GroupMagnitudeImportance(p=2)(full)  # what a trial ranks by
+        if scores is None or scores.numel() != n_out:
+            return "torch-pruning cannot score the group's channels (a layer it cannot weigh)"
+    except Exception as e:
+        return f"torch-pruning cannot score the group's channels ({type(e).__name__}: {e})"
+    try:
         width = n_out // heads
         idxs = [h * width for h in range(heads)]
         group = dg.get_pruning_group(module, _out_pruner(dg, module), idxs=idxs)
@@ -216,6 +230,21 @@ def _trial_prune(
             f"from {list(want)} to {list(got)}"
         )
     return None
+
+
+def _retie(model: nn.Module, tied: dict[str, str]) -> None:
+    """Share the weights that were shared before pruning again: torch-pruning gives
+    each member of a group a new, sliced parameter, so a head tied to its embedding
+    would otherwise come out with a copy of its own."""
+    for alias, source in tied.items():
+        a, s = model.get_submodule(alias), model.get_submodule(source)
+        aw, sw = a.weight, s.weight
+        if aw is not sw:
+            if not (isinstance(aw, torch.Tensor) and isinstance(sw, torch.Tensor)):
+                raise TypeError(f"tied layers {alias} and {source} hold no weight tensors")
+            if aw.shape != sw.shape or not torch.equal(aw, sw):
+                raise ValueError(f"pruning sliced tied weights {alias} and {source} differently")
+            a.weight = sw
 
 
 def _step(channels: int, heads: int, multiple_of: int) -> int:
@@ -248,7 +277,7 @@ def _select(scores: torch.Tensor, fraction: float, heads: int, multiple_of: int 
 def prune_channels(
     model: nn.Module,
     fractions: dict[str, float],
-    example: torch.Tensor,
+    example: Inputs,
     *,
     multiple_of: int = 4,
     report: PruningReport | None = None,
@@ -272,6 +301,7 @@ def prune_channels(
             f"policy.channels names {unknown}, which are not prunable groups of this model; "
             f"prunable groups: {sorted(by_name)}"
         )
+    tied = tied_layers(model)
     dg = _graph(model, example)
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     record: list[dict[str, Any]] = []
@@ -288,13 +318,15 @@ def prune_channels(
         group = dg.get_pruning_group(module, _out_pruner(dg, module), idxs=idxs)
         group.prune()
         record.append({"group": name, "idxs": idxs})
+    _retie(model, tied)
     return record
 
 
-def replay(model: nn.Module, record: list[dict[str, Any]], example: torch.Tensor) -> nn.Module:
+def replay(model: nn.Module, record: list[dict[str, Any]], example: Inputs) -> nn.Module:
     """Apply a pruning record to a freshly built model (same channels, same order)."""
     if not record:
         return model
+    tied = tied_layers(model)
     dg = _graph(model, example)
     for step in record:
         try:
@@ -303,4 +335,5 @@ def replay(model: nn.Module, record: list[dict[str, Any]], example: torch.Tensor
             raise ValueError(f"pruning record names {step['group']!r}, not in the model") from e
         group = dg.get_pruning_group(module, _out_pruner(dg, module), idxs=list(step["idxs"]))
         group.prune()
+    _retie(model, tied)
     return model

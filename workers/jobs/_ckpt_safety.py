@@ -41,6 +41,8 @@ MAX_FREE_ELEMENTS = 1 << 20  # any file may declare this many elements...
 ELEMENTS_PER_BYTE = 32  # ...plus this many per byte of the file
 MAX_PRUNING_STEPS = 10_000
 MAX_EXAMPLE_ELEMENTS = 1 << 20
+MAX_EXAMPLE_INPUTS = 16  # keyword inputs of a model's example
+MAX_TIED = 4096  # tensors stored once and held by more than one name
 EXAMPLE_DTYPES = ("float32", "float16", "float64", "int64", "int32", "uint8", "bool")
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
@@ -153,8 +155,33 @@ def check_header(header: Any, file_size: int) -> int:
     if pruning:
         _need(isinstance(ex, dict), "a pruned checkpoint needs `example`")
     if ex is not None:
-        _shape(ex.get("shape"), "example shape", MAX_EXAMPLE_ELEMENTS)
-        _need(ex.get("dtype") in EXAMPLE_DTYPES, f"example dtype {ex.get('dtype')!r}")
+        _need(isinstance(ex, dict), "`example` must be an object")
+        inputs = ex.get("inputs")
+        if inputs is not None:  # a model taking keyword inputs: one entry per keyword
+            _need(
+                isinstance(inputs, dict) and 0 < len(inputs) <= MAX_EXAMPLE_INPUTS,
+                f"`example.inputs` must be an object of 1 to {MAX_EXAMPLE_INPUTS} inputs",
+            )
+            _need(set(ex) == {"inputs"}, "`example` holds `inputs` or a shape, not both")
+            for key, one in inputs.items():
+                _need(
+                    isinstance(key, str) and key.isidentifier() and isinstance(one, dict),
+                    f"example input {key!r}",
+                )
+                _shape(one.get("shape"), f"example {key} shape", MAX_EXAMPLE_ELEMENTS)
+                _need(one.get("dtype") in EXAMPLE_DTYPES, f"example {key} dtype")
+        else:
+            _shape(ex.get("shape"), "example shape", MAX_EXAMPLE_ELEMENTS)
+            _need(ex.get("dtype") in EXAMPLE_DTYPES, f"example dtype {ex.get('dtype')!r}")
+    tied = header.get("tied", {})
+    _need(isinstance(tied, dict) and len(tied) <= MAX_TIED, f"`tied`: at most {MAX_TIED}")
+    names = {row[0] for row in header["tensors"] if isinstance(row, list) and row}
+    for alias, source in tied.items():
+        _need(
+            isinstance(alias, str) and isinstance(source, str) and source in names,
+            f"tied tensor {alias!r} must name a stored tensor, not {source!r}",
+        )
+        _need(alias not in names, f"tied tensor {alias!r} is also stored")
     act = header.get("act_quant", {})
     _need(isinstance(act, dict), "`act_quant` must be an object")
     for name, v in act.items():

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from dashboards import quality
 from service.spec import JobSpec
+from service.tasks import get_task
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,9 +22,10 @@ if TYPE_CHECKING:
 
     from search_spaces import KnobSpace
     from service.weights import Roots
-    from workers.compress.train import EvalResult
+    from workers.compress.train import EvalResult, Teacher
 
 EVAL_BATCH = 512
+CHANCE_MARGIN = 1.25  # a quality at most this many times chance's is "near chance"
 
 
 # What this module hands the driver (and the driver the trials). Plain frozen
@@ -66,10 +68,21 @@ class Baseline:
     train_loss: float | None  # the last epoch's; None when it was not trained further
     warm_start: str | None  # ``baseline.weights``, when the user's weights were the start
     size_bytes: int
+    # the quality of the model as it arrived, before baseline training (None: not trained)
+    start_quality: float | None = None
+    # what went wrong in its training that the job must say (a collapsed baseline)
+    warnings: list[str] = field(default_factory=list)
 
     def meta(self) -> dict[str, Any]:
-        """Everything but the weights, as JSON keeps it (``baseline.json``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "state"}
+        """Everything but the weights, as JSON keeps it (``baseline.json``); the fields
+        added since (``start_quality``, ``warnings``) only when they say something, so a
+        kept baseline reads as it always did."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "state"}
+        if out["start_quality"] is None:
+            del out["start_quality"]
+        if not out["warnings"]:
+            del out["warnings"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,16 @@ def load_baseline(spec: JobSpec, state: dict[str, np.ndarray]) -> torch.nn.Modul
     return model
 
 
+def teacher_for(spec: JobSpec, state: dict[str, np.ndarray]) -> Teacher | None:
+    """A distillation job's teacher: the float baseline (None for other tasks)."""
+    from service.tasks import get_task
+    from workers.compress.train import Teacher
+
+    if not get_task(spec.task).needs_teacher:
+        return None
+    return Teacher(load_baseline(spec, state), spec.distillation.loss)
+
+
 def job_model(spec: JobSpec) -> torch.nn.Module | None:
     """A fresh model of the job's own spec for decoding the job's checkpoints: an
     entrypoint comes from the spec the user submitted, never from the file."""
@@ -109,15 +132,19 @@ def job_model(spec: JobSpec) -> torch.nn.Module | None:
     return build_model(spec.model) if spec.model.entrypoint else None
 
 
-def evaluate_bytes(data: bytes, spec: JobSpec, device: torch.device) -> EvalResult:
-    """Decode checkpoint bytes and evaluate the model they hold."""
+def evaluate_bytes(
+    data: bytes, spec: JobSpec, device: torch.device, teacher: Teacher | None = None
+) -> EvalResult:
+    """Decode checkpoint bytes and evaluate the model they hold (against ``teacher``
+    for a distillation job)."""
     from workers.compress.train import evaluate, make_loader
     from workers.jobs import checkpoint as ckpt
     from workers.zoo.data import build_datasets
 
     _, val = build_datasets(spec.dataset)
     model = ckpt.decode(data, model=job_model(spec)).model
-    return evaluate(model, make_loader(val, EVAL_BATCH, shuffle=False), device, spec.task)
+    loader = make_loader(val, EVAL_BATCH, shuffle=False)
+    return evaluate(model, loader, device, spec.task, teacher)
 
 
 def describe_model(spec: JobSpec) -> ModelDescription:
@@ -127,22 +154,35 @@ def describe_model(spec: JobSpec) -> ModelDescription:
     the driver computes it on the untrained model while the baseline trains."""
     import torch
 
-    from workers.compress.engine import block_adjustments, compressible_layers
+    from workers.compress.batch import example
+    from workers.compress.engine import (
+        block_adjustments,
+        compressible_layers,
+        float_parameters,
+        tied_layers,
+    )
     from workers.compress.pruning import analyze
     from workers.jobs import checkpoint as ckpt
-    from workers.zoo.data import build_datasets, example_input
+    from workers.zoo.data import build_datasets
     from workers.zoo.models import build_model
 
     torch.manual_seed(spec.search.seed)
     model = build_model(spec.model)
     train, _ = build_datasets(spec.dataset)
-    report = analyze(model, example_input(train))  # prunable groups; layers left dense, why
+    report = analyze(model, example(train)).as_dict()  # prunable groups; dense ones, why
+    report["dense"].update(float_parameters(model))  # weights outside the layers: float
     data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
+    adjusted = block_adjustments(model, _blocks(spec))
+    for alias, source in tied_layers(model).items():
+        adjusted[alias] = (
+            f"its weight is {source}'s (tied): compressed as {source} is, with its policy, "
+            "and stored once"
+        )
     return ModelDescription(
         layers=[info.model_dump() for info in compressible_layers(model)],
-        pruning_report=report.as_dict(),
+        pruning_report=report,
         size_bytes=len(data),  # float32 payload: the same bytes trained or not
-        adjusted=block_adjustments(model, _blocks(spec)),
+        adjusted=adjusted,
     )
 
 
@@ -235,11 +275,23 @@ def load_weights(model: torch.nn.Module, path: str, roots: Roots | None = None) 
 
 
 def train_baseline(spec_json: dict[str, Any], roots: Roots | None = None) -> Baseline:
-    """Ray task: train the float model once; return its weights and measurements.
-    ``roots``: where the service lets ``baseline.weights`` be read from."""
+    """Ray task: the float baseline, trained once (or taken as it arrived: a pretrained
+    model or given weights with ``baseline.epochs`` 0); returns its weights and
+    measurements. A baseline that training left below its starting quality, or near
+    chance, is kept but said in ``warnings`` (the job shows them): it is not silently
+    compressed. ``roots``: where the service lets ``baseline.weights`` be read from."""
+    import copy
+
     import torch
 
-    from workers.compress.train import evaluate, make_loader, pick_device, set_threads, train_epochs
+    from workers.compress.train import (
+        Teacher,
+        evaluate,
+        make_loader,
+        pick_device,
+        set_threads,
+        train_epochs,
+    )
     from workers.jobs import checkpoint as ckpt
     from workers.zoo.data import build_datasets
     from workers.zoo.models import build_model
@@ -252,36 +304,89 @@ def train_baseline(spec_json: dict[str, Any], roots: Roots | None = None) -> Bas
     if spec.baseline.weights:  # warm start: the user's trained weights
         load_weights(model, spec.baseline.weights, roots)
     train, val = build_datasets(spec.dataset)
-    epochs = spec.baseline.train_epochs  # 0: the given weights as they are
-    losses = (
-        train_epochs(
+    val_loader = make_loader(val, EVAL_BATCH, shuffle=False)
+    epochs = spec.baseline.train_epochs  # 0: the model as it arrived
+    losses: list[float] = []
+    start: float | None = None
+    if epochs:
+        before = evaluate(model, val_loader, device, spec.task)
+        start = quality(spec.task, {"accuracy": before.accuracy, "loss": before.loss})
+        losses = train_epochs(
             model,
             make_loader(train, spec.baseline.batch_size, shuffle=True, seed=spec.search.seed),
             epochs=epochs,
             lr=spec.baseline.lr,
             device=device,
             task=spec.task,
+            schedule=spec.lr_schedule,
         )
-        if epochs
-        else []
-    )
     model.cpu()
     data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
     reloaded = ckpt.decode(data, model=job_model(spec)).model
-    result = evaluate(reloaded, make_loader(val, 512, shuffle=False), device, spec.task)
+    teacher = None
+    if get_task(spec.task).needs_teacher:  # the float model is its own teacher: cosine 1
+        teacher = Teacher(copy.deepcopy(model), spec.distillation.loss)
+    result = evaluate(reloaded, val_loader, device, spec.task, teacher)
+    measured = quality(spec.task, {"accuracy": result.accuracy, "loss": result.loss})
     return Baseline(
         state={k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
         accuracy=result.accuracy,
-        quality=quality(spec.task, {"accuracy": result.accuracy, "loss": result.loss}),
+        quality=measured,
         loss=result.loss,
         train_loss=losses[-1] if losses else None,
         warm_start=spec.baseline.weights,
         size_bytes=len(data),
+        start_quality=start,
+        warnings=collapse_warnings(spec, reloaded, val, start, measured),
     )
 
 
-def reevaluate(path: str, spec_json: dict[str, Any]) -> Reevaluation:
-    """Ray task: reload an exported checkpoint from disk and measure it again."""
+def chance_quality(spec: JobSpec, model: torch.nn.Module, val: Any) -> float | None:
+    """What guessing scores on the task's quality axis: 1 / classes for
+    classification, 1 / vocabulary for language modelling (``exp(-loss)`` of a uniform
+    guess); None for a task without a chance level (distillation)."""
+    import torch
+
+    from workers.compress import batch as B
+
+    if spec.task not in ("classification", "language_modeling"):
+        return None
+    model.eval()
+    with torch.no_grad():
+        out = B.forward(model, B.example(val))
+    classes = int(out.shape[-1])
+    return 1.0 / classes if classes > 1 else None
+
+
+def collapse_warnings(
+    spec: JobSpec, model: torch.nn.Module, val: Any, start: float | None, measured: float
+) -> list[str]:
+    """The job's warnings about a baseline training wrecked: below the quality the
+    model started from, or near chance (at most ``CHANCE_MARGIN`` x chance)."""
+    label = get_task(spec.task).quality_label
+    said: list[str] = []
+    if start is not None and measured < start:
+        said.append(
+            f"the float baseline collapsed in training: its {label} fell from {start:.4f} "
+            f"(as it arrived) to {measured:.4f} after baseline.epochs="
+            f"{spec.baseline.train_epochs} at baseline.lr={spec.baseline.lr:g}; a pretrained "
+            "model wants baseline.epochs: 0 (model.pretrained: true) or a small lr (3e-5)"
+        )
+    chance = chance_quality(spec, model, val)
+    if chance is not None and measured <= CHANCE_MARGIN * chance:
+        said.append(
+            f"the float baseline is near chance: its {label} is {measured:.4f}, chance is "
+            f"{chance:.4f}; the search compresses a model that has learned nothing"
+        )
+    return said
+
+
+def reevaluate(
+    path: str, spec_json: dict[str, Any], baseline_dir: str | None = None
+) -> Reevaluation:
+    """Ray task: reload an exported checkpoint from disk and measure it again. A
+    distillation job measures it against its teacher, the baseline kept in
+    ``baseline_dir`` (default: the checkpoint's directory, the job's)."""
     from workers.compress.train import pick_device, set_threads
     from workers.jobs import checkpoint as ckpt
 
@@ -289,7 +394,13 @@ def reevaluate(path: str, spec_json: dict[str, Any]) -> Reevaluation:
     set_threads(spec.resources.cpus)
     data = Path(path).read_bytes()
     ckpt.decode(data, model=job_model(spec))  # validates the header before anything else
-    result = evaluate_bytes(data, spec, pick_device(spec.resources.gpus))
+    teacher = None
+    if get_task(spec.task).needs_teacher:
+        kept = load_saved_baseline(Path(baseline_dir or Path(path).parent))
+        if kept is None:
+            raise RuntimeError(f"no kept float baseline (the teacher) in {baseline_dir}")
+        teacher = teacher_for(spec, kept.state)
+    result = evaluate_bytes(data, spec, pick_device(spec.resources.gpus), teacher)
     info = {f"info_{k}": float(v) for k, v in ckpt.size_report(data).items()}
     return Reevaluation(accuracy=result.accuracy, loss=result.loss, size_bytes=len(data), **info)
 
@@ -297,16 +408,15 @@ def reevaluate(path: str, spec_json: dict[str, Any]) -> Reevaluation:
 def export_onnx(path: str, out: str, spec_json: dict[str, Any]) -> dict[str, float]:
     """Ray task: the exported checkpoint as an int8 QDQ ONNX model, checked against torch
     in onnxruntime on validation inputs."""
+    from workers.compress.batch import first_n
     from workers.jobs import checkpoint as ckpt
     from workers.jobs.onnx_export import export_qdq
     from workers.zoo.data import build_datasets
 
     spec = JobSpec.model_validate(spec_json)
     _, val = build_datasets(spec.dataset)
-    xs = [val[i][0] for i in range(min(64, len(val)))]  # type: ignore[arg-type]
-    import torch
-
-    report = export_qdq(ckpt.load_checkpoint(path, model=job_model(spec)), out, torch.stack(xs))
+    inputs = first_n(val, 64)
+    report = export_qdq(ckpt.load_checkpoint(path, model=job_model(spec)), out, inputs)
     return {
         "rel_diff": report.rel_diff,
         "rel_diff_optimized": report.rel_diff_optimized,

@@ -53,6 +53,7 @@ from search_spaces import Policy
 from service.spec import DatasetSpec, ModelSpec
 from workers import entrypoints
 from workers.codec import tensors
+from workers.compress.batch import Inputs, describe_example, rebuild_example
 from workers.errors import CheckpointError
 from workers.jobs import _ckpt_safety as safety
 from workers.zoo.models import BUILTINS
@@ -92,7 +93,7 @@ def encode(
     policy: Policy | None = None,
     meta: dict[str, Any] | None = None,
     pruning: list[dict[str, Any]] | None = None,
-    example: torch.Tensor | None = None,
+    example: Inputs | None = None,
 ) -> bytes:
     """Serialize a (possibly compressed) model to checkpoint bytes.
 
@@ -104,7 +105,16 @@ def encode(
         raise CheckpointError("a pruned model needs `example` (an input) to be rebuilt")
     rows: list[list[Any]] = []
     blobs: list[bytes] = []
+    tied: dict[str, str] = {}  # a tensor the model holds twice (tied weights): stored once
+    seen: dict[tuple[Any, ...], str] = {}
     for key, value in model.state_dict().items():
+        stored = key.replace(".parametrizations.weight.original", ".weight")
+        if ".parametrizations." not in key or key.endswith(".weight.original"):
+            same = (value.data_ptr(), tuple(value.shape), value.stride(), value.dtype)
+            if value.numel() and same in seen:
+                tied[stored] = seen[same]
+                continue
+            seen.setdefault(same, stored)
         weight = _method_weight(
             model, key
         )  # the methods of workers.compress.quant encode themselves
@@ -127,20 +137,23 @@ def encode(
         blobs.append(blob)
     header = {
         "format": "sparq-checkpoint",
-        "model": model_spec.model_dump(mode="json"),
+        # `pretrained` only when set: a header of a model without it does not grow
+        "model": model_spec.model_dump(
+            mode="json", exclude={"pretrained"} if model_spec.pretrained is None else None
+        ),
         "dataset": dataset_spec.model_dump(mode="json") if dataset_spec else None,
         "task": task,
         # defaults left out: the method knobs would otherwise grow every header
         "policy": policy.compact_json() if policy else None,
         "meta": meta or {},
         "pruning": pruning or [],
-        "example": (
-            {"shape": list(example.shape), "dtype": str(example.dtype).removeprefix("torch.")}
-            if example is not None
-            else None
-        ),
+        # shapes and dtypes of the input the graph is traced with: one tensor's, or a
+        # mapping's (a model taking keyword inputs) under "inputs"
+        "example": describe_example(example) if example is not None else None,
         "tensors": rows,
     }
+    if tied:  # only when there are: other headers do not grow
+        header["tied"] = tied
     from workers.compress.quant import actquant
 
     if act := actquant.header(model):
@@ -297,12 +310,13 @@ def decode(
 
         ex = header["example"]
         try:
-            example = torch.zeros(ex["shape"], dtype=getattr(torch, ex["dtype"]))
-            replay(built, header["pruning"], example)
+            replay(built, header["pruning"], rebuild_example(ex))
         except Exception as e:
             raise CheckpointError(
                 f"cannot replay the pruning record on model {model_spec.label!r}: {e}"
             ) from e
+    for alias, source in header.get("tied", {}).items():  # stored once, held twice
+        state[alias] = state[source]
     try:
         built.load_state_dict(state, strict=True)
     except RuntimeError as e:

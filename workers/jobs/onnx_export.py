@@ -125,24 +125,55 @@ def _find(
     return None
 
 
+def exportable(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """``inputs`` if the model can be exported as sparq's ONNX graph (one tensor in,
+    one tensor out); :class:`OnnxExportError` saying why not otherwise."""
+    from workers.compress import batch as B
+
+    if not isinstance(inputs, torch.Tensor):
+        keys = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
+        raise OnnxExportError(
+            f"cannot export to ONNX: the model takes keyword inputs {keys}, and the int8 "
+            "QDQ export takes a model called with one tensor; export `sparq` only "
+            "(export.formats: [sparq]) or wrap the model to take one tensor"
+        )
+    with torch.no_grad():
+        out = B.call(model.eval(), inputs[:1])
+    if not isinstance(out, torch.Tensor):
+        raise OnnxExportError(
+            f"cannot export to ONNX: the model returns {type(out).__name__}, and the int8 "
+            "QDQ export compares one output tensor; export `sparq` only or wrap the model "
+            "to return its output tensor"
+        )
+    return inputs
+
+
 def export_qdq(
     ck: Checkpoint,
     out: str | Path,
-    inputs: torch.Tensor,
+    inputs: Any,
     *,
     activations: bool = True,
 ) -> OnnxReport:
     """Write ``ck`` as an int8 QDQ ONNX model and check it against torch on ``inputs``.
 
-    Raises :class:`OnnxExportError` when onnxruntime's outputs are further from torch's
-    than the stated tolerance.
+    Raises :class:`OnnxExportError` when the model cannot be exported (keyword inputs,
+    a structured output, an operator the exporter refuses: the reason is said) or
+    when onnxruntime's outputs are further from torch's than the stated tolerance.
     """
     import onnx
     from onnx import helper, numpy_helper
 
     model = ck.model.eval()
+    inputs = exportable(model, inputs)
     bits = {n: lp.bits for n, lp in ck.policy.layers.items()} if ck.policy else {}
-    graph_bytes = _float_onnx(model, inputs[:1])
+    try:
+        graph_bytes = _float_onnx(model, inputs[:1])
+    except Exception as e:
+        raise OnnxExportError(
+            f"cannot export to ONNX: torch.onnx.export refused the model "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:400]})"
+        ) from e
     proto = onnx.load_from_string(graph_bytes)
     g = proto.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}

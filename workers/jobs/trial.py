@@ -17,10 +17,11 @@ from torch.utils.data import Dataset
 from search_spaces import Policy
 from service.spec import JobSpec
 from workers.compress import quant
+from workers.compress.batch import example as example_of
 from workers.compress.train import evaluate, make_loader
 from workers.jobs import checkpoint as ckpt
-from workers.jobs.baseline import EVAL_BATCH, job_model, load_baseline
-from workers.zoo.data import build_datasets, example_input
+from workers.jobs.baseline import EVAL_BATCH, job_model, load_baseline, teacher_for
+from workers.zoo.data import build_datasets
 
 CHECKPOINT_FILE = "model.sparq"
 RESULT_FILE = "result.json"
@@ -50,8 +51,9 @@ def compress(
     a function that exports it as it stands. ``datasets``: the spec's ``(train, val)``
     when the caller built them already (built here otherwise)."""
     train, val = datasets if datasets is not None else build_datasets(spec.dataset)
-    example = example_input(train)
+    example = example_of(train)
     model = load_baseline(spec, baseline_state)
+    teacher = teacher_for(spec, baseline_state)  # distillation: the float model
     pruning: list[dict[str, Any]] = []
     if policy.channels:  # structured first: quantizers are attached to the survivors
         from workers.compress.pruning import prune_channels
@@ -87,13 +89,17 @@ def compress(
         on_epoch=on_epoch,
         seed=seed,
         task=spec.task,
+        teacher=teacher,
+        lr_schedule=spec.lr_schedule,
     )
     cost = quant.count_bops(model, example)
     data = encode_now()
     decoded = ckpt.decode(data, model=job_model(spec)).model  # an entrypoint: from the spec
-    result = evaluate(decoded, make_loader(val, EVAL_BATCH, shuffle=False), device, spec.task)
+    loader = make_loader(val, EVAL_BATCH, shuffle=False)
+    result = evaluate(decoded, loader, device, spec.task, teacher)
     bound = ckpt.size_report(data)
     metrics = {
+        **result.metrics(spec.task),  # the task's own (distillation: cosine)
         "accuracy": result.accuracy,
         "loss": result.loss,
         "perplexity": result.perplexity,

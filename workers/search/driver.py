@@ -487,8 +487,17 @@ def search(
                 "baseline_accuracy": baseline.accuracy,
                 "baseline_loss": baseline.loss,
                 "baseline_size_bytes": baseline.size_bytes,
+                **(
+                    {"baseline_start_quality": baseline.start_quality}
+                    if baseline.start_quality is not None
+                    else {}
+                ),
             },
         )
+        for text in baseline.warnings:  # a collapsed baseline is said, not compressed silently
+            add_warning(store, job_id, text)
+        if baseline.warnings:
+            rec.tags(parent, {"sparq.baseline_warning": " | ".join(baseline.warnings)[:5000]})
 
     reserved = setup.baseline.reserved
     if reserved is not None:  # before the watch, which removes the group when done

@@ -23,7 +23,7 @@ from service.spec import JobSpec
 from workers.compress.train import evaluate, make_loader, pick_device, set_threads
 from workers.errors import last_line
 from workers.jobs import checkpoint as ckpt
-from workers.jobs.baseline import EVAL_BATCH, Baseline
+from workers.jobs.baseline import EVAL_BATCH, Baseline, teacher_for
 from workers.jobs.trial import (
     CHECKPOINT_FILE,
     OUTBOX_DIR,
@@ -195,7 +195,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             rec.metrics(run, {"train_loss": loss}, epoch)
             if epoch + 1 in rungs:  # a rung of the early-stopping scheduler
                 model = held["model"]
-                r = evaluate(model, val_loader, device, spec.task)  # every block quantized
+                if "teacher" not in held:  # distillation: the float model (else None)
+                    held["teacher"] = teacher_for(spec, baseline.state)
+                # every block quantized
+                r = evaluate(model, val_loader, device, spec.task, held["teacher"])
                 model.train()
                 rec.metrics(run, {"rung_accuracy": r.accuracy}, epoch + 1)
                 tune.report(

@@ -96,11 +96,14 @@ def _child(target: Callable[[list[str]], int], argv: list[str], log: str) -> Non
         traceback.print_exc()
         code = 1
     finally:
-        try:  # what the interpreter's exit does, in its order: first the threads' shutdown
-            # (it stops executors: a live-views renderer still drawing is told to stop),
-            # then the exit handlers (Ray's shutdown; multiprocessing joins its children,
-            # which without the first step waits forever on that renderer)
+        try:  # what the interpreter's exit does, in its order: first wait for the
+            # threads and shut executors down (threading._shutdown runs concurrent.futures'
+            # exit hook: the live views' renderer pool), then the atexit functions (Ray's
+            # shutdown, log handlers). atexit alone joined the renderer's worker process,
+            # which waits for work forever: the driver hung after its job had succeeded,
+            # holding the launcher's slot (tests/workers/test_zygote_exit.py).
             import atexit
+            import threading
 
             threading._shutdown()  # type: ignore[attr-defined]
             atexit._run_exitfuncs()

@@ -60,9 +60,16 @@ def _python_text(**kwargs: Any) -> tuple[Dataset, Dataset]:
     return python_text_dataset(**kwargs)
 
 
+def _python_sentences(**kwargs: Any) -> tuple[Dataset, Dataset]:
+    from workers.zoo.minilm import python_sentences
+
+    return python_sentences(**kwargs)
+
+
 BUILTINS: dict[str, Callable[..., tuple[Dataset, Dataset]]] = {
     "digits": digits,
     "python-text": _python_text,
+    "python-sentences": _python_sentences,
 }
 
 
@@ -82,11 +89,3 @@ def build_datasets(
             f"dataset {spec.label!r} must return (train, val), got {type(out).__name__}"
         )
     return out[0], out[1]
-
-
-def example_input(ds: Dataset) -> torch.Tensor:
-    """A batch of one from a dataset: what the dependency graph is traced with."""
-    x = ds[0][0]
-    if not isinstance(x, torch.Tensor):
-        raise SpecError(f"dataset items must be (tensor, target), got {type(x).__name__}")
-    return x.unsqueeze(0)

@@ -57,12 +57,18 @@ def _builtins() -> dict[str, Callable[..., nn.Module]]:
     from workers.zoo.lm import char_lm
     from workers.zoo.nets import digits_dsconv, digits_transformer
 
+    def minilm() -> nn.Module:  # transformers is imported only when it is built
+        from workers.zoo.minilm import minilm as build
+
+        return build()
+
     return {
         "digits-mlp": digits_mlp,
         "digits-cnn": digits_cnn,
         "digits-dsconv": digits_dsconv,
         "digits-transformer": digits_transformer,
         "char-lm": char_lm,
+        "minilm": minilm,
     }
 
 

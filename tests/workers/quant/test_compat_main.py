@@ -36,7 +36,10 @@ def test_a_checkpoint_of_main_loads_with_identical_outputs(method: str) -> None:
     back = ckpt.decode(data)
     with torch.no_grad():
         out = back.model(_x())
-    assert torch.equal(out, torch.from_numpy(np.load(FIXTURES / f"main_{method}.out.npy")))
+    # The fixture's outputs were computed on another CPU: its matmul kernels sum in
+    # another order (differences of ~3e-8 here), so equal up to float32 rounding.
+    want = torch.from_numpy(np.load(FIXTURES / f"main_{method}.out.npy"))
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
     assert back.policy is not None
     assert back.policy.summary() == POLICIES[method]["summary"]
     assert ckpt.size_report(data) == POLICIES[method]["size"]

@@ -19,17 +19,21 @@ import importlib
 import itertools
 import pkgutil
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
+if TYPE_CHECKING:
+    from workers.compress.train import Teacher
+
 from search_spaces import Policy
 from search_spaces._policy import FLOAT_BITS
 from search_spaces.methods import METHODS
-from workers.compress.engine import compressible_layers
+from workers.compress.batch import split
+from workers.compress.engine import compressible_layers, tied_layers
 from workers.compress.quant import actquant
 from workers.compress.quant._common import (
     BOUNDS,
@@ -40,6 +44,7 @@ from workers.compress.quant._common import (
     Schedule,
     WeightQuantizer,
     handler_for,
+    parametrization,
     register_handler,
     weight,
 )
@@ -77,6 +82,7 @@ def apply(model: nn.Module, policy: Policy) -> nn.Module:
     unknown = sorted(set(policy.layers) - known)
     if unknown:
         raise ValueError(f"policy names layers the model does not have: {unknown}")
+    tied = tied_layers(model)  # before wrapping: shared weights are still one parameter
     handler = handler_for(policy.method)
     quantized = [n for n, lp in policy.layers.items() if lp.bits != FLOAT_BITS]
     handler.prepare(model, policy, quantized)
@@ -90,6 +96,13 @@ def apply(model: nn.Module, policy: Policy) -> nn.Module:
             pm = handler.wrap(w, lp, policy, name)
         if pm is not None:
             parametrize.register_parametrization(module, "weight", pm)
+    for alias, source in tied.items():  # a tied layer computes its source's weight
+        src = model.get_submodule(source)
+        if parametrize.is_parametrized(src, "weight"):
+            shared = parametrization(src)
+            if shared is not None:
+                alias_module = model.get_submodule(alias)
+                parametrize.register_parametrization(alias_module, "weight", shared)
     if policy.act_bits != FLOAT_BITS:
         # inputs of Linear/Conv2d only: an Embedding's input is indices
         arith = [
@@ -110,13 +123,18 @@ def finetune(
     on_epoch: Callable[[int, float], None] | None = None,
     seed: int = 0,
     task: str = "classification",
+    teacher: Teacher | None = None,
+    lr_schedule: str = "cosine",
 ) -> dict[str, Any]:
     """Train the wrapped model as its method prescribes; returns what it learned
-    (``ipq_stages``, or GETA's ``geta_trace``)."""
+    (``ipq_stages``, or GETA's ``geta_trace``). ``teacher``: a distillation job's float
+    model; ``lr_schedule``: ``workers.compress.train.LrSchedule``."""
     model.to(device)
     if policy.act_bits != FLOAT_BITS:
         actquant.calibrate(
-            model, (x for x, _ in itertools.islice(loader, CALIBRATION_BATCHES)), device
+            model,
+            (split(item).inputs for item in itertools.islice(loader, CALIBRATION_BATCHES)),
+            device,
         )
-    schedule = Schedule(loader, epochs, lr, device, on_epoch, seed, task)
+    schedule = Schedule(loader, epochs, lr, device, on_epoch, seed, task, teacher, lr_schedule)
     return handler_for(policy.method).finetune(model, policy, schedule)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from search_spaces import LayerPolicy, Policy
+    from workers.compress.train import Teacher
 
 Decoder = Callable[[list[int], int, bytes], torch.Tensor]
 Bound = Callable[[list[int], int, bytes], float]
@@ -41,6 +42,8 @@ class Schedule:
     on_epoch: Callable[[int, float], None] | None = None
     seed: int = 0
     task: str = "classification"
+    teacher: Teacher | None = None  # a distillation job's float model (its targets)
+    lr_schedule: str = "cosine"  # ``workers.compress.train.LrSchedule``
 
     def train(self, model: nn.Module, epochs: int | None = None, *, report: bool = True) -> None:
         """The plain training loop on the task's loss: ``epochs`` (default: the
@@ -56,6 +59,8 @@ class Schedule:
             device=self.device,
             on_epoch=self.on_epoch if report else None,
             task=self.task,
+            teacher=self.teacher,
+            schedule="warmup_linear" if self.lr_schedule == "warmup_linear" else "cosine",
         )
 
 

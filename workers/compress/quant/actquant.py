@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.compress.batch import Inputs, call, to_device
 from workers.compress.quant._common import ste_round
 
 ATTR = "act_quant"
@@ -81,7 +82,7 @@ def attach(model: nn.Module, names: Iterable[str], bits: int, mode: str) -> list
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> None:
+def calibrate(model: nn.Module, batches: Iterable[Inputs], device: torch.device) -> None:
     """Set every quantizer's range to the min/max seen over ``batches`` (eval mode)."""
     quantizers = [m for m in model.modules() if isinstance(m, ActQuant)]
     was_training = model.training
@@ -89,7 +90,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.d
     for q in quantizers:
         q.calibrating = True
     for x in batches:
-        model(x.to(device))
+        call(model, to_device(x, device))
     for q in quantizers:
         q.calibrating = False
         q.set_range(float(q.lo), float(q.hi))

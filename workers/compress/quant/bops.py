@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from search_spaces._policy import FLOAT_BITS
+from workers.compress.batch import Inputs, call, first_rows, to_device
 from workers.compress.quant._common import WeightQuantizer, parametrization
 from workers.compress.quant.actquant import act_bits
 
@@ -38,7 +39,7 @@ def weight_bits(module: nn.Module) -> float:
 
 
 @torch.no_grad()
-def count_bops(model: nn.Module, example: torch.Tensor) -> Bops:
+def count_bops(model: nn.Module, example: Inputs) -> Bops:
     """BOPs of ``model`` on one sample shaped like ``example`` (batch dim included)."""
     macs: dict[str, int] = {}
     handles = []
@@ -64,7 +65,7 @@ def count_bops(model: nn.Module, example: torch.Tensor) -> Bops:
     model.eval()
     try:
         device = next(model.parameters()).device
-        model(example[:1].to(device))
+        call(model, to_device(first_rows(example, 1), device))
     finally:
         for h in handles:
             h.remove()

@@ -52,6 +52,7 @@ from workers.compress.quant._common import (
 
 if TYPE_CHECKING:
     from search_spaces import LayerPolicy, Policy
+    from workers.compress.train import Teacher
 
 START_BITS = 16
 
@@ -250,12 +251,14 @@ def train(
     cfg: GetaSettings,
     device: torch.device,
     task: str = "classification",
+    teacher: Teacher | None = None,
 ) -> GetaTrace:
     """Run GETA's four stages on the task's loss; returns the per-step trace."""
-    from workers.compress.train import task_loss
+    from workers.compress.train import batch_loss
 
-    criterion = task_loss(task)
     model.to(device).train()
+    if teacher is not None:
+        teacher.model.to(device)
     qparams = {id(p) for gq in quantizers.values() for p in (gq.log_d, gq.q_m, gq.t)}
     opt = torch.optim.Adam(
         [
@@ -278,15 +281,14 @@ def train(
     fading: list[tuple[str, int]] = []
     step = 0
     while step < total:
-        for x, y in loader:
+        for item in loader:
             if step >= total:
                 break
             stage = _stage(step, cfg)
             if stage == "cooldown" and step == total - cfg.cooldown_steps:
                 for gq in quantizers.values():
                     gq.pin(cfg.bit_low, cfg.bit_high)
-            x, y = x.to(device), y.to(device)
-            loss = criterion(model(x), y, "mean")
+            loss, _ = batch_loss(model, item, device, task, teacher)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             j = step - cfg.warmup_steps - cfg.projection_steps
@@ -361,5 +363,13 @@ class GetaHandler(MethodHandler):
             for name, module in model.named_modules()
             if isinstance(pm := parametrization(module), GetaQuant)
         }
-        trace = train(model, schedule.loader, quantizers, cfg, schedule.device, schedule.task)
+        trace = train(
+            model,
+            schedule.loader,
+            quantizers,
+            cfg,
+            schedule.device,
+            schedule.task,
+            schedule.teacher,
+        )
         return {"geta_trace": trace}
