@@ -856,6 +856,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stack up in {s.start_s:.1f} s (MLflow {s.mlflow_url}, API {s.url})", flush=True)
             for size in sizes:
                 results.append(run_size(args, size, s, home))
+                # each size's report as soon as it is done: a long run cut short keeps it
+                print("\n" + render_size(results[-1], args) + "\n", flush=True)
+                print(json.dumps(size_figures(results[-1], args)), flush=True)
             start_s = s.start_s
         if args.keep:
             kept = Path(tempfile.mkdtemp(prefix="sparq-bench-kept-"))

@@ -38,6 +38,27 @@ def fake_driver(argv: list[str]) -> int:
     return int(job.rsplit("-", 1)[1])
 
 
+def renderer_left_running(argv: list[str]) -> int:
+    """As a driver whose live-views thread (a daemon) still holds its renderer process
+    when the driver returns: a cold interpreter's exit stops that process first."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    started = threading.Event()
+
+    def views() -> None:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as renderer:
+            renderer.submit(abs, -1).result()
+            started.set()
+            threading.Event().wait()  # never leaves the executor's block
+
+    threading.Thread(target=views, daemon=True).start()
+    started.wait(120)
+    return 0
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(home=tmp_path, database_url=None, ray_address="127.0.0.1:1").prepare()
@@ -120,3 +141,20 @@ def test_a_dead_warm_process_means_cold_drivers(
     warm.proc.wait(10)
     assert warm("j-1", False) == "cold driver"
     assert warm.cold == 1
+
+
+def test_a_driver_exits_like_a_cold_one_with_a_renderer_left_running(settings: Settings) -> None:
+    """A forked driver ends as the interpreter would: executors stopped, then the exit
+    handlers (multiprocessing joins its children). The other order waited forever on
+    the renderer and held the launcher's slot (seen in bench/overhead.py's long run)."""
+    w = WarmDrivers(settings, target="tests.service.test_warm:renderer_left_running")
+    w.start()
+    try:
+        assert w.wait_ready(60)
+        driver = w("render-0", False)
+        assert isinstance(driver, ForkedDriver)
+        _ended(driver, timeout=90)
+        assert not driver.running(), (settings.job_dir("render-0") / "driver.log").read_text()
+        assert driver.describe_exit() == "exited with code 0"
+    finally:
+        w.stop()
