@@ -333,8 +333,20 @@ def evaluate_checkpoint(path: Path, allow_modules: tuple[str, ...] = ()) -> dict
     if ck.dataset_spec.entrypoint:  # allowed by load_checkpoint; its function must be too
         safety.import_allowed(ck.dataset_spec.entrypoint, "dataset.entrypoint", allowed)
     _, val = build_datasets(ck.dataset_spec, allowed)
-    result = evaluate(ck.model, make_loader(val, 512, shuffle=False), torch.device("cpu"), ck.task)
+    teacher = None
+    from service.tasks import get_task
+
+    if get_task(ck.task).needs_teacher:
+        # the teacher is the float model as its spec builds it: a pretrained model as it
+        # arrives (a job's baseline for a pretrained model; not for `baseline.weights`)
+        from workers.compress.train import Teacher
+        from workers.zoo.models import build_model
+
+        teacher = Teacher(build_model(ck.model_spec, allowed))
+    loader = make_loader(val, 512, shuffle=False)
+    result = evaluate(ck.model, loader, torch.device("cpu"), ck.task, teacher)
     return {
+        **({"cosine": result.cosine} if teacher is not None else {}),
         "accuracy": result.accuracy,
         "loss": result.loss,
         "perplexity": result.perplexity,

@@ -207,3 +207,62 @@ def test_onnx_says_why_a_keyword_input_model_is_not_exported(tmp_path: Any) -> N
         export_qdq(
             ckpt.decode(tdata, model=held.tuple_net()), tmp_path / "t.onnx", torch.rand(4, 1, 8, 8)
         )
+
+
+@pytest.mark.parametrize("method", ["ipq", "geta", "mx"])
+def test_every_kind_of_fine_tune_distills_keyword_input_models(method: str) -> None:
+    """The handlers' own loops (iPQ's stages, GETA's steps) read batches as users hold
+    them and train toward the teacher too."""
+    geta = {
+        "warmup_steps": 2,
+        "projection_steps": 2,
+        "projection_periods": 1,
+        "joint_steps": 2,
+        "pruning_periods": 1,
+        "cooldown_steps": 2,
+    }
+    spec = JobSpec.model_validate(
+        {
+            "model": {
+                "entrypoint": "tests.held:token_encoder",
+                "kwargs": {"classify": False},
+                "pretrained": True,
+            },
+            "dataset": {"entrypoint": "tests.held:token_dicts"},
+            "task": "distillation",
+            "search_space": {
+                "method": method,
+                "finetune_epochs": 1,
+                "ipq": {"block_sizes": [4], "centroids": [8]},
+                "geta": geta,
+            },
+        }
+    )
+    base = train_baseline(spec.model_dump(mode="json"))
+    desc = describe_model(spec)
+    layers = {layer["name"]: {"bits": 4, "sparsity": 0.0} for layer in desc.layers}
+    knobs: dict[str, Any] = {"name": method}
+    if method == "ipq":
+        knobs.update(block=4, centroids=8)
+    policy = Policy.model_validate({"layers": layers, "noise_rate": 0.5, "method": knobs})
+    data, metrics = compress(spec, policy, base.state, CPU, seed=0)
+    assert 0.0 < metrics["cosine"] <= 1.0
+    again = evaluate_bytes(data, spec, CPU, teacher_for(spec, base.state))
+    assert again.cosine == metrics["cosine"]
+
+
+def test_distillation_by_mse_reports_cosine_as_its_quality() -> None:
+    spec = _spec(
+        "token_encoder",
+        "token_dicts",
+        model={"pretrained": True, "kwargs": {"classify": False}},
+        baseline={"epochs": 0},
+        task="distillation",
+        distillation={"loss": "mse"},
+    )
+    base = train_baseline(spec.model_dump(mode="json"))
+    assert base.loss == pytest.approx(0.0, abs=1e-12)  # its own teacher: no error
+    _, metrics = compress(spec, _policy(spec, bits=2), base.state, CPU, seed=0)
+    assert metrics["accuracy"] == metrics["cosine"] < 1.0
+    assert metrics["loss"] > 0.0  # mean squared error of the pooled embeddings
+    assert metrics["loss"] != pytest.approx(1.0 - metrics["cosine"])

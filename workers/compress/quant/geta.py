@@ -257,6 +257,8 @@ def train(
     from workers.compress.train import batch_loss
 
     model.to(device).train()
+    if teacher is not None:
+        teacher.model.to(device)
     qparams = {id(p) for gq in quantizers.values() for p in (gq.log_d, gq.q_m, gq.t)}
     opt = torch.optim.Adam(
         [
