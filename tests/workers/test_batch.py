@@ -249,3 +249,20 @@ def test_every_kind_of_fine_tune_distills_keyword_input_models(method: str) -> N
     assert 0.0 < metrics["cosine"] <= 1.0
     again = evaluate_bytes(data, spec, CPU, teacher_for(spec, base.state))
     assert again.cosine == metrics["cosine"]
+
+
+def test_distillation_by_mse_reports_cosine_as_its_quality() -> None:
+    spec = _spec(
+        "token_encoder",
+        "token_dicts",
+        model={"pretrained": True, "kwargs": {"classify": False}},
+        baseline={"epochs": 0},
+        task="distillation",
+        distillation={"loss": "mse"},
+    )
+    base = train_baseline(spec.model_dump(mode="json"))
+    assert base.loss == pytest.approx(0.0, abs=1e-12)  # its own teacher: no error
+    _, metrics = compress(spec, _policy(spec, bits=2), base.state, CPU, seed=0)
+    assert metrics["accuracy"] == metrics["cosine"] < 1.0
+    assert metrics["loss"] > 0.0  # mean squared error of the pooled embeddings
+    assert metrics["loss"] != pytest.approx(1.0 - metrics["cosine"])

@@ -142,7 +142,8 @@ def test_the_report_feeds_the_knob_space() -> None:
         }
     )
     assert {g.heads for g in space.groups} == {1, 4}
-    assert "group:ff2.channels" in to_optuna(space)
+    # the residual stream is one group, named by its first layer (the token embedding)
+    assert "group:tok.channels" in to_optuna(space)
 
 
 def test_quantizers_follow_the_surviving_channels() -> None:
@@ -166,3 +167,42 @@ def test_quantizers_follow_the_surviving_channels() -> None:
         assert scale.shape == (original.shape[0],)
         assert torch.equal(module.weight, dequantize(codes, scale))
     assert model.conv1.parametrizations.weight.original.shape[0] == 8
+
+
+class _EmbeddingStream(nn.Module):
+    """Token embedding (vocabulary 18, width 32) feeding a residual MLP and a head:
+    the embedding leads the group of the width, as in a BERT or GPT-2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(18, 32)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(h.mean(1))
+
+
+def test_an_embedding_group_counts_its_width_not_its_vocabulary() -> None:
+    """An Embedding's channels are its embedding_dim (the weight's columns): the group
+    it leads has 32 channels, not 18 (the vocabulary), and a fraction of it removes a
+    multiple of 4 of the width, so the layers it feeds keep a fan-in N:M tiles."""
+    torch.manual_seed(0)
+    model, ids = _EmbeddingStream(), torch.randint(0, 18, (1, 12))
+    fresh = copy.deepcopy(model)
+    stream = next(g for g in analyze(model, ids).groups if g.name == "emb")
+    assert stream.channels == 32
+    assert {"emb", "fc2"} <= set(stream.layers)
+    record = prune_channels(model, {"emb": 0.3}, ids)
+    assert len(record[0]["idxs"]) == (round(0.3 * 32) // 4) * 4 == 8
+    assert max(record[0]["idxs"]) < 32
+    assert model.emb.weight.shape == (18, 24)
+    assert model.fc1.in_features == model.head.in_features == 24
+    replay(fresh, record, ids)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True)
+    )

@@ -138,10 +138,13 @@ def _forward_shape(model: nn.Module, example: Inputs) -> tuple[int, ...]:
 
 
 def _channels(module: nn.Module) -> int:
+    """The channels torch-pruning's out-channel pruner removes from ``module``: the
+    rows of a Linear or Conv2d weight, but the columns of an Embedding's (its
+    ``embedding_dim``; its rows are the vocabulary, which no group prunes)."""
     weight = module.weight
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{type(module).__name__} has no weight tensor")
-    return int(weight.shape[0])
+    return int(weight.shape[1] if isinstance(module, nn.Embedding) else weight.shape[0])
 
 
 def analyze(model: nn.Module, example: Inputs) -> PruningReport:

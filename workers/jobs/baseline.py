@@ -164,7 +164,7 @@ def describe_model(spec: JobSpec) -> ModelDescription:
     from workers.compress.pruning import analyze
     from workers.jobs import checkpoint as ckpt
     from workers.zoo.data import build_datasets
-    from workers.zoo.models import build_model
+    from workers.zoo.models import FromConv1D, build_model
 
     torch.manual_seed(spec.search.seed)
     model = build_model(spec.model)
@@ -173,6 +173,13 @@ def describe_model(spec: JobSpec) -> ModelDescription:
     report["dense"].update(float_parameters(model))  # weights outside the layers: float
     data = ckpt.encode(model, model_spec=spec.model, dataset_spec=spec.dataset, task=spec.task)
     adjusted = block_adjustments(model, _blocks(spec))
+    for name, module in model.named_modules():
+        if isinstance(module, FromConv1D):
+            adjusted.setdefault(
+                name,
+                "a transformers Conv1D: compressed as the nn.Linear it is (its weight stored "
+                "[out, in]); the checkpoint reloads it so",
+            )
     for alias, source in tied_layers(model).items():
         adjusted[alias] = (
             f"its weight is {source}'s (tied): compressed as {source} is, with its policy, "
@@ -258,6 +265,12 @@ def load_weights(model: torch.nn.Module, path: str, roots: Roots | None = None) 
         raise SpecError(f"{field}: no such file on this worker") from None
     except (wt.Refused, ValueError) as e:
         raise SpecError(f"{field}: {e}") from None
+    from workers.zoo.models import FromConv1D
+
+    for name, module in model.named_modules():  # written by the model with its Conv1Ds
+        key = f"{name}.weight"
+        if isinstance(module, FromConv1D) and key in state and state[key].dim() == 2:
+            state[key] = state[key].t().contiguous()
     want = model.state_dict()
     missing = sorted(set(want) - set(state))
     unexpected = sorted(set(state) - set(want))

@@ -56,7 +56,7 @@ from workers.codec import tensors
 from workers.compress.batch import Inputs, describe_example, rebuild_example
 from workers.errors import CheckpointError
 from workers.jobs import _ckpt_safety as safety
-from workers.zoo.models import BUILTINS
+from workers.zoo.models import BUILTINS, linear_layers
 
 MAGIC = b"SPARQ\x00"
 VERSION = 2
@@ -259,6 +259,7 @@ def _model_for(
         ) from None
     if not isinstance(built, nn.Module):
         raise CheckpointError(f"checkpoint model {spec.label!r} is not a torch.nn.Module")
+    linear_layers(built)  # as the job built it (build_model)
     return built
 
 

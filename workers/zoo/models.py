@@ -92,8 +92,60 @@ def import_entrypoint(
         raise SpecError(str(e)) from e
 
 
+class FromConv1D(nn.Linear):
+    """An ``nn.Linear`` standing in for a transformers ``Conv1D`` (GPT-2's attention
+    and MLP layers: ``x @ W + b`` with ``W`` stored ``[in, out]``): the same function,
+    its weight stored transposed (``[out, in]``, as every Linear), so the engine
+    quantizes, prunes and stores it as the Linear it is. A state dict written by the
+    original model (``baseline.weights``) is transposed on loading by
+    ``workers.jobs.baseline.load_weights``."""
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    weight = getattr(module, "weight", None)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers")
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+    )
+
+
+def linear_layers(model: nn.Module) -> list[str]:
+    """Replace every transformers ``Conv1D`` of ``model`` by an equivalent
+    :class:`FromConv1D` (in place; weights, bias, device, dtype and ``requires_grad``
+    carried over, a weight shared between layers shared still). Returns the names
+    replaced. Without it such a layer is a custom module's weight: kept float32."""
+    done: list[str] = []
+    made: dict[int, nn.Parameter] = {}  # a Conv1D weight tied elsewhere stays tied
+    for name, module in list(model.named_modules()):
+        if not name or not _is_conv1d(module):  # the root itself cannot be replaced
+            continue
+        w = module.weight
+        assert isinstance(w, torch.Tensor)  # _is_conv1d
+        bias = getattr(module, "bias", None)
+        lin = FromConv1D(
+            int(w.shape[0]), int(w.shape[1]), bias=bias is not None, device=w.device, dtype=w.dtype
+        )
+        with torch.no_grad():
+            if id(w) not in made:
+                made[id(w)] = nn.Parameter(
+                    w.detach().t().contiguous(), requires_grad=w.requires_grad
+                )
+            lin.weight = made[id(w)]
+            if bias is not None:
+                lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        lin.train(module.training)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, lin)
+        done.append(name)
+    return done
+
+
 def build_model(spec: ModelSpec, allowed: tuple[str, ...] | None = None) -> nn.Module:
-    """Instantiate the model a spec names (float, untrained weights)."""
+    """Instantiate the model a spec names (float, untrained weights), with
+    transformers ``Conv1D`` layers as the Linears they are (:func:`linear_layers`)."""
     fn = (
         BUILTINS[spec.builtin]
         if spec.builtin
@@ -107,4 +159,5 @@ def build_model(spec: ModelSpec, allowed: tuple[str, ...] | None = None) -> nn.M
         raise SpecError(
             f"model {spec.label!r} returned {type(model).__name__}, not a torch.nn.Module"
         )
+    linear_layers(model)
     return model
