@@ -101,7 +101,7 @@ def _child(target: Callable[[list[str]], int], argv: list[str], log: str) -> Non
             # exit hook: the live views' renderer pool), then the atexit functions (Ray's
             # shutdown, log handlers). atexit alone joined the renderer's worker process,
             # which waits for work forever: the driver hung after its job had succeeded,
-            # holding the launcher's slot (tests/workers/test_zygote_exit.py).
+            # holding the launcher's slot (tests/service/test_warm.py).
             import atexit
             import threading
 
