@@ -244,7 +244,8 @@ def untrainable() -> nn.Module:
 
 def environ_digits(dump: str) -> tuple[object, object]:
     """A dataset entrypoint that does what hostile user code would: appends the
-    environment of the process it runs in to ``dump``, and in a Ray worker (the
+    environment of the process it runs in (``/proc/self/environ`` and ``os.environ``)
+    to ``dump``, and in a Ray worker (the
     baseline's) fails with that environment as its error, which the job then shows.
     In the driver it returns digits, so the search goes on to the worker."""
     import os
@@ -255,6 +256,10 @@ def environ_digits(dump: str) -> tuple[object, object]:
     environ = Path("/proc/self/environ").read_text()
     with open(dump, "a") as f:
         f.write(environ.replace("\0", "\n") + "\n")
+        # and os.environ: in a driver forked warm (service/warm.py) the process title
+        # Ray's setproctitle writes overwrites part of /proc/self/environ, so the
+        # environment user code can read is os.environ as much as that file
+        f.write("".join(f"{k}={v}\n" for k, v in os.environ.items()))
     if "SPARQ_DATABASE_URL" not in os.environ:  # a Ray worker: only the driver has it
         raise ValueError(f"could not parse {environ!r}")
     return digits()
