@@ -410,6 +410,18 @@ def test_the_stopper_stops_the_search_once_the_job_has_an_error(
     assert stopper.stop_all() is True
 
 
+def test_the_stopper_stops_the_search_at_the_first_trial_that_found_no_baseline(
+    settings: Settings, store: st.JobStore, job_id: str, clock: list[float]
+) -> None:
+    """Trials that find the baseline failed end at once; the search stops at the first
+    such result, before the driver's watch has written the job's error."""
+    stopper = JobStopper(settings.db_url, job_id)
+    assert stopper("t1", {"failed": True, "error": "ValueError: a user error"}) is False
+    assert stopper("t2", {"failed": True, "baseline_failed": True}) is True
+    assert stopper.stop_all() is True
+    assert store.get(job_id).error is None  # told by the trial, not the store
+
+
 def test_callback_and_stopper_pickle_without_their_connections_and_work_after(
     settings: Settings,
     store: st.JobStore,

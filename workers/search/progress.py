@@ -65,7 +65,9 @@ class JobStopper(_Lazy, tune.Stopper):
         self.last, self.seen = 0.0, False
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return self.stop_all()
+        if result.get("baseline_failed"):  # a trial found the baseline failed: stop now,
+            self.seen = True  # not when the driver's watch has written it (trials that
+        return self.stop_all()  # fail at once could all run through before that)
 
     def stop_all(self) -> bool:
         now = time.monotonic()

@@ -240,7 +240,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         why = scrub(f"{type(e).__name__}: {e}", known_secrets(get_settings()))
         rec.tags(run, {"sparq.error": why[:5000]})
         rec.status(run, "FAILED")
-        tune.report({"failed": True, "error": last_line(why, why)[:2000], "final": True, **told})
+        failed = {"failed": True, "error": last_line(why, why)[:2000], "final": True}
+        if isinstance(e, BaselineUnavailable):
+            failed["baseline_failed"] = True  # JobStopper ends the search at once
+        tune.report({**failed, **told})
         return
     rec.metrics(run, metrics)
     rec.artifact(run, path)
