@@ -26,8 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from service.launcher import Driver, driver_env, log_tail, spawn_driver
-from service.procs import same_process, signal_group
+from service.launcher import AdoptedDriver, Driver, driver_env, log_tail, spawn_driver
 from service.settings import Settings
 
 log = logging.getLogger("sparq.warm")
@@ -37,15 +36,14 @@ REAP_WAIT_S = 2.0  # how long a driver's exit code may take to be written
 STARTING_WAIT_S = 60.0  # a job asked for while the warm process imports waits this long
 
 
-class ForkedDriver:
-    """A driver the warm process forked: known by pid and start time (it is not the
-    service's child); its exit code is read from what its parent wrote on reaping it."""
+class ForkedDriver(AdoptedDriver):
+    """A driver the warm process forked: watched as an adopted one (pid and start time;
+    it is not the service's child), but its exit code is known: read from what its
+    parent wrote on reaping it."""
 
     def __init__(self, pid: int, started: str | None, exits: Path) -> None:
-        self.pid, self.started, self.exits = pid, started, exits
-
-    def running(self) -> bool:
-        return same_process(self.pid, self.started)
+        super().__init__(pid, started)
+        self.exits = exits
 
     def describe_exit(self) -> str:
         path = self.exits / f"{self.pid}-{self.started}"
@@ -57,14 +55,6 @@ class ForkedDriver:
                 if time.monotonic() > deadline:
                     return "exited (exit code unknown: its warm parent did not record it)"
                 time.sleep(0.05)
-
-    def terminate(self) -> None:
-        if self.running():
-            signal_group(self.pid, signal.SIGTERM)
-
-    def kill(self) -> None:
-        if self.running():
-            signal_group(self.pid, signal.SIGKILL)
 
 
 class WarmDrivers:
