@@ -400,3 +400,30 @@ def test_reevaluate_measures_a_checkpoint_file(tmp_path: Path) -> None:
         "info_bound_bytes",
         "info_ratio",
     }
+
+
+def test_tracking_close_tells_the_store_every_run_id_of_the_outbox(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial row written after the sender told the store of its run (the row did
+    not exist then, the told id was lost) gets the id when the job's tracking closes."""
+    from workers.search import outbox, tracking
+    from workers.search.driver import Tracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    settings = settings.model_copy(update={"mlflow_tracking_uri": "http://127.0.0.1:9"})
+    store = st.JobStore(settings.db_url)
+    job_id = store.create(JobSpec.model_validate(SPEC).model_dump(mode="json")).id
+    job_dir = settings.job_dir(job_id)
+    tr = Tracking(store, settings, job_id, job_dir)
+    ids = {"experiment": "7", "parent": "run-p", tracking.trial_key("t1"): "run-1"}
+    outbox.State(ids=ids).save(tr.root)  # as the sender left it
+    store.upsert_trial(job_id, "t1", number=1, status=st.TrialStatus.COMPLETED)
+    tr.close(drain_s=0)
+    job, trial = store.get(job_id), store.trial(job_id, "t1")
+    assert (job.mlflow_experiment_id, job.mlflow_run_id, trial.mlflow_run_id) == (
+        "7",
+        "run-p",
+        "run-1",
+    )
+    store.close()

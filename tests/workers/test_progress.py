@@ -211,6 +211,26 @@ def test_a_completed_trial_is_recorded_counted_and_put_on_the_front(
     assert v.closed
 
 
+def test_a_run_id_the_sender_told_the_store_is_not_undone_by_the_trials_row(
+    settings: Settings,
+    store: st.JobStore,
+    job_id: str,
+    space: KnobSpace,
+    views: list[FakeViews],
+) -> None:
+    """The sender (its own thread) tells the store a trial's run id between the
+    callback's read of the outbox state (no id yet) and its write of the row: the
+    row keeps the id (CI run of e85bfc1: a stopped trial had no run id)."""
+    cb = _progress(settings, job_id, space)
+    store.upsert_trial(job_id, "t1", number=1, status=st.TrialStatus.COMPLETED)
+    store.update_trial(job_id, "t1", mlflow_run_id="run-1")  # the sender, first
+    _finish(
+        cb, FakeTrial("t1", "trial-001", _config(space), _result(0.9, 1000, final=False, epoch=1))
+    )
+    t = store.trial(job_id, "t1")
+    assert (t.status, t.mlflow_run_id) == (st.TrialStatus.STOPPED, "run-1")
+
+
 def test_the_views_wait_for_the_baseline_accuracy(
     settings: Settings, store: st.JobStore, job_id: str, space: KnobSpace, views: list[FakeViews]
 ) -> None:

@@ -342,6 +342,13 @@ class Tracking:
             return outbox.pending(self.root)
         left = self.sender.drain(drain_s)
         self.sender.close()
+        # Every id once more: a trial's row written after the sender told the store of
+        # its run (the row did not exist then) learns it here.
+        try:
+            for key, value in outbox.State.load(self.root).ids.items():
+                self._on_id(key, value)
+        except Exception:  # the ids are in the outbox's state; this only copies them
+            log.exception("could not copy the MLflow ids of job %s to the job store", self.job_id)
         self._held.close()
         self.store.update(self.job_id, mlflow_pending=left, mlflow_synced=left == 0)
         return left

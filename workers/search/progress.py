@@ -170,19 +170,22 @@ class JobProgress(_Lazy, tune.Callback):
             relative_bops=result.get("relative_bops"),
             duration_s=float(result.get("duration_s", 0.0)),
             checkpoint=result.get("checkpoint_path"),
-            mlflow_run_id=self._run_id(trial_id),
             node_id=result.get("node_id"),
             finished_at=st.utcnow(),
+            **self._run_id(trial_id),
         )
         self._refresh()
 
-    def _run_id(self, trial_id: str) -> str | None:
-        """The trial's MLflow run id if the sender has created the run (else the
-        sender tells the job store when it does)."""
+    def _run_id(self, trial_id: str) -> dict[str, str]:
+        """``mlflow_run_id`` for the trial's row if the sender has created its run, else
+        nothing: the sender, on its own thread, may have told the store the id between
+        this read and the write (a ``None`` here must not undo that), and tells it
+        again when it closes (:meth:`workers.search.driver.Tracking.close`)."""
         try:
-            return outbox.State.load(self.outbox_root).ids.get(tracking.trial_key(trial_id))
+            run_id = outbox.State.load(self.outbox_root).ids.get(tracking.trial_key(trial_id))
         except (OSError, ValueError):
-            return None
+            return {}
+        return {"mlflow_run_id": run_id} if run_id else {}
 
     def stopped(
         self, trial_id: str, name: str, config: dict[str, Any], result: dict[str, Any]
@@ -201,9 +204,9 @@ class JobProgress(_Lazy, tune.Callback):
             size_bytes=int(result["size_bytes"]),
             duration_s=float(result.get("duration_s", 0.0)),
             error=f"stopped early after fine-tune epoch {result['epoch']} (not fully trained)",
-            mlflow_run_id=self._run_id(trial_id),
             node_id=result.get("node_id"),
             finished_at=st.utcnow(),
+            **self._run_id(trial_id),
         )
         run = tracking.trial_key(trial_id)
         self.recorder.tags(run, {"sparq.stopped_early": result["epoch"]})
