@@ -56,17 +56,18 @@ def trials(stack: Stack, job_id: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RayCluster, Stack]]:
-    """A head and a worker node of 1 CPU each, and a stack on them: the spreading test
-    runs its job first, then the node-kill test kills the worker (it must come last:
-    the tests run in file order, and nothing after it uses this cluster)."""
-    with on_cluster(tmp_path_factory.mktemp("two-nodes") / "home", 1, [1]) as both:
+    """A head of 2 CPUs and a worker node of 1, and a stack on them: the spreading and
+    placement tests run their jobs first, then the node-kill test kills the worker (it
+    must come last: the tests run in file order, and nothing after it uses this
+    cluster). One cluster and one `sparq up` for the module: about 25 s each."""
+    with on_cluster(tmp_path_factory.mktemp("two-nodes") / "home", 2, [1]) as both:
         yield both
 
 
 def test_trials_run_on_every_node_of_the_cluster(two_nodes: tuple[RayCluster, Stack]) -> None:
     from service.store import JobStore
 
-    # 4 trials, two at once, each longer (~20 s) than a node's first trial worker takes
+    # 4 trials, three at once, each longer (~20 s) than a node's first trial worker takes
     # to start. The node that trained the baseline has a warm worker for its trial
     # actor; the other node's first worker imports torch, Tune and MLflow on two loaded
     # cores. Tune reuses actors (reuse_actors=True); our reading of the runs: a trial
@@ -75,14 +76,15 @@ def test_trials_run_on_every_node_of_the_cluster(two_nodes: tuple[RayCluster, St
     # the worker in another).
     # Random suggestions: no GP fit between trials.
     spec = {**SMALL, "resources": {"cpus": 1}, "search_space": {"finetune_epochs": 120},
-            "search": {**SMALL["search"], "trials": 4, "sampler": "random"}}  # fmt: skip
+            "search": {**SMALL["search"], "trials": 4, "concurrency": 3,
+                       "sampler": "random"}}  # fmt: skip
     cluster, stack = two_nodes
     job = stack.wait(stack.post(spec)["id"], timeout=300)
     assert job["status"] == "succeeded", job["error"]
     assert job["trials_completed"] == 4
     done = trials(stack, job["id"])
     nodes = {t["node_id"] for t in done}
-    # one CPU per node, two trials at once: both nodes run trials
+    # three trials at once of one CPU each on 2 + 1 CPUs: both nodes run trials
     assert nodes == {cluster.head.node_id, cluster.workers[0].node_id}, done
     # Tune's trial checkpoints are where the driver reads them (the job dir;
     # shared by both nodes here because they are on one machine)
@@ -98,16 +100,37 @@ def test_trials_run_on_every_node_of_the_cluster(two_nodes: tuple[RayCluster, St
     assert {n["id"] for n in cluster.nodes()} == nodes
 
 
+def test_trials_are_placed_on_the_nodes_their_cpus_fit(
+    two_nodes: tuple[RayCluster, Stack],
+) -> None:
+    """Head 2 CPUs, worker 1: trials that need 2 CPUs can only run on the head."""
+    spec = {**SMALL, "resources": {"cpus": 2}, "search_space": {"finetune_epochs": 2},
+            "search": {"trials": 3, "concurrency": 2, "seed": 1}}  # fmt: skip
+    cluster, stack = two_nodes
+    job = stack.wait(stack.post(spec)["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    done = trials(stack, job["id"])
+    assert len(done) == 3
+    assert {t["node_id"] for t in done} == {cluster.head.node_id}, done
+    # 3 CPUs exist in all, but no node has 3: refused at once, never a wait forever
+    started = time.monotonic()
+    job = stack.wait(stack.post({**spec, "resources": {"cpus": 3}})["id"], timeout=120)
+    assert job["status"] == "failed"
+    assert "resources.cpus=3 fits no node" in job["error"]
+    assert "largest has 2 CPUs" in job["error"]
+    assert time.monotonic() - started < 60
+
+
 def test_a_worker_node_killed_mid_job_has_its_trials_retried_elsewhere(
     two_nodes: tuple[RayCluster, Stack],
 ) -> None:
     from service.store import JobStore
 
-    # 4 trials of about 20 s, as in the test above: 3 s trials all ran on the head
-    # while the worker's first trial actor started (a clean clone's run), so no trial
-    # ran on the worker to be killed
+    # 4 trials of about 20 s, three at once, as in the first test: 3 s trials all ran
+    # on the head while the worker's first trial actor started (a clean clone's run),
+    # so no trial ran on the worker to be killed
     spec = {**SMALL, "resources": {"cpus": 1}, "search_space": {"finetune_epochs": 120},
-            "search": {"trials": 4, "concurrency": 2, "seed": 4, "sampler": "random"}}  # fmt: skip
+            "search": {"trials": 4, "concurrency": 3, "seed": 4, "sampler": "random"}}  # fmt: skip
     cluster, stack = two_nodes
     worker = cluster.workers[0]
     job_id = stack.post(spec)["id"]
@@ -140,22 +163,3 @@ def test_a_worker_node_killed_mid_job_has_its_trials_retried_elsewhere(
         p.stem: p.read_text().count('"status":"RUNNING"') for p in outbox.glob("trial-*.jsonl")
     }
     assert max(attempts.values()) >= 2, attempts
-
-
-def test_trials_are_placed_on_the_nodes_their_cpus_fit(tmp_path: Path) -> None:
-    """Head 2 CPUs, worker 1: trials that need 2 CPUs can only run on the head."""
-    spec = {**SMALL, "resources": {"cpus": 2}, "search_space": {"finetune_epochs": 2},
-            "search": {"trials": 3, "concurrency": 2, "seed": 1}}  # fmt: skip
-    with on_cluster(tmp_path / "home", 2, [1]) as (cluster, stack):
-        job = stack.wait(stack.post(spec)["id"], timeout=300)
-        assert job["status"] == "succeeded", job["error"]
-        done = trials(stack, job["id"])
-        assert len(done) == 3
-        assert {t["node_id"] for t in done} == {cluster.head.node_id}, done
-        # 3 CPUs exist in all, but no node has 3: refused at once, never a wait forever
-        started = time.monotonic()
-        job = stack.wait(stack.post({**spec, "resources": {"cpus": 3}})["id"], timeout=120)
-        assert job["status"] == "failed"
-        assert "resources.cpus=3 fits no node" in job["error"]
-        assert "largest has 2 CPUs" in job["error"]
-        assert time.monotonic() - started < 60
