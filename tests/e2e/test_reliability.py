@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from service import store as st
-from service.stack import free_port, wait_http
+from service.stack import free_port, start_mlflow, wait_http
 from tests.e2e.test_stack import SMALL, Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -139,18 +139,11 @@ def test_mlflow_down_mid_job_loses_nothing(up: Up) -> None:
     pid = _mlflow_server_pid(up.mlflow_port)
     os.killpg(os.getpgid(pid), signal.SIGKILL)
     time.sleep(45)
-    root = up.home / "mlflow"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(up.mlflow_port), "--workers", "1"],
-        stdout=(up.home / "mlflow-again.log").open("wb"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    up.procs.insert(0, server)  # stopped with the stack
+    # started again as `sparq up` starts it: the same store, artifacts and port
+    server = start_mlflow(up.home, port=up.mlflow_port, wait=False)
+    up.procs.insert(0, server.proc)  # stopped with the stack
     try:
-        wait_http(f"{stack.mlflow}/health", timeout=120, proc=server)
+        server.ready()
         job = stack.wait(job_id, timeout=400)
         assert job["status"] == "succeeded", job
         assert (job["trials_completed"], job["trials_failed"]) == (8, 0)
@@ -158,7 +151,7 @@ def test_mlflow_down_mid_job_loses_nothing(up: Up) -> None:
         assert not any("MLflow" in w for w in job["warnings"]), job["warnings"]
         _mlflow_holds_the_job(stack, job, 8)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        server.stop()
 
 
 def test_stack_killed_with_kill_9_and_started_again_resumes_the_job(up: Up) -> None:
