@@ -13,6 +13,9 @@ sentence-transformers does) and the float model's.
 - int8 PTQ per channel: every Linear and Embedding weight quantized symmetric per
   output channel (per row for the embedding) to int8 with a float32 scale, the rest
   float32; saved as int8 + scales; dequantized to run.
+- int8 PTQ per channel + xz: that int8 PTQ file compressed with Python's ``lzma`` at
+  its default preset (bytes of the ``.xz`` file), decompressed to run: the peer of a
+  general-purpose entropy coder on top, as sparq entropy-codes its own codes.
 - torch dynamic int8: ``torch.ao.quantization.quantize_dynamic`` of the Linear layers
   (embeddings stay float32), its state dict saved, the quantized model run.
 - torchao int8 weight-only: ``torchao.quantization.quantize_(Int8WeightOnlyConfig())``
@@ -49,6 +52,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import lzma
 import os
 import statistics
 import sys
@@ -70,7 +74,13 @@ from torch import nn  # noqa: E402
 from bench._doc import machine  # noqa: E402
 
 CPU = torch.device("cpu")
-PEERS = ("fp16 cast", "int8 PTQ per channel", "torch dynamic int8", "torchao int8 weight-only")
+PEERS = (
+    "fp16 cast",
+    "int8 PTQ per channel",
+    "int8 PTQ per channel + xz",
+    "torch dynamic int8",
+    "torchao int8 weight-only",
+)
 
 
 # ---------------------------------------------------------------- measuring
@@ -121,7 +131,12 @@ def int8_ptq_row(model: nn.Module, tmp: Path) -> tuple[int, nn.Module]:
         else:
             state[k] = v
     size = saved_bytes(state, tmp / "int8_ptq.pt")
-    back = torch.load(tmp / "int8_ptq.pt", weights_only=True)
+    return size, _int8_ptq_model(model, tmp / "int8_ptq.pt")
+
+
+def _int8_ptq_model(model: nn.Module, path: Path) -> nn.Module:
+    """A copy of ``model`` with the dequantized weights of an int8 PTQ file."""
+    back = torch.load(path, weights_only=True)
     deq = {}
     for k, v in back.items():
         if k.endswith(".int8"):
@@ -131,7 +146,18 @@ def int8_ptq_row(model: nn.Module, tmp: Path) -> tuple[int, nn.Module]:
             deq[k] = v
     m = copy.deepcopy(model)
     m.load_state_dict(deq)
-    return size, m
+    return m
+
+
+def int8_ptq_xz_row(model: nn.Module, tmp: Path) -> tuple[int, nn.Module]:
+    """The int8 PTQ file compressed with xz (``lzma``, default preset): its ``.xz``
+    bytes on disk; decompressed and dequantized to run."""
+    int8_ptq_row(model, tmp)
+    xz = tmp / "int8_ptq.pt.xz"
+    xz.write_bytes(lzma.compress((tmp / "int8_ptq.pt").read_bytes()))
+    unpacked = tmp / "int8_ptq_from_xz.pt"
+    unpacked.write_bytes(lzma.decompress(xz.read_bytes()))
+    return xz.stat().st_size, _int8_ptq_model(model, unpacked)
 
 
 def dynamic_row(model: nn.Module, tmp: Path) -> tuple[int, nn.Module]:
@@ -262,6 +288,7 @@ def run_minilm(args: argparse.Namespace, tmp: Path, log: Any) -> dict[str, Any]:
     makers = {
         "fp16 cast": fp16_row,
         "int8 PTQ per channel": int8_ptq_row,
+        "int8 PTQ per channel + xz": int8_ptq_xz_row,
         "torch dynamic int8": dynamic_row,
         "torchao int8 weight-only": torchao_row,
     }

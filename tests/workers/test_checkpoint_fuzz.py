@@ -12,8 +12,10 @@ import sys
 import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from typer.testing import CliRunner
 from search_spaces import LayerPolicy, Policy
 from service.spec import DatasetSpec, ModelSpec
 from workers import entrypoints
+from workers.codec import tensors
 from workers.compress import quant
 from workers.compress.engine import compressible_layers
 from workers.compress.quant import apply as apply_policy
@@ -70,17 +73,48 @@ def _method(method: str, **kw: Any) -> bytes:
     return ckpt.encode(model, model_spec=SPEC, dataset_spec=DATA, policy=policy)
 
 
+def _packed_only(build: Callable[[], bytes]) -> bytes:
+    """A file as sparq wrote it before entropy coding: the int-N codes bit-packed
+    (``q``/``qs``/``qsr``/``qnm``), the entropy-coded options made too large to win."""
+    with mock.patch.object(tensors.entropy, "encode", lambda c, _: b"\xff" * (len(c) + 64)):
+        return build()
+
+
+def _forced(enc: str, build: Callable[[], bytes]) -> bytes:
+    """A file whose int-N layers use ``enc`` where it applies (``qsre`` is rarely the
+    smallest: entropy coding the dense codes costs about as little)."""
+
+    def encode(codes: torch.Tensor, scale: torch.Tensor, bits: int, kind: str) -> Any:
+        options = tensors.int_channel_options(codes, bits, kind)
+        use = enc if enc in options else "q"
+        return use, scale.numpy().astype("<f2").tobytes() + options[use]
+
+    with mock.patch.object(tensors, "encode_int_channel", encode):
+        return build()
+
+
 def _bases() -> dict[str, bytes]:
-    return {
-        "q-qs": _engine(lambda i, _: LayerPolicy(bits=4, sparsity=0.5 if i else 0.0)),
-        "qsr-fsr": _engine(lambda i, _: LayerPolicy(bits=2 if i else 32, sparsity=0.95)),
-        "qnm-fs": _engine(
-            lambda i, _: (
-                LayerPolicy(bits=4, sparsity=0.5, kind="2:4")
-                if i < 2
-                else LayerPolicy(bits=32, sparsity=0.5)
-            )
+    nm = partial(
+        _engine,
+        lambda i, _: (
+            LayerPolicy(bits=4, sparsity=0.5, kind="2:4")
+            if i < 2
+            else LayerPolicy(bits=32, sparsity=0.5)
         ),
+    )
+    return {
+        "q-qs": _packed_only(
+            partial(_engine, lambda i, _: LayerPolicy(bits=4, sparsity=0.5 if i else 0.0))
+        ),
+        "qsr-fsr": _packed_only(
+            partial(_engine, lambda i, _: LayerPolicy(bits=2 if i else 32, sparsity=0.95))
+        ),
+        "qnm-fs": _packed_only(nm),
+        "qe": _engine(lambda i, _: LayerPolicy(bits=[2, 3, 4][i], sparsity=[0.5, 0.9, 0.0][i])),
+        "qsre": _forced(
+            "qsre", partial(_engine, lambda i, _: LayerPolicy(bits=3, sparsity=[0.5, 0.9, 0][i]))
+        ),
+        "qnme": nm(),
         "qx": _method("quant_noise", granularity="tensor", symmetric=False),
         "mx": _method("mx", mx_element="fp"),
         "pq": _method("ipq", ipq_centroids=8),
@@ -122,7 +156,8 @@ def test_the_bases_load() -> None:
     for name, data in BASES.items():
         assert _load(data) == "ok", name
         encodings |= {row[2] for row in _split(data)[0]["tensors"]}
-    assert {"q", "qsr", "fsr", "qnm", "qx", "mx", "pq", "raw:float32"} <= encodings, encodings
+    want = {"q", "qsr", "fsr", "qnm", "qe", "qsre", "qnme", "qx", "mx", "pq", "raw:float32"}
+    assert want <= encodings, encodings
 
 
 def _truncations(data: bytes, rng: random.Random, count: int) -> Iterator[bytes]:

@@ -69,7 +69,7 @@ def test_nm_layers_use_the_packed_nm_encoding() -> None:
     _, data, _ = _compress("digits-mlp", kind="2:4", channels=0.0)
     header, _ = ckpt.read_header(data)
     encs = {row[0]: row[2] for row in header["tensors"]}
-    assert encs["1.weight"] == "qnm"  # 64 -> 256: 2:4 along the 64 inputs
+    assert encs["1.weight"] == "qnme"  # 64 -> 256: 2:4 along the 64 inputs, codes entropy coded
     row = next(r for r in header["tensors"] if r[0] == "3.weight")
     n = 256 * 256
     # 2.625 bits a group of 4 for the pattern, 2 kept 4-bit codes, fp16 scales
@@ -77,13 +77,16 @@ def test_nm_layers_use_the_packed_nm_encoding() -> None:
     assert row[4] <= expected + 8
 
 
-def test_high_sparsity_uses_index_coding_and_low_uses_a_bitmask() -> None:
+def test_sparse_layers_code_their_pattern_near_its_entropy() -> None:
+    """High sparsity: the pattern index-coded (``qsr``/``qsre``) or the codes entropy
+    coded with the zeros among them (``qe``), never a bitmask; half sparse: any of
+    the pattern-coding encodings."""
     _, sparse, _ = _compress("digits-mlp", sparsity=0.95, channels=0.0)
     _, half, _ = _compress("digits-mlp", sparsity=0.5, channels=0.0)
     enc = {r[0]: r[2] for r in ckpt.read_header(sparse)[0]["tensors"]}
-    assert enc["3.weight"] == "qsr"
+    assert enc["3.weight"] in ("qsr", "qsre", "qe")
     enc = {r[0]: r[2] for r in ckpt.read_header(half)[0]["tensors"]}
-    assert enc["3.weight"] in ("qs", "qsr")
+    assert enc["3.weight"] in ("qs", "qsr", "qsre", "qe")
 
 
 @pytest.mark.parametrize(
@@ -107,10 +110,15 @@ def test_information_bound_matches_its_definition() -> None:
     codes = torch.zeros(4, 8, dtype=torch.int8)
     codes[0, :3] = torch.tensor([1, -2, 3], dtype=torch.int8)
     bound = sc.information_bound(codes, codes.float(), 4)
-    assert bound == pytest.approx(16 * 4 + 3 * 4 + sc.log2_binomial(32, 3))
+    # fp16 scales, 3 nonzero codes of entropy log2(3) each, the pattern
+    assert bound == pytest.approx(16 * 4 + 3 * np.log2(3) + sc.log2_binomial(32, 3))
     nm = torch.tensor([[1, 0, 2, 0, 0, 3, 0, 1]], dtype=torch.int8)
-    want = 16 + 2 * (2 * 4 + np.log2(6))
+    # 2:4: two combination indices, kept codes 1, 2, 3, 1 (entropy 1.5 bits each)
+    want = 16 + 2 * np.log2(6) + 4 * 1.5
     assert sc.information_bound(nm, nm.float(), 4, "2:4") == pytest.approx(want)
+    # not N:M: the pattern of 4 among 8 and the same codes
+    unstructured = 16 + sc.log2_binomial(8, 4) + 4 * 1.5
+    assert sc.information_bound(nm, nm.float(), 4) == pytest.approx(unstructured)
     w = torch.tensor([0.0, 1.5, 0.0, 0.0])
     assert sc.information_bound(None, w, 32) == pytest.approx(32 + 2)
 

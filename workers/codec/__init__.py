@@ -1,3 +1,3 @@
-"""Bytes (bottom layer): bit packing and the sparse codes the checkpoint stores. Numpy and
-torch only.
+"""Bytes (bottom layer): bit packing, the sparse codes and the entropy coder (rANS, the
+``constriction`` library) the checkpoint stores. Numpy, torch and constriction only.
 """

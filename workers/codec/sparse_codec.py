@@ -9,10 +9,15 @@
 - N:M: the kept positions of each group of ``M`` as one index among the ``C(M, N)``
   combinations, several groups per 64-bit word in base ``C(M, N)``: 2.625 bits a 2:4
   group against the ``log2 6 = 2.585`` bound (a 2-bit index per kept weight costs 4).
-- :func:`information_bound`: value bits (``bits`` per stored code, 16 per fp16 scale,
-  32 per float) plus the entropy of the sparsity pattern, ``log2 C(n, k)`` for ``k``
-  nonzeros among ``n`` (or ``groups * log2 C(M, N)`` for an N:M layer, whichever is
-  smaller). The checkpoint's bytes are reported against it.
+- :func:`information_bound`: 16 bits per fp16 scale (32 per float), the order-0
+  empirical entropy of the stored nonzero codes (times their number: what the entropy-
+  coded encodings of :mod:`workers.codec.entropy` spend, up to a header; at most
+  ``bits`` a code), plus the entropy of the sparsity pattern, ``log2 C(n, k)`` for ``k``
+  nonzeros among ``n`` (or ``groups * log2 C(M, N)`` plus the kept codes' entropy for an
+  N:M layer, whichever is smaller). Since ``n * H(all codes) = n * H2(k / n) + k *
+  H(nonzero codes) >= log2 C(n, k) + k * H(nonzero codes)``, this is also below what
+  entropy coding the dense codes can reach. The checkpoint's bytes are reported
+  against it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 
 from search_spaces._policy import NM_KINDS
+from workers.codec import entropy
 from workers.codec.bits import from_groups, nm_groups_view, pack_bits, unpack_bits
 
 _RICE = struct.Struct("<BBI")
@@ -173,9 +179,10 @@ def _groups(t: torch.Tensor, m: int) -> np.ndarray:
     return nm_groups_view(t, m).numpy()
 
 
-def nm_encode(codes: torch.Tensor, offset: int, bits: int, n: int, m: int) -> bytes | None:
-    """``u8 n | u8 m | combination indices | kept codes`` or None when the codes are not
-    N:M (a group with more than ``n`` nonzeros, or a reduction dim not divisible by m)."""
+def nm_split(codes: torch.Tensor, offset: int, n: int, m: int) -> tuple[bytes, np.ndarray] | None:
+    """``(u8 n | u8 m | combination indices, kept codes + offset as uint8)``, or None when
+    the codes are not N:M (a group with more than ``n`` nonzeros, or a reduction dim not
+    divisible by m). :func:`nm_encode` packs the kept codes after the head."""
     try:
         g = _groups(codes.to(torch.int16), m)
     except ValueError:
@@ -191,13 +198,21 @@ def nm_encode(codes: torch.Tensor, offset: int, bits: int, n: int, m: int) -> by
     masks = (np.left_shift(1, kept)).sum(axis=1)
     idx = lookup[masks]
     values = np.take_along_axis(g, kept, axis=1).reshape(-1) + offset
-    return (
-        _NM.pack(n, m) + _pack_digits(idx, len(combos)) + pack_bits(values.astype(np.uint8), bits)
-    )
+    return _NM.pack(n, m) + _pack_digits(idx, len(combos)), values.astype(np.uint8)
 
 
-def nm_decode(buf: bytes, shape: list[int], offset: int, bits: int) -> torch.Tensor:
-    """Inverse of :func:`nm_encode`: the signed integer codes in ``shape``."""
+def nm_encode(codes: torch.Tensor, offset: int, bits: int, n: int, m: int) -> bytes | None:
+    """``u8 n | u8 m | combination indices | kept codes`` (bit-packed) or None when the
+    codes are not N:M (see :func:`nm_split`)."""
+    parts = nm_split(codes, offset, n, m)
+    return None if parts is None else parts[0] + pack_bits(parts[1], bits)
+
+
+def nm_decode(
+    buf: bytes, shape: list[int], offset: int, bits: int, entropy_coded: bool = False
+) -> torch.Tensor:
+    """Inverse of :func:`nm_encode` (``entropy_coded``: the kept codes after the head are
+    :func:`workers.codec.entropy.encode`'s instead): the signed integer codes in ``shape``."""
     n, m = _NM.unpack_from(buf)
     like = torch.empty(shape)
     numel = int(np.prod(shape))
@@ -205,7 +220,12 @@ def nm_decode(buf: bytes, shape: list[int], offset: int, bits: int) -> torch.Ten
     combos, _ = _combos(n, m)
     idx, used = _unpack_digits(buf[_NM.size :], len(combos), count)
     kept = combos[idx]
-    values = unpack_bits(buf[_NM.size + used :], bits, count * n).astype(np.int64) - offset
+    rest = buf[_NM.size + used :]
+    if entropy_coded:
+        unsigned = entropy.decode(rest, count * n, bits)
+    else:
+        unsigned = unpack_bits(rest, bits, count * n)
+    values = unsigned.astype(np.int64) - offset
     g = np.zeros((count, m), dtype=np.int64)
     np.put_along_axis(g, kept, values.reshape(count, n), axis=1)
     return from_groups(torch.from_numpy(g).to(torch.int16), like)
@@ -214,23 +234,27 @@ def nm_decode(buf: bytes, shape: list[int], offset: int, bits: int) -> torch.Ten
 def information_bound(
     codes: torch.Tensor | None, weight: torch.Tensor, bits: int, kind: str = "unstructured"
 ) -> float:
-    """Bits a tensor needs at the least: value bits plus the sparsity pattern's entropy."""
+    """Bits a tensor needs at the least. Integer ``codes``: 16 per fp16 scale, plus the
+    order-0 empirical entropy of the nonzero codes (times their number) plus the
+    pattern's entropy, or for an N:M layer the combination indices plus the entropy of
+    the kept codes, whichever is smaller. ``codes`` None: 32 bits (``bits``) per nonzero
+    float of ``weight`` plus the pattern's entropy."""
     if codes is None:
         w = weight.detach().cpu().reshape(-1)
         k = int((w != 0).sum())
-        return 32.0 * k + log2_binomial(w.numel(), k)
-    c = codes.detach().cpu()
-    n, k = c.numel(), int((c != 0).sum())
+        return float(bits) * k + log2_binomial(w.numel(), k)
+    c = codes.detach().cpu().to(torch.int16)
+    flat = c.numpy().reshape(-1)
+    nonzero = flat[flat != 0]
+    n, k = flat.size, nonzero.size
     scales = 16.0 * c.shape[0]
-    bound = scales + bits * k + log2_binomial(n, k)
+    bound = scales + entropy.entropy_bits(nonzero) + log2_binomial(n, k)
     nm = nm_of(kind)
     if nm is not None:
-        try:
-            g = _groups(c.to(torch.int16), nm[1])
-        except ValueError:
-            return bound
-        if int((g != 0).sum(axis=1).max(initial=0)) <= nm[0]:
-            groups = g.shape[0]
-            nm_bound = scales + groups * (nm[0] * bits + log2_binomial(nm[1], nm[0]))
+        parts = nm_split(c, 0, *nm)
+        if parts is not None:
+            keep, m = nm
+            pattern = (n // m) * log2_binomial(m, keep)
+            nm_bound = scales + pattern + entropy.entropy_bits(parts[1])
             bound = min(bound, nm_bound)
     return bound

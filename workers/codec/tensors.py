@@ -1,7 +1,8 @@
 """Tensor encodings of the checkpoint container: raw tensors, float weights with their
 sparsity pattern (``fs``/``fsr``) and per-channel int-N codes (``q``/``qs``/``qsr``/
-``qnm``), with their information bounds. Methods with codes of their own register a
-decoder (``workers.compress.quant``) that :func:`decode_tensor` is handed."""
+``qnm``, and their entropy-coded forms ``qe``/``qsre``/``qnme``), with their information
+bounds. Methods with codes of their own register a decoder (``workers.compress.quant``)
+that :func:`decode_tensor` is handed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from workers.codec import entropy
 from workers.codec import sparse_codec as sc
 from workers.codec.bits import dequantize, pack_bits, packed_len, qmax, unpack_bits
 from workers.errors import CheckpointError
@@ -26,27 +28,46 @@ RAW_DTYPES = {
 }
 
 
+# the per-channel int-N encodings :func:`encode_int_channel` chooses among; the ``e``
+# forms store the codes entropy coded (:mod:`workers.codec.entropy`) instead of packed
+INT_CHANNEL_ENCODINGS = ("q", "qs", "qsr", "qnm", "qe", "qsre", "qnme")
+
+
 def encode_int_channel(
     codes: torch.Tensor, scale: torch.Tensor, bits: int, kind: str = "unstructured"
 ) -> tuple[str, bytes]:
-    """``q``, ``qs``, ``qsr`` or ``qnm``, whichever is smallest: signed int-N ``codes``
-    (int8 in ``[-qmax, qmax]``) with per-output-channel fp16 ``scale``."""
+    """The smallest of :func:`int_channel_options` for signed int-N ``codes`` (int8 in
+    ``[-qmax, qmax]``) with per-output-channel fp16 ``scale``: ``(encoding, blob)``, the
+    blob the scales then that option's bytes (a tie keeps the earlier, packed form:
+    tiny tensors stay ``q``)."""
+    options = int_channel_options(codes, bits, kind)
+    enc = min(options, key=lambda e: len(options[e]))
+    return enc, scale.detach().cpu().numpy().astype("<f2").tobytes() + options[enc]
+
+
+def int_channel_options(codes: torch.Tensor, bits: int, kind: str) -> dict[str, bytes]:
+    """Every one of :data:`INT_CHANNEL_ENCODINGS` that applies to the codes (the pattern
+    ones when some code is zero, the N:M ones when they are ``kind``'s N:M), each
+    without the scales, packed form before entropy-coded form."""
     codes = codes.detach().cpu()
     unsigned = (codes.numpy().astype(np.int16) + qmax(bits)).astype(np.uint8).reshape(-1)
-    scales = scale.detach().cpu().numpy().astype("<f2").tobytes()
     nonzero = codes.numpy().reshape(-1) != 0
-    options = [("q", pack_bits(unsigned, bits))]
+    options = {"q": pack_bits(unsigned, bits), "qe": entropy.encode(unsigned, bits)}
     if not nonzero.all():
-        values = pack_bits(unsigned[nonzero], bits)
-        options.append(("qs", np.packbits(nonzero, bitorder="little").tobytes() + values))
-        options.append(("qsr", sc.rice_encode_pattern(nonzero) + values))
+        kept = unsigned[nonzero]
+        values = pack_bits(kept, bits)
+        pattern = sc.rice_encode_pattern(nonzero)
+        options["qs"] = np.packbits(nonzero, bitorder="little").tobytes() + values
+        options["qsr"] = pattern + values
+        options["qsre"] = pattern + entropy.encode(kept, bits)
     nm = sc.nm_of(kind)
     if nm is not None:
-        blob = sc.nm_encode(codes, qmax(bits), bits, *nm)
-        if blob is not None:
-            options.append(("qnm", blob))
-    enc, blob = min(options, key=lambda o: len(o[1]))
-    return enc, scales + blob
+        parts = sc.nm_split(codes, qmax(bits), *nm)
+        if parts is not None:
+            head, kept = parts
+            options["qnm"] = head + pack_bits(kept, bits)
+            options["qnme"] = head + entropy.encode(kept, bits)
+    return options
 
 
 def encode_float(weight: torch.Tensor) -> tuple[str, bytes]:
@@ -62,10 +83,10 @@ def encode_float(weight: torch.Tensor) -> tuple[str, bytes]:
 
 
 def int_channel_bound(shape: list[int], enc: str, bits: int, blob: bytes, kind: str) -> float:
-    """Information bound of an :func:`encode_int_channel` tensor (it depends only on
-    which codes are nonzero: see :func:`workers.codec.sparse_codec.information_bound`)."""
-    nonzero = (decode_tensor(["", shape, enc, bits], blob) != 0).to(torch.int16)
-    return sc.information_bound(nonzero, nonzero, bits, kind)
+    """Information bound of an :func:`encode_int_channel` tensor (scales, the codes'
+    entropy and the pattern's: see :func:`workers.codec.sparse_codec.information_bound`)."""
+    codes, _ = int_channel_codes(shape, enc, bits, blob)
+    return sc.information_bound(codes, codes, bits, kind)
 
 
 def float_bound(shape: list[int], enc: str, blob: bytes) -> float:
@@ -98,25 +119,39 @@ def decode_tensor(
         w = np.zeros(n, dtype=np.float32)
         w[mask] = np.frombuffer(blob[used:], dtype="<f4")
         return torch.from_numpy(w).reshape(shape)
-    if enc not in ("q", "qs", "qsr", "qnm"):
+    if enc not in INT_CHANNEL_ENCODINGS:
         raise CheckpointError(f"tensor {key!r} has unknown encoding {enc!r}")
+    q, scale = int_channel_codes(shape, enc, bits, blob)
+    return dequantize(q, scale)
+
+
+def int_channel_codes(
+    shape: list[int], enc: str, bits: int, blob: bytes
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed codes (int16, ``shape``) and fp32 per-channel scales of an
+    :func:`encode_int_channel` tensor."""
+    n = int(np.prod(shape)) if shape else 1
     out_ch = shape[0]
     scale = torch.from_numpy(np.frombuffer(blob[: 2 * out_ch], dtype="<f2").astype(np.float32))
     rest = blob[2 * out_ch :]
+    if enc in ("qnm", "qnme"):
+        return sc.nm_decode(rest, shape, qmax(bits), bits, entropy_coded=enc == "qnme"), scale
     if enc == "q":
         codes = unpack_bits(rest, bits, n)
-    elif enc == "qnm":
-        q = sc.nm_decode(rest, shape, qmax(bits), bits)
-        return dequantize(q, scale)
-    elif enc == "qsr":
-        nz, used = sc.rice_decode_pattern(rest, n)
-        codes = np.full(n, qmax(bits), dtype=np.uint8)
-        codes[nz] = unpack_bits(rest[used:], bits, int(nz.sum()))
+    elif enc == "qe":
+        codes = entropy.decode(rest, n, bits)
     else:
-        mask_len = packed_len(n, 1)
-        nz = np.unpackbits(np.frombuffer(rest[:mask_len], np.uint8), count=n, bitorder="little")
-        nz = nz.astype(bool)
+        if enc == "qs":
+            used = packed_len(n, 1)
+            mask = np.unpackbits(np.frombuffer(rest[:used], np.uint8), count=n, bitorder="little")
+            nz = mask.astype(bool)
+        else:  # qsr, qsre
+            nz, used = sc.rice_decode_pattern(rest, n)
+        k = int(nz.sum())
         codes = np.full(n, qmax(bits), dtype=np.uint8)
-        codes[nz] = unpack_bits(rest[mask_len:], bits, int(nz.sum()))
+        if enc == "qsre":
+            codes[nz] = entropy.decode(rest[used:], k, bits)
+        else:
+            codes[nz] = unpack_bits(rest[used:], bits, k)
     q = torch.from_numpy(codes.astype(np.int16) - qmax(bits)).reshape(shape)
-    return dequantize(q, scale)
+    return q, scale

@@ -13,9 +13,10 @@ never allocates more than a bounded multiple of its size:
 - The total declared element count is bounded by the file size:
   ``MAX_FREE_ELEMENTS + ELEMENTS_PER_BYTE * len(file)``. Dense encodings need at
   least ``bits / 8`` bytes a weight anyway (a 1-bit mask: 8 weights a byte); the
-  index-coded patterns (``qsr``/``fsr``) and N:M codes of very sparse layers
-  legitimately go below that, and the bound leaves them 32 weights a byte (0.25
-  bits a weight, over the whole file).
+  index-coded patterns (``qsr``/``fsr``), N:M codes of very sparse layers and
+  entropy-coded codes (``qe``/``qsre``/``qnme``, whose heads are parsed and checked by
+  :func:`workers.codec.entropy.read_header`) legitimately go below that, and the bound
+  leaves them 32 weights a byte (0.25 bits a weight, over the whole file).
 - Entrypoints named by the header (model or dataset) are imported only when the
   caller allows their module (:func:`check_entrypoint`, the rule of
   :mod:`workers.entrypoints`), decided before importing.
@@ -32,6 +33,7 @@ import numpy as np
 
 from search_spaces._policy import NM_KINDS
 from workers import entrypoints
+from workers.codec import entropy
 from workers.errors import CheckpointError
 
 MAX_HEADER_BYTES = 4 << 20  # inflated JSON header
@@ -47,7 +49,7 @@ EXAMPLE_DTYPES = ("float32", "float16", "float64", "int64", "int32", "uint8", "b
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 _RAW_ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1}
-QUANT_ENCODINGS = ("q", "qs", "qsr", "qnm")
+QUANT_ENCODINGS = ("q", "qs", "qsr", "qnm", "qe", "qsre", "qnme")  # tensors.INT_CHANNEL_ENCODINGS
 METHOD_ENCODINGS = ("qx", "pq", "mx", "bfp", "geta")
 ENCODINGS = (
     *(f"raw:{d}" for d in _RAW_ITEMSIZE),
@@ -254,6 +256,11 @@ class _Reader:
             self.take(_packed(m, k), "the remainders")
         return m if symbol == 1 else n - m
 
+    def entropy(self, n: int, bits: int) -> None:
+        """Skip an entropy-coded blob of ``n`` codes (its head checked, not its stream)."""
+        head = entropy.read_header(memoryview(self.blob), n, bits, self.off)
+        self.take(head.end - self.off, "the entropy-coded codes")
+
     def codes(self, n: int, bits: int) -> None:
         """A ``workers.compress.quant`` code blob: flag byte, then dense or mask + nonzero codes."""
         (flag,) = self.unpack("<B", "the code-blob flag")
@@ -292,10 +299,14 @@ def check_tensor_bytes(row: list[Any], blob: bytes) -> None:
         r.take(2 * shape[0], "the fp16 scales")
         if enc == "q":
             r.take(_packed(n, bits), "the codes")
+        elif enc == "qe":
+            r.entropy(n, bits)
         elif enc in ("qs", "qsr"):
             k = r.mask(n) if enc == "qs" else r.rice(n)
             r.take(_packed(k, bits), "the nonzero codes")
-        else:
+        elif enc == "qsre":
+            r.entropy(r.rice(n), bits)
+        else:  # qnm, qnme
             keep, m = r.unpack("<BB", "the N:M head")
             if (keep, m) not in NM_KINDS.values():
                 raise CheckpointError(f"tensor {name!r}: N:M {keep}:{m} is not supported")
@@ -304,7 +315,10 @@ def check_tensor_bytes(row: list[Any], blob: bytes) -> None:
                 raise CheckpointError(f"tensor {name!r}: shape {shape} cannot be {keep}:{m}")
             count = n // m
             r.take(_nm_digit_bytes(count, math.comb(m, keep)), "the N:M combination indices")
-            r.take(_packed(count * keep, bits), "the kept codes")
+            if enc == "qnme":
+                r.entropy(count * keep, bits)
+            else:
+                r.take(_packed(count * keep, bits), "the kept codes")
     elif enc == "qx":
         per_tensor, symmetric, nscale = r.unpack("<BBH", "the qx head")
         want = 1 if per_tensor else shape[0]

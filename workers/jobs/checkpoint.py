@@ -20,6 +20,9 @@ payload holds the tensors back to back:
 - ``qnm``: int-N weight with N:M sparsity: fp16 scales, the kept positions of every
   group as one combination index (``log2 C(M, N)`` bits a group, packed), then the
   kept codes bit-packed.
+- ``qe`` / ``qsre`` / ``qnme``: like ``q`` / ``qsr`` / ``qnm`` but the (nonzero, kept)
+  codes entropy coded (rANS, one static model per tensor from the stored counts of the
+  used codes; :mod:`workers.codec.entropy`) instead of bit-packed.
 - ``qx``, ``pq``, ``mx``, ``bfp``, ``geta``: weights of the quantization methods of
   :mod:`workers.compress.quant` (per-tensor/affine int-N, iPQ with fp16 centroids, block
   formats with shared exponents, GETA), each encoded and decoded by its method
@@ -29,7 +32,8 @@ payload holds the tensors back to back:
 Version 2 adds to the header the structured-pruning record and the example input's
 shape (loading rebuilds the builtin or entrypoint model, replays the record, then
 loads the tensors), and a sixth column per tensor: its information bound in bits
-(value bits plus the entropy of its sparsity pattern; see :func:`size_report`).
+(value bits, for int-N codes their order-0 entropy, plus the entropy of its sparsity
+pattern; see :func:`size_report`). A file keeps the bounds it was written with.
 
 ``size_bytes`` everywhere in sparq is ``len(encode(...))``: the exact file size.
 """
@@ -37,6 +41,7 @@ loads the tensors), and a sixth column per tensor: its information bound in bits
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from collections.abc import Iterable
@@ -81,7 +86,10 @@ def _method_weight(model: nn.Module, key: str) -> tuple[str, int, bytes, float] 
         )
     w = original(model.get_submodule(name))
     enc, bits, blob = pm.encode_weight(w)
-    return enc, bits, blob, pm.encode_bound(list(w.shape), enc, bits, blob)
+    bound = pm.encode_bound(list(w.shape), enc, bits, blob)
+    # down to 0.01 bit: still a lower bound, and the header does not carry 17 digits a
+    # tensor (an entropy is rarely a round number)
+    return enc, bits, blob, math.floor(bound * 100) / 100
 
 
 def encode(
@@ -343,8 +351,9 @@ def decode(
 
 
 def size_report(data: bytes) -> dict[str, float]:
-    """Bytes on disk against the information bound (value bits plus the entropy of each
-    tensor's sparsity pattern; see :func:`workers.codec.sparse_codec.information_bound`).
+    """Bytes on disk against the information bound (value bits, for int-N codes their
+    order-0 entropy, plus the entropy of each tensor's sparsity pattern; see
+    :func:`workers.codec.sparse_codec.information_bound`), as stored in the file's rows.
 
     ``ratio`` is ``size_bytes / bound_bytes``; the header (JSON, zlib) is counted in
     the file, not in the bound.

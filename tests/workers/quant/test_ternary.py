@@ -49,7 +49,7 @@ def test_the_checkpoint_stores_2_bit_codes_with_fp16_scales() -> None:
     )
     header, _ = ckpt.read_header(data)
     rows = [r for r in header["tensors"] if r[0].endswith("weight")]
-    assert {r[2] for r in rows} <= {"q", "qs", "qsr"}
+    assert {r[2] for r in rows} <= {"q", "qs", "qsr", "qe", "qsre"}
     assert all(r[3] == 2 for r in rows)
     n = sum(p.numel() for p in model.parameters() if p.dim() > 1)
     assert len(data) < n / 4 + 4096  # about 2 bits a weight, plus biases and the header

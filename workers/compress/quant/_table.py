@@ -55,6 +55,6 @@ def write(path: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write"]:
-        write(Path(__file__).parents[2] / "docs" / "compression.md")
+        write(Path(__file__).parents[3] / "docs" / "compression.md")
     else:
         sys.stdout.write(table() + "\n")

@@ -10,7 +10,8 @@ conv one whole kernel per (out, in) pair. Two noises:
 - scalar int-N (N in 2..8), per channel or per tensor, symmetric or affine:
   ``phi(w) = (clamp(round(w/s) - z) + z) * s`` (:class:`ScalarQuantNoise`, sparq's one
   int-N Quant-Noise; the default policy's per-channel symmetric case is computed in
-  place and exported in the compact ``q``/``qs``/``qsr``/``qnm`` encodings);
+  place and exported in the compact ``q``/``qs``/``qsr``/``qnm`` encodings or their
+  entropy-coded ``qe``/``qsre``/``qnme``);
 - the PQ proxy: a distorted block is dropped (``phi = 0``) and the survivors are
   scaled by ``1/(1-p)`` (structured DropConnect), used before iPQ.
 
@@ -31,6 +32,7 @@ import torch
 from search_spaces._policy import FLOAT_BITS
 from search_spaces.methods.quant_noise import QuantNoiseConfig
 from workers.codec.bits import pack_codes, qmax, unpack_codes
+from workers.codec.tensors import INT_CHANNEL_ENCODINGS
 from workers.compress.engine import block_mask_shape, channel_scale, fitting_block
 from workers.compress.quant._common import (
     Encodings,
@@ -272,7 +274,7 @@ class QuantNoiseHandler(MethodHandler):
     """int-N Quant-Noise on every quantized layer; the plain training loop."""
 
     encodings: ClassVar[Encodings] = {"qx": (_decode_qx, _bound_qx)}
-    also_writes: ClassVar[tuple[str, ...]] = ("q", "qs", "qsr", "qnm")  # per channel, symmetric
+    also_writes: ClassVar[tuple[str, ...]] = INT_CHANNEL_ENCODINGS  # per channel, symmetric
 
     def wrap(self, w: torch.Tensor, lp: LayerPolicy, policy: Policy, layer: str) -> nn.Module:
         cfg = policy.method

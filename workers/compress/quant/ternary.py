@@ -6,7 +6,8 @@ at ``a``, the mean ``|w|`` of the kept ones (the least-squares scale for that
 pattern), rounded to fp16 because the checkpoint stores it so. Trained with a
 straight-through estimator. Exported as 2-bit codes (``-1, 0, 1``) with fp16
 per-channel scales: exactly the checkpoint's own ``q``/``qs``/``qsr`` (``qnm`` for an
-N:M layer) int-N encodings, so a loader needs nothing new.
+N:M layer) int-N encodings or their entropy-coded forms (``qe``/``qsre``/``qnme``), so a
+loader needs nothing new.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from search_spaces import LayerPolicy, Policy
 from search_spaces.methods.ternary import TernaryConfig
+from workers.codec.tensors import INT_CHANNEL_ENCODINGS
 from workers.compress.quant._common import MethodHandler, WeightQuantizer, register_handler, rows
 from workers.compress.sparsity import kind_mask
 
@@ -85,7 +87,7 @@ class TernaryWeight(WeightQuantizer):
 class TernaryHandler(MethodHandler):
     """Ternary on every quantized layer; the plain training loop."""
 
-    also_writes: ClassVar[tuple[str, ...]] = ("q", "qs", "qsr", "qnm")
+    also_writes: ClassVar[tuple[str, ...]] = INT_CHANNEL_ENCODINGS
 
     def wrap(self, w: torch.Tensor, lp: LayerPolicy, policy: Policy, layer: str) -> nn.Module:
         cfg = policy.method
