@@ -314,11 +314,17 @@ def cancel(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> No
     console.print(f"job {job_id}: {job['status']} (cancel requested)")
 
 
-def evaluate_checkpoint(path: Path, allow_modules: tuple[str, ...] = ()) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: Path, allow_modules: tuple[str, ...] = (), teacher_weights: Path | None = None
+) -> dict[str, Any]:
     """Reload a checkpoint with one call and re-measure it on its own dataset.
 
     Entrypoints the header names (model, dataset) are imported only from
-    ``allow_modules`` (and ``$SPARQ_ENTRYPOINT_MODULES``)."""
+    ``allow_modules`` (and ``$SPARQ_ENTRYPOINT_MODULES``). A distillation job's
+    checkpoint is measured against its teacher: the model as its spec builds it, with
+    ``teacher_weights`` (a state dict file) loaded into it when given; the header says
+    which the job used (a ``baseline.weights`` teacher is not in the checkpoint, so
+    such a checkpoint needs ``teacher_weights``)."""
     import torch
 
     from workers import entrypoints
@@ -339,12 +345,9 @@ def evaluate_checkpoint(path: Path, allow_modules: tuple[str, ...] = ()) -> dict
     from service.tasks import get_task
 
     if get_task(ck.task).needs_teacher:
-        # the teacher is the float model as its spec builds it: a pretrained model as it
-        # arrives (a job's baseline for a pretrained model; not for `baseline.weights`)
-        from workers.compress.train import Teacher
-        from workers.zoo.models import build_model
-
-        teacher = Teacher(build_model(ck.model_spec, allowed))
+        teacher = _teacher(ck.model_spec, ck.meta.get("teacher"), allowed, teacher_weights)
+    elif teacher_weights is not None:
+        raise ValueError(f"--teacher: a {ck.task} checkpoint is measured without a teacher")
     loader = make_loader(val, 512, shuffle=False)
     result = evaluate(ck.model, loader, torch.device("cpu"), ck.task, teacher)
     return {
@@ -359,6 +362,30 @@ def evaluate_checkpoint(path: Path, allow_modules: tuple[str, ...] = ()) -> dict
     }
 
 
+def _teacher(model_spec: Any, said: Any, allowed: tuple[str, ...], weights: Path | None) -> Any:
+    """The teacher of a distillation checkpoint, as its header says (``said``: the
+    ``teacher`` of its meta; written since checkpoints carry it) and ``weights``."""
+    from workers.compress.train import Teacher
+    from workers.jobs.baseline import read_state_dict
+    from workers.zoo.models import build_model
+
+    said = said if isinstance(said, dict) else {}
+    if said.get("source") == "baseline.weights" and weights is None:
+        raise ValueError(
+            "this checkpoint's job distilled from its baseline.weights, which the "
+            "checkpoint does not hold: pass them with --teacher FILE (.pt/.pth/.npz)"
+        )
+    model = build_model(model_spec, allowed)
+    if weights is not None:
+        try:
+            state = read_state_dict(weights)
+            model.load_state_dict(state)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"--teacher={str(weights)!r}: {e}") from None
+    loss = said.get("loss", "auto")
+    return Teacher(model, loss if loss in ("auto", "cosine", "mse", "kl") else "auto")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Argument(dir_okay=False)],
@@ -371,6 +398,17 @@ def evaluate_cmd(
             "repeatable. Never the standard library or sparq's own packages.",
         ),
     ] = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            "--teacher",
+            exists=True,
+            dir_okay=False,
+            help="a distillation checkpoint's teacher weights (the job's baseline.weights "
+            "state dict, .pt/.pth/.npz); without it the teacher is the model as its spec "
+            "builds it (a pretrained model as it arrives)",
+        ),
+    ] = None,
 ) -> None:
     """Reload a .sparq checkpoint and measure its accuracy and size."""
     from workers.errors import CheckpointError, SparqError
@@ -378,7 +416,7 @@ def evaluate_cmd(
     if not checkpoint.is_file():
         raise _fail(f"no checkpoint file at {checkpoint}", 2)
     try:
-        out = evaluate_checkpoint(checkpoint, tuple(allow_module or ()))
+        out = evaluate_checkpoint(checkpoint, tuple(allow_module or ()), teacher)
     except CheckpointError as e:
         raise _fail(str(e), 2) from None
     except (SparqError, ValueError) as e:
@@ -386,7 +424,10 @@ def evaluate_cmd(
     if as_json:
         print(json.dumps(out))
     else:
-        console.print(f"{checkpoint}: accuracy {out['accuracy']:.4f}, {out['size_bytes']:,} bytes")
+        said = (
+            f"cosine {out['cosine']:.4f}" if "cosine" in out else f"accuracy {out['accuracy']:.4f}"
+        )
+        console.print(f"{checkpoint}: {said}, {out['size_bytes']:,} bytes")
 
 
 @app.command()

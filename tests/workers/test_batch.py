@@ -266,3 +266,43 @@ def test_distillation_by_mse_reports_cosine_as_its_quality() -> None:
     assert metrics["accuracy"] == metrics["cosine"] < 1.0
     assert metrics["loss"] > 0.0  # mean squared error of the pooled embeddings
     assert metrics["loss"] != pytest.approx(1.0 - metrics["cosine"])
+
+
+def test_sparq_evaluate_measures_a_distillation_checkpoint_against_its_own_teacher(
+    tmp_path: Any,
+) -> None:
+    """The checkpoint says which teacher its job had and by which loss. A job that
+    distilled from ``baseline.weights`` (not in the checkpoint) is measured against
+    them when given (``--teacher``), and refused without them, never measured against
+    the model as its spec builds it (another teacher, another cosine)."""
+    from service.cli import evaluate_checkpoint
+
+    torch.manual_seed(0)
+    teacher_model = held.token_encoder(classify=False)
+    for p in teacher_model.parameters():  # trained weights: not the spec's own model
+        p.data.add_(0.5 * torch.randn_like(p))
+    weights = tmp_path / "teacher.pt"
+    torch.save(teacher_model.state_dict(), weights)
+    spec = _spec(
+        "token_encoder",
+        "token_dicts",
+        model={"kwargs": {"classify": False}},
+        baseline={"epochs": 0, "weights": str(weights)},
+        task="distillation",
+        distillation={"loss": "mse"},
+    )
+    state = {k: v.numpy() for k, v in teacher_model.state_dict().items()}
+    data, metrics = compress(spec, _policy(spec, bits=4), state, CPU, seed=0)
+    header = ckpt.decode(data, model=held.token_encoder(classify=False)).meta
+    assert header["teacher"] == {"loss": "mse", "source": "baseline.weights"}
+    path = tmp_path / "student.sparq"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match="--teacher FILE"):
+        evaluate_checkpoint(path, ("tests",))
+    out = evaluate_checkpoint(path, ("tests",), teacher_weights=weights)
+    assert out["cosine"] == pytest.approx(metrics["cosine"], abs=1e-6)
+    # the model as its spec builds it is another teacher: another cosine
+    builtin = tmp_path / "spec_model.pt"
+    torch.save(held.token_encoder(classify=False).state_dict(), builtin)
+    other = evaluate_checkpoint(path, ("tests",), teacher_weights=builtin)
+    assert abs(other["cosine"] - metrics["cosine"]) > 1e-3

@@ -124,6 +124,20 @@ def teacher_for(spec: JobSpec, state: dict[str, np.ndarray]) -> Teacher | None:
     return Teacher(load_baseline(spec, state), spec.distillation.loss)
 
 
+def teacher_meta(spec: JobSpec) -> dict[str, Any]:
+    """What a distillation job's checkpoints say of their teacher, so that
+    ``sparq evaluate`` measures them against the same one: the loss it compared
+    outputs by, and whether it was the model as its spec builds it (a pretrained
+    model as it arrives) or a state dict (``baseline.weights``, which the checkpoint
+    does not hold). Nothing for other tasks."""
+    from service.tasks import get_task
+
+    if not get_task(spec.task).needs_teacher:
+        return {}
+    source = "baseline.weights" if spec.baseline.weights else "model"
+    return {"teacher": {"loss": spec.distillation.loss, "source": source}}
+
+
 def job_model(spec: JobSpec) -> torch.nn.Module | None:
     """A fresh model of the job's own spec for decoding the job's checkpoints: an
     entrypoint comes from the spec the user submitted, never from the file."""

@@ -20,7 +20,13 @@ from workers.compress import quant
 from workers.compress.batch import example as example_of
 from workers.compress.train import evaluate, make_loader
 from workers.jobs import checkpoint as ckpt
-from workers.jobs.baseline import EVAL_BATCH, job_model, load_baseline, teacher_for
+from workers.jobs.baseline import (
+    EVAL_BATCH,
+    job_model,
+    load_baseline,
+    teacher_for,
+    teacher_meta,
+)
 from workers.zoo.data import build_datasets
 
 CHECKPOINT_FILE = "model.sparq"
@@ -64,6 +70,8 @@ def compress(
         pruning = prune_channels(model, policy.channels, example, multiple_of=multiple)
     model = quant.apply(model, policy)
 
+    meta = {**(meta or {}), **teacher_meta(spec)}
+
     def encode_now() -> bytes:
         return ckpt.encode(
             model.cpu(),
@@ -71,7 +79,7 @@ def compress(
             dataset_spec=spec.dataset,
             task=spec.task,
             policy=policy,
-            meta=meta or {},
+            meta=meta,
             pruning=pruning,
             example=example,
         )
