@@ -440,6 +440,7 @@ def create_app(settings: Settings | None = None, *, launch: bool = True) -> Fast
             hypervolume=job.hypervolume,
             hypervolume_reference=hypervolume_reference_text(task),
             quality_label=get_task(task).quality_label,
+            accuracy_label=get_task(task).accuracy_label,
             chosen_trial_id=job.best_trial_id,
             points=points,
         )

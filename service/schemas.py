@@ -209,6 +209,7 @@ class ParetoView(BaseModel):
     hypervolume: float | None
     hypervolume_reference: str  # in words: dashboards.hypervolume_reference_text
     quality_label: str = "accuracy"  # what the front's quality axis is, for this task
+    accuracy_label: str = "accuracy"  # what the points' `accuracy` is, for this task
     chosen_trial_id: str | None
     points: list[ParetoPoint]
 

@@ -29,6 +29,7 @@ class Task:
     name: ClassVar[str]
     objective: ClassVar[str]  # the spec's quality objective (OBJECTIVE_MODES key)
     quality_label: ClassVar[str]  # the front's quality axis, as plots and records name it
+    accuracy_label: ClassVar[str] = "accuracy"  # what the stored `accuracy` column holds
     constraint_unit: ClassVar[str]  # what constraints.max_accuracy_drop is a drop of
     reports: ClassVar[tuple[str, ...]]  # an evaluation's metrics in every trial result
     # the loops compare the model with the float model (the teacher), not with labels
@@ -73,6 +74,7 @@ class Distillation(Task):
     name = "distillation"
     objective = "cosine"
     quality_label = "similarity to the float model (cosine; agreement for logits)"
+    accuracy_label = "cosine"  # (agreement for logits)
     constraint_unit = "cosine similarity to the float model (0.01 = 0.01 of cosine)"
     reports = ("cosine", "accuracy", "loss")
     needs_teacher = True
@@ -89,6 +91,7 @@ class LanguageModeling(Task):
     name = "language_modeling"
     objective = "perplexity"
     quality_label = "exp(-loss) (per-token likelihood)"
+    accuracy_label = "token accuracy"
     constraint_unit = "exp(-loss) = 1 / perplexity (0.01 = one point of per-token likelihood)"
     reports = ("accuracy", "loss", "perplexity")
 

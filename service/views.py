@@ -53,10 +53,13 @@ def front_table(pareto: dict[str, Any], chosen: str | None = None) -> Table:
     title = f"Pareto front ({len(pareto['points'])} points"
     title += f", hypervolume {hv:.4f})" if hv is not None else ")"
     table = Table(title=title)
-    # a task whose front ranks by another axis (language modelling: exp(-loss)) shows it
+    # a task whose front ranks by another axis than its `accuracy` column (language
+    # modelling: exp(-loss)) shows that axis too; distillation's is its cosine itself
     label = pareto.get("quality_label", "accuracy")
-    extra = [label] if label != "accuracy" else []
-    for col in ("trial", "accuracy", *extra, "Δ vs float", "size (bytes)", "compression", "bits"):
+    shown = pareto.get("accuracy_label", "accuracy")
+    points = pareto["points"]
+    extra = [label] if any(p.get("quality", p["accuracy"]) != p["accuracy"] for p in points) else []
+    for col in ("trial", shown, *extra, "Δ vs float", "size (bytes)", "compression", "bits"):
         table.add_column(col, justify="right")
     for p in pareto["points"]:
         bits = sorted({lp["bits"] for lp in p["policy"].get("layers", {}).values()})
@@ -77,7 +80,7 @@ def front_table(pareto: dict[str, Any], chosen: str | None = None) -> Table:
         )
     if base:
         table.caption = (
-            f"float baseline: accuracy {base['accuracy']:.4f}, {base['size_bytes']:,} bytes"
+            f"float baseline: {shown} {base['accuracy']:.4f}, {base['size_bytes']:,} bytes"
             + ("; * exported" if pareto.get("chosen_trial_id") else "; * the rule's pick now")
         )
     return table

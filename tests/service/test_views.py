@@ -84,3 +84,25 @@ def test_job_view_shows_progress_front_and_errors() -> None:
     assert "waiting for the first trial" in waiting
     failed = _text(job_view(_job(status="failed", error="boom"), None))
     assert "error: boom" in failed
+
+
+def test_a_distillation_front_shows_its_cosine_once_and_an_lm_front_both_axes() -> None:
+    """Distillation keeps its cosine in the points' `accuracy` (its front's quality):
+    one column named cosine. Language modelling ranks by exp(-loss), not by the token
+    accuracy it stores: both columns."""
+    cos = _pareto()
+    for p in cos["points"]:
+        p["quality"] = p["accuracy"]
+    cos |= {"quality_label": "similarity to the float model", "accuracy_label": "cosine"}
+    head = _text(front_table(cos)).splitlines()
+    assert sum("cosine" in line for line in head[:4]) == 1
+    assert not any("similarity" in line for line in head)
+    assert "float baseline: cosine 0.9500" in "\n".join(head)
+    lm = _pareto()
+    for p, q in zip(lm["points"], (0.41, 0.44), strict=True):
+        p["quality"] = q
+    lm |= {"quality_label": "exp(-loss)", "accuracy_label": "token accuracy"}
+    text = _text(front_table(lm))
+    assert "token accuracy" in text
+    assert "exp(-loss)" in text
+    assert "0.4400" in text

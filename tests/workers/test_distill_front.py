@@ -109,6 +109,7 @@ def test_the_front_views_constraint_and_export_of_a_distillation_job_speak_cosin
 
     pareto = client.get(f"/v1/jobs/{job_id}/pareto").json()
     assert pareto["quality_label"] == LABEL
+    assert pareto["accuracy_label"] == "cosine"  # the CLI table names its column so
     assert current_choice(client.get(f"/v1/jobs/{job_id}").json(), pareto) == "near"
 
     searcher = ConstrainedOptunaSearch(
