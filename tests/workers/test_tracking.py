@@ -237,3 +237,67 @@ def test_two_jobs_in_one_experiment_get_their_own_runs(tmp_path: Path, uri: str)
     ids = {outbox.State.load(tmp_path / f"job{j}" / "outbox").ids[tracking.PARENT] for j in "12"}
     assert len(ids) == 2
     assert len(_runs(uri)) == 2
+
+
+def test_of_one_file_rewritten_in_a_pass_only_the_last_version_is_sent(
+    tmp_path: Path, uri: str
+) -> None:
+    """The front's files are rewritten after every trial: a pass sends the last
+    version of each (run, file) and counts the others as sent; other files and
+    other runs' files are all sent."""
+    root = tmp_path / "outbox"
+    driver, _ = _job(root)
+    for n in range(4):
+        driver.log_dict(tracking.PARENT, {"front": n}, "pareto/front.json")
+        driver.table(tracking.PARENT, [{"trial": n}], "pareto/front_table.json")
+    driver.log_dict(tracking.PARENT, {"space": 1}, "search_space.json")
+    sender = tracking.MlflowSender(root, uri)
+    uploads: list[str] = []
+    real = sender.c.log_dict
+
+    def counting(run_id: str, obj: object, file: str) -> None:
+        uploads.append(file)
+        real(run_id, obj, file)
+
+    sender.c.log_dict = counting  # type: ignore[method-assign]
+    assert sender.send_available() == 11 + 9  # every record counted as sent
+    assert sorted(uploads) == ["pareto/front.json", "search_space.json"]
+    c = tracking.client(uri)
+    parent = outbox.State.load(root).ids[tracking.PARENT]
+    front = c.download_artifacts(parent, "pareto/front.json", str(tmp_path / "dl"))
+    assert json.loads(Path(front).read_text()) == {"front": 3}
+    table = c.download_artifacts(parent, "pareto/front_table.json", str(tmp_path / "dl"))
+    assert json.loads(Path(table).read_text())["data"] == [[3]]
+    assert sender.send_available() == 0
+
+
+def test_passes_are_min_gap_apart_until_drained(tmp_path: Path, uri: str) -> None:
+    """While the job runs, records written between two passes go in the next one;
+    drain() sends at once."""
+    import time
+
+    root = tmp_path / "outbox"
+    driver, _ = _job(root)
+    sender = tracking.MlflowSender(root, uri, poll_s=0.05, min_gap_s=30)
+    sender.watch(driver)
+    passes: list[float] = []
+    real = sender.send_available
+
+    def counting() -> int:
+        passes.append(time.monotonic())
+        return real()
+
+    sender.send_available = counting  # type: ignore[method-assign]
+    sender.start()
+    try:
+        time.sleep(1.0)
+        driver.tags(tracking.PARENT, {"late": "1"})  # wakes it, but within the gap
+        time.sleep(0.5)
+        assert len(passes) == 1
+        started = time.monotonic()
+        assert sender.drain(10) == 0  # no gap once draining
+        assert time.monotonic() - started < 5
+    finally:
+        sender.close()
+    c = tracking.client(uri)
+    assert c.get_run(outbox.State.load(root).ids[tracking.PARENT]).data.tags["late"] == "1"

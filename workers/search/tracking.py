@@ -206,7 +206,10 @@ class MlflowSender:
     version is created (the job store keeps them); ``on_pending(bytes)`` the bytes
     still to send after each pass that changed it. :meth:`start` runs passes on a
     thread (nudged by :class:`Recorder` puts in this process, else every
-    ``poll_s``); the caller must hold :func:`workers.search.outbox.sender_lock`.
+    ``poll_s``), at least ``min_gap_s`` apart until :meth:`drain` or :meth:`close`:
+    what the trials write in between goes in fewer, larger requests (a trial's epochs
+    in one ``log-batch``; of the front's files rewritten after every trial, only the
+    last version). The caller must hold :func:`workers.search.outbox.sender_lock`.
     """
 
     def __init__(
@@ -217,15 +220,18 @@ class MlflowSender:
         on_id: Callable[[str, str], None] | None = None,
         on_pending: Callable[[int], None] | None = None,
         poll_s: float = 0.5,
+        min_gap_s: float = 0.0,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.c = client(tracking_uri)
         self.on_id, self.on_pending, self.poll_s = on_id, on_pending, poll_s
+        self.min_gap_s = min_gap_s
         self.state = outbox.State.load(self.root)
         self._attempts: dict[tuple[str, int], int] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._draining = threading.Event()  # drain() or close(): no gap between passes
         self._idle = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
@@ -250,6 +256,8 @@ class MlflowSender:
                 self.send_available()
                 wait = BACKOFF_S[0]
                 self._idle.set()
+                # records that come while it waits go in the next pass's requests
+                self._draining.wait(self.min_gap_s)
                 self._wake.wait(self.poll_s)
             except Exception as e:  # may pass: MLflow down, a 5xx, a timeout
                 self._idle.clear()
@@ -262,6 +270,7 @@ class MlflowSender:
         """Wait until everything written so far is sent, at most ``timeout`` seconds;
         returns the bytes still unsent (0: all of it)."""
         deadline = time.monotonic() + timeout
+        self._draining.set()
         while True:
             left = outbox.pending(self.root)
             if left == 0 or time.monotonic() >= deadline:
@@ -271,6 +280,7 @@ class MlflowSender:
 
     def close(self) -> None:
         self._stop.set()
+        self._draining.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(30)
@@ -298,8 +308,17 @@ class MlflowSender:
         cursor = self.state.sent.get(stream, outbox.Cursor())
         moved = False
         records = list(outbox.unsent(self.root, stream, cursor))
+        last = {_replaces(r): n for n, (_, r) in enumerate(records) if _replaces(r)}
         i = 0
         while i < len(records):
+            if (key := _replaces(records[i][1])) and last[key] > i:
+                # a later record of this pass writes the same file of the same run
+                # (the front's table and JSON after each trial): only the last is sent
+                self.state.sent[stream] = records[i][0]
+                self.sent += 1
+                moved = True
+                i += 1
+                continue
             # consecutive metric/param/tag batches of one run go in one request
             j = i + 1
             while j < len(records) and _mergeable(records[i][1], records[j][1], j - i):
@@ -461,6 +480,13 @@ class MlflowSender:
             )
         self.c.set_registered_model_alias(name, "best", mv.version)
         self._learn(rec["key"], str(mv.version))
+
+
+def _replaces(rec: dict[str, Any]) -> tuple[str, str] | None:
+    """``(run, file)`` for a record that overwrites one artifact file of a run."""
+    if rec.get("op") in ("dict", "table"):
+        return str(rec.get("run")), str(rec.get("file"))
+    return None
 
 
 def _mergeable(first: dict[str, Any], rec: dict[str, Any], n: int) -> bool:
