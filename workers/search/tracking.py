@@ -311,7 +311,7 @@ class MlflowSender:
         last = {_replaces(r): n for n, (_, r) in enumerate(records) if _replaces(r)}
         i = 0
         while i < len(records):
-            if (key := _replaces(records[i][1])) and last[key] > i:
+            if (file := _replaces(records[i][1])) and last[file] > i:
                 # a later record of this pass writes the same file of the same run
                 # (the front's table and JSON after each trial): only the last is sent
                 self.state.sent[stream] = records[i][0]
