@@ -259,9 +259,13 @@ def test_a_killed_driver_is_resumed_without_rerunning_or_losing_trials(stack: St
     for trial_id, t in before.items():  # finished before the kill: kept, never trained again
         if t["status"] != "completed":
             continue
-        assert after[trial_id]["mlflow_run_id"] == t["mlflow_run_id"]
+        run_id = after[trial_id]["mlflow_run_id"]
+        # the same run; its id may have reached the store only after the kill (the
+        # sender creates runs at most SEND_GAP_S after the trial writes them: cc6)
+        assert run_id is not None
+        assert t["mlflow_run_id"] in (None, run_id)
         assert after[trial_id]["accuracy"] == t["accuracy"]
-        history = client.get_metric_history(t["mlflow_run_id"], "train_loss")
+        history = client.get_metric_history(run_id, "train_loss")
         assert len(history) == 6  # one per fine-tune epoch: one training only
     assert job["best"] is not None
 
