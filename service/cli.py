@@ -382,8 +382,15 @@ def _teacher(model_spec: Any, said: Any, allowed: tuple[str, ...], weights: Path
             model.load_state_dict(state)
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"--teacher={str(weights)!r}: {e}") from None
-    loss = said.get("loss", "auto")
-    return Teacher(model, loss if loss in ("auto", "cosine", "mse", "kl") else "auto")
+    from pydantic import ValidationError
+
+    from service.spec import DistillationSpec
+
+    try:  # the loss as the job's spec validated it: one list of losses
+        loss = DistillationSpec.model_validate({"loss": said.get("loss", "auto")}).loss
+    except ValidationError as e:
+        raise ValueError(f"the checkpoint's meta.teacher.loss: {e.errors()[0]['msg']}") from None
+    return Teacher(model, loss)
 
 
 @app.command("evaluate")
